@@ -1,0 +1,124 @@
+"""Attention backends. A model layer hands its new q, k, v (one row per token of a flat
+batch) to a backend, which decides where keys and values come from:
+
+- :class:`PagedAttention` writes the new K/V into their cache slots, then gathers each
+  sequence's whole context back through its block table;
+- :class:`DenseAttention` attends over the given tokens only (full recompute, the
+  reference);
+- :class:`ContiguousCacheAttention` keeps one growing tensor per layer for a single
+  sequence (the classic ``past_key_values`` cache, a benchmark baseline).
+
+Every backend is a callable ``(layer, q [T,H,D], k [T,Hkv,D], v [T,Hkv,D]) -> [T,H,D]``;
+its metadata travels in the object, never in module-level state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from paged.kv_cache import KVCache
+
+
+class Attention(Protocol):
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention on ``[..., T, H, D]`` queries and ``[..., S, Hkv, D]``
+    keys/values (grouped-query when ``Hkv < H``). ``mask`` is boolean, True where a query
+    may look; ``None`` means causal with queries aligned to the last keys."""
+    q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)
+    if mask is None and q.shape[-2] != k.shape[-2]:
+        mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    gqa = k.shape[-3] != q.shape[-3]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+    return out.transpose(-3, -2)
+
+
+def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """Query i (the ``num_keys - num_queries + i``-th token) sees keys up to its own position."""
+    offset = num_keys - num_queries
+    return torch.arange(num_keys, device=device)[None, :] <= torch.arange(offset, num_keys, device=device)[:, None]
+
+
+@dataclass(frozen=True)
+class PagedMetadata:
+    """Where a flat batch's tokens go in the cache and which context each sequence sees.
+
+    Sequences with one new token (decodes, mostly) are attended together in one padded
+    gather; sequences with several (prefill chunks) one at a time, so a long prompt
+    never pads the decodes.
+    """
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] physical block ids, zero-padded
+    context_lens: list[int]  # tokens in the cache per sequence once this step's are written
+    query_starts: list[int]  # B + 1 offsets of each sequence's new tokens in the flat batch
+    single_rows: torch.Tensor  # [Bs] sequences with exactly one new token
+    single_tokens: torch.Tensor  # [Bs] their token index in the flat batch
+    single_context: torch.Tensor  # [Bs] their context lengths
+    multi_rows: list[int]  # sequences with several new tokens
+
+
+class PagedAttention:
+    def __init__(self, cache: KVCache, meta: PagedMetadata) -> None:
+        self.cache = cache
+        self.meta = meta
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta, bs = self.meta, self.cache.block_size
+        k_cache, v_cache = self.cache.keys[layer], self.cache.values[layer]
+        heads, dim = k_cache.shape[2], k_cache.shape[3]
+        k_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+
+        if len(meta.single_rows):
+            num_blocks = -(-int(meta.single_context.max()) // bs)
+            tables = meta.block_tables[meta.single_rows, :num_blocks]
+            keys = k_cache[tables].flatten(1, 2)  # [Bs, num_blocks * bs, Hkv, D]
+            values = v_cache[tables].flatten(1, 2)
+            visible = torch.arange(keys.shape[1], device=q.device) < meta.single_context[:, None]
+            qs = q[meta.single_tokens].unsqueeze(1)  # [Bs, 1, H, D]
+            out[meta.single_tokens] = attend(qs, keys, values, visible[:, None, None, :]).squeeze(1)
+
+        for row in meta.multi_rows:
+            start, end = meta.query_starts[row], meta.query_starts[row + 1]
+            context = meta.context_lens[row]
+            if context == end - start:  # nothing cached before this chunk: use the fresh K/V
+                keys, values = k[start:end], v[start:end]
+            else:
+                tables = meta.block_tables[row, : -(-context // bs)]
+                keys = k_cache[tables].flatten(0, 1)[:context]
+                values = v_cache[tables].flatten(0, 1)[:context]
+            out[start:end] = attend(q[start:end], keys, values)
+        return out
+
+
+class DenseAttention:
+    """Causal attention within each of several whole sequences laid end to end; no cache."""
+
+    def __init__(self, seq_lens: list[int]) -> None:
+        self.seq_lens = seq_lens
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([attend(*parts) for parts in zip(*(t.split(self.seq_lens) for t in (q, k, v)))])
+
+
+class ContiguousCacheAttention:
+    """One sequence's K/V in a tensor per layer, grown by concatenation every step."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k])
+            v = torch.cat([self.values[layer], v])
+        self.keys[layer], self.values[layer] = k, v
+        return attend(q, k, v)

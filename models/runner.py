@@ -1,0 +1,107 @@
+"""The model runner: a scheduler plan in, one sampled token per finished chunk out.
+
+It is the engine's executor for a real model. Step inputs (token ids, positions, slot
+mapping, block tables) are built as tensors with a handful of vectorised ops; the only
+Python loops run once per *sequence*, never once per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from models.attention import PagedAttention, PagedMetadata
+from models.sampler import Sampler
+from paged.kv_cache import KVCache, resolve_num_blocks
+from scheduler.outputs import SchedulerOutput
+from scheduler.params import EngineConfig
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attention: PagedMetadata
+    logits_indices: torch.Tensor  # [S] flat index of the last token of each sampling sequence
+
+
+def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
+    """Flatten a plan into the tensors one forward pass needs."""
+    scheduled = plan.scheduled
+    q_lens = [s.num_new_tokens for s in scheduled]
+    input_ids = list(chain.from_iterable(s.request.token_ids[s.start : s.start + s.num_new_tokens] for s in scheduled))
+    max_blocks = max(len(s.block_ids) for s in scheduled)
+    tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in scheduled])
+
+    lens = torch.tensor(q_lens)
+    starts = torch.tensor([s.start for s in scheduled])
+    offsets = torch.cumsum(lens, 0) - lens  # where each sequence's new tokens begin in the batch
+    seq_of = torch.repeat_interleave(torch.arange(len(scheduled)), lens)
+    positions = torch.arange(len(input_ids)) - offsets[seq_of] + starts[seq_of]
+    slots = tables[seq_of, positions // block_size] * block_size + positions % block_size
+    context = starts + lens
+    single = torch.nonzero(lens == 1).flatten()
+    samples = torch.tensor([s.samples for s in scheduled])
+
+    def dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
+    return StepInputs(
+        input_ids=dev(torch.tensor(input_ids)),
+        positions=dev(positions),
+        attention=PagedMetadata(
+            slot_mapping=dev(slots),
+            block_tables=dev(tables),
+            context_lens=context.tolist(),
+            query_starts=[0, *torch.cumsum(lens, 0).tolist()],
+            single_rows=dev(single),
+            single_tokens=dev(offsets[single]),
+            single_context=dev(context[single]),
+            multi_rows=[i for i, n in enumerate(q_lens) if n > 1],
+        ),
+        logits_indices=dev((offsets + lens - 1)[samples]),
+    )
+
+
+class ModelRunner:
+    """Runs a model (``models.GPT`` or any module with the same interface) for the engine."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.vocab_size: int = model.vocab_size
+        self.max_model_len: int = model.max_model_len
+        self.eos_token_id: int | None = model.eos_token_id
+        self.device: torch.device = model.device
+        self.kv_cache: KVCache | None = None
+        self.sampler = Sampler(self.device)
+
+    def initialize_cache(self, config: EngineConfig) -> int:
+        spec = self.model.kv_cache_spec()
+        num_blocks = resolve_num_blocks(
+            spec,
+            config.block_size,
+            self.device,
+            num_blocks=config.num_blocks,
+            memory_bytes=config.pool_memory_bytes,
+            gpu_memory_fraction=config.gpu_memory_fraction,
+        )
+        self.kv_cache = KVCache(spec, num_blocks, config.block_size, self.device)
+        self.sampler = Sampler(self.device, config.seed)
+        return num_blocks
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+        if self.kv_cache is None:
+            raise RuntimeError("initialize_cache() must run before execute()")
+        self.sampler.release(plan.finished_request_ids)
+        if plan.is_empty:
+            return []
+        self.kv_cache.copy_blocks(plan.block_copies)
+        inputs = prepare_inputs(plan, self.kv_cache.block_size, self.device)
+        attention = PagedAttention(self.kv_cache, inputs.attention)
+        logits = self.model(inputs.input_ids, inputs.positions, attention, inputs.logits_indices)
+        sampling = [s.request for s in plan.scheduled if s.samples]
+        tokens = iter(self.sampler(logits, [r.request_id for r in sampling], [r.params for r in sampling]))
+        return [next(tokens) if s.samples else None for s in plan.scheduled]

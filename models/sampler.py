@@ -1,0 +1,68 @@
+"""Turn a batch of logits into one token per request: greedy, temperature, top-k, top-p.
+
+Sampling uses the exponential race: ``argmax(probs / E)`` with ``E ~ Exp(1)`` per vocab
+entry picks token ``i`` with probability ``probs[i]``. Its noise is one tensor per row,
+so a request with a seed draws from its own generator, and its tokens depend on the seed
+and on nothing else in the batch (alone or batched, preempted or not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from scheduler.params import SamplingParams
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self._seeded: dict[str, torch.Generator] = {}
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        for rid in request_ids:
+            self._seeded.pop(rid, None)
+
+    def __call__(self, logits: torch.Tensor, request_ids: Sequence[str], params: Sequence[SamplingParams]) -> list[int]:
+        """One token per row of ``logits`` ([B, V]) for the request in the same row."""
+        greedy = logits.argmax(dim=-1)
+        if all(p.greedy for p in params):
+            return greedy.tolist()
+        logits = logits.float() / torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)[:, None]
+        logits = _top_k_top_p(logits, params)
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, (rid, p) in enumerate(zip(request_ids, params)):
+            if p.seed is not None:
+                noise[row].exponential_(generator=self._seeded_generator(rid, p.seed))
+        sampled = (probs / noise).argmax(dim=-1)
+        is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        return torch.where(is_greedy, greedy, sampled).tolist()
+
+    def _seeded_generator(self, request_id: str, seed: int) -> torch.Generator:
+        g = self._seeded.get(request_id)
+        if g is None:
+            g = self._seeded[request_id] = torch.Generator(self.device).manual_seed(seed)
+        return g
+
+
+def _top_k_top_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Mask to -inf every token outside each row's top-k and top-p nucleus."""
+    vocab = logits.shape[-1]
+    use_k = any(p.top_k > 0 for p in params)
+    use_p = any(p.top_p < 1.0 for p in params)
+    if not (use_k or use_p):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if use_k:
+        k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=logits.device)
+        drop |= torch.arange(vocab, device=logits.device)[None, :] >= k[:, None]
+    if use_p:
+        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop |= mass_before >= top_p[:, None]  # the top token always survives: its mass_before is 0
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))

@@ -1,0 +1,20 @@
+"""Paged K/V memory: a ref-counted block pool, per-sequence block tables, and the tensors.
+
+The bookkeeping (``BlockPool``, ``BlockTable``, ``KVCacheManager``) is pure Python; only
+``paged.kv_cache`` imports torch, and it is not imported here so the simulator stays
+torch-free.
+"""
+
+from paged.block_pool import BlockPool, BlockPoolError, PoolSnapshot
+from paged.block_table import BlockTable, blocks_for
+from paged.kv_manager import Allocation, KVCacheManager
+
+__all__ = [
+    "Allocation",
+    "BlockPool",
+    "BlockPoolError",
+    "BlockTable",
+    "KVCacheManager",
+    "PoolSnapshot",
+    "blocks_for",
+]

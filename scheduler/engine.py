@@ -1,0 +1,147 @@
+"""The engine loop a serving program embeds: add requests, step, stream outputs, abort.
+
+``LLMEngine`` wires a :class:`Scheduler` and a :class:`KVCacheManager` to an *executor*,
+the thing that actually runs the model (``models.ModelRunner``) or pretends to (the
+simulator's cost model). The engine validates every input before touching any state, so
+a refused request leaves the queues, the pool and the other requests exactly as they were.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from paged.kv_manager import KVCacheManager
+from scheduler.outputs import EngineStats, RequestOutput, SchedulerOutput
+from scheduler.params import EngineConfig, SamplingParams
+from scheduler.request import InvalidRequestError, Request
+from scheduler.scheduler import Scheduler
+
+
+class Executor(Protocol):
+    """What the engine needs from whatever computes the tokens."""
+
+    vocab_size: int
+    max_model_len: int
+    eos_token_id: int | None
+
+    def initialize_cache(self, config: EngineConfig) -> int:
+        """Allocate the K/V pool as ``config`` asks; return its number of blocks."""
+
+    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+        """Run one step; return a sampled token per scheduled request (``None`` when its
+        chunk does not reach the end of its tokens). Also drop any per-request state of
+        ``plan.finished_request_ids``, even when nothing is scheduled."""
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        executor: Executor,
+        config: EngineConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        if config.max_model_len is not None and config.max_model_len > executor.max_model_len:
+            raise ValueError(
+                f"max_model_len ({config.max_model_len}) exceeds the model's context length ({executor.max_model_len})"
+            )
+        self.executor = executor
+        self.kv_manager = KVCacheManager(executor.initialize_cache(config), config.block_size)
+        self.scheduler = Scheduler(
+            config,
+            self.kv_manager,
+            max_model_len=config.max_model_len or executor.max_model_len,
+            eos_token_id=executor.eos_token_id,
+            clock=clock,
+        )
+        self._generate_ids = itertools.count()
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams | dict | None = None,
+    ) -> None:
+        """Queue a request; raise :class:`InvalidRequestError` (or pydantic's
+        ``ValidationError`` for bad sampling parameters) and change nothing if it is bad."""
+        params = self._params(sampling_params)
+        if not isinstance(request_id, str):
+            raise InvalidRequestError(f"request_id must be a string, got {type(request_id).__name__}")
+        prompt = self._prompt(prompt_token_ids)
+        for t in params.stop_token_ids:
+            if t >= self.executor.vocab_size:
+                raise InvalidRequestError(f"stop_token_ids: {t} is outside the vocabulary [0, {self.executor.vocab_size})")
+        self.scheduler.add_request(Request(request_id, prompt, params, arrival_time=self.scheduler.clock()))
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step and return the outputs of requests that got a new token."""
+        plan = self.scheduler.schedule()
+        sampled = self.executor.execute(plan)
+        return self.scheduler.update(plan, sampled)
+
+    def abort(self, request_id: str) -> None:
+        """End a request and free its blocks; valid in every state, unknown ids included."""
+        self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats()
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run ``prompts`` to completion, batched continuously; return their final outputs
+        in prompt order. ``on_output`` sees every streamed output as it happens."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("generate() runs the engine to completion; finish or abort the requests in flight first")
+        if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise InvalidRequestError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+        ids = [f"generate-{next(self._generate_ids)}" for _ in prompts]
+        try:
+            for rid, prompt, params in zip(ids, prompts, sampling_params):
+                self.add_request(rid, prompt, params)
+        except Exception:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if on_output is not None:
+                    on_output(out)
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]
+
+    def _params(self, sampling_params: SamplingParams | dict | None) -> SamplingParams:
+        if sampling_params is None:
+            return SamplingParams()
+        if isinstance(sampling_params, dict):
+            return SamplingParams.model_validate(sampling_params)
+        if not isinstance(sampling_params, SamplingParams):
+            raise InvalidRequestError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
+        return sampling_params
+
+    def _prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        try:
+            prompt = [operator.index(t) for t in prompt_token_ids]
+        except TypeError as e:
+            raise InvalidRequestError(f"prompt_token_ids must be a sequence of integer token ids ({e})") from None
+        if not prompt:
+            raise InvalidRequestError("prompt_token_ids is empty; a request needs at least one token")
+        lo, hi = min(prompt), max(prompt)
+        if lo < 0 or hi >= self.executor.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InvalidRequestError(f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.executor.vocab_size})")
+        return prompt

@@ -1,0 +1,210 @@
+"""The continuous-batching scheduler: every step, who computes how many tokens.
+
+Policy (first-come, first-served, recompute preemption):
+
+1. Running requests go first, in admission order, each asking for every token it has not
+   computed yet, cut to what is left of the step's token budget. Decodes therefore never
+   wait behind a prefill, and a long prompt is prefilled in chunks across steps.
+2. When a running request cannot get the blocks it needs, the most recently admitted
+   request is preempted: its blocks are freed, its progress counter drops to zero, and it
+   goes back to the *front* of the waiting queue, keeping its place in line. A request
+   may have to preempt itself when it is the newest one.
+3. If nobody was preempted, waiting requests are admitted in arrival order while the
+   budget, ``max_num_seqs`` and the free blocks allow. The first that does not fit stops
+   admission (strict FCFS).
+
+Every request that is accepted fits in the pool on its own (checked at ``add_request``),
+so with nothing running the head of the queue can always be admitted: no deadlock.
+Pure Python and torch-free, so the simulator drives this very class.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from paged.kv_manager import KVCacheManager
+from scheduler.outputs import EngineStats, RequestOutput, ScheduledRequest, SchedulerOutput
+from scheduler.params import EngineConfig
+from scheduler.request import FinishReason, InvalidRequestError, Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        eos_token_id: int | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.eos_token_id = eos_token_id
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+        self.num_steps = 0
+        self.num_tokens_computed = 0
+        self.num_generated_tokens = 0
+        self.peak_blocks_used = 0
+
+    # ---- requests in and out -------------------------------------------------------
+
+    def check_fits(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise :class:`InvalidRequestError` if a request of this size could never run."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use by an unfinished request")
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+                f"exceeds max_model_len ({self.max_model_len})"
+            )
+        # The last sampled token is never fed back, so it needs no slot.
+        blocks = self.kv.blocks_for(total - 1)
+        if blocks > self.kv.num_blocks:
+            raise InvalidRequestError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {blocks} KV blocks "
+                f"at its longest but the pool has only {self.kv.num_blocks}"
+            )
+
+    def add_request(self, request: Request) -> None:
+        self.check_fits(request.request_id, request.num_prompt_tokens, request.params.max_tokens)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        """End a request in any state; idempotent. Returns whether it was unfinished."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        if request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        else:
+            self.running.remove(request)
+        self._finish(request, FinishReason.ABORT)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        plan = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.config.max_num_batched_tokens
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            allocation = self.kv.allocate_slots(request.request_id, request.num_computed_tokens + n)
+            while allocation is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                plan.preempted.append(victim.request_id)
+                if victim is request:
+                    break
+                allocation = self.kv.allocate_slots(request.request_id, request.num_computed_tokens + n)
+            if allocation is None:
+                break
+            plan.block_copies.extend(allocation.copies)
+            plan.scheduled.append(self._scheduled(request, n))
+            budget -= n
+            i += 1
+
+        while not plan.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            allocation = self.kv.allocate_slots(request.request_id, request.num_computed_tokens + n)
+            if allocation is None:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            plan.block_copies.extend(allocation.copies)
+            plan.scheduled.append(self._scheduled(request, n))
+            budget -= n
+
+        self.peak_blocks_used = max(self.peak_blocks_used, self.kv.pool.num_used)
+        return plan
+
+    def update(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
+        """Advance every scheduled request by its chunk; append sampled tokens; stop the
+        ones that are done and free their blocks. ``sampled`` is aligned with
+        ``plan.scheduled`` and holds ``None`` for chunks that do not reach the end."""
+        if len(sampled) != len(plan.scheduled):
+            raise ValueError(f"got {len(sampled)} sampled tokens for {len(plan.scheduled)} scheduled requests")
+        now = self.clock()
+        outputs = []
+        for item, token in zip(plan.scheduled, sampled):
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            self.num_tokens_computed += item.num_new_tokens
+            if token is None:
+                continue
+            request.token_ids.append(token)
+            self.num_generated_tokens += 1
+            if request.first_token_time is None:
+                request.first_token_time = now
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self._finish(request, reason, now)
+            outputs.append(RequestOutput.of(request, [token]))
+        if any(r.finished for r in self.running):
+            self.running = [r for r in self.running if not r.finished]
+        self.num_steps += 1
+        return outputs
+
+    def stats(self) -> EngineStats:
+        pool = self.kv.pool
+        return EngineStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_blocks_used=pool.num_used,
+            kv_blocks_free=pool.num_free,
+            kv_blocks_total=pool.num_blocks,
+            kv_blocks_peak=self.peak_blocks_used,
+            num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+            num_tokens_computed=self.num_tokens_computed,
+            num_generated_tokens=self.num_generated_tokens,
+        )
+
+    # ---- internals -----------------------------------------------------------------
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if token == self.eos_token_id and not params.ignore_eos:
+            return FinishReason.STOP
+        if token in params.stop_token_ids:
+            return FinishReason.STOP
+        if request.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
+        return ScheduledRequest(request, request.num_computed_tokens, n, self.kv.block_ids(request.request_id))
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _finish(self, request: Request, reason: FinishReason, now: float | None = None) -> None:
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.finish_time = self.clock() if now is None else now
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
