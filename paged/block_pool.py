@@ -41,7 +41,7 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int) -> None:
-        if not isinstance(num_blocks, int) or num_blocks < 1:
+        if type(num_blocks) is not int or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         self.num_blocks = num_blocks
         self._ref_counts = [0] * num_blocks
@@ -87,8 +87,9 @@ class BlockPool:
         :class:`BlockPoolError` and leaves the pool exactly as it was.
         """
         block_ids = list(block_ids)
-        for b, times in Counter(block_ids).items():
+        for b in block_ids:
             self._check_id(b)
+        for b, times in Counter(block_ids).items():
             if self._ref_counts[b] < times:
                 raise BlockPoolError(
                     f"double free of block {b}: ref count {self._ref_counts[b]}, freed {times} time(s)"
@@ -112,5 +113,5 @@ class BlockPool:
             raise BlockPoolError("free + used != total")
 
     def _check_id(self, block_id: int) -> None:
-        if not isinstance(block_id, int) or not 0 <= block_id < self.num_blocks:
+        if type(block_id) is not int or not 0 <= block_id < self.num_blocks:  # no bools, no floats
             raise BlockPoolError(f"unknown block id {block_id!r} (pool has {self.num_blocks} blocks)")

@@ -37,7 +37,7 @@ class KVCacheManager:
     """Block tables keyed by sequence id, backed by a :class:`BlockPool`."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
-        if not isinstance(block_size, int) or block_size < 1:
+        if type(block_size) is not int or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)

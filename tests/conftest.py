@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny model (built once), an engine factory, and the drain check.
+
+Every engine made through ``make_engine`` is checked after its test: no request left, no
+block table left, every block free with ref count 0, pool invariants intact.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from models import GPT, ModelRunner
+from scheduler import EngineConfig, LLMEngine
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> GPT:
+    return GPT.from_preset("tiny", seed=0)
+
+
+def assert_drained(engine: LLMEngine) -> None:
+    """The engine holds nothing: no request, no block table, every block free."""
+    scheduler, kv = engine.scheduler, engine.kv_manager
+    assert not scheduler.requests, f"requests left: {list(scheduler.requests)}"
+    assert not scheduler.waiting and not scheduler.running
+    assert kv.num_tables() == 0
+    assert kv.pool.num_free == kv.num_blocks
+    assert all(kv.pool.ref_count(b) == 0 for b in range(kv.num_blocks))
+    kv.check()
+
+
+@pytest.fixture
+def make_engine(tiny_model):
+    """Build engines on the tiny model (or another); each one is drain-checked at teardown."""
+    engines: list[LLMEngine] = []
+
+    def make(model=None, **config) -> LLMEngine:
+        engine = LLMEngine(ModelRunner(model or tiny_model), EngineConfig(**config))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        assert_drained(engine)
+
+
+def random_prompts(seed: int, n: int, vocab: int, min_len: int = 1, max_len: int = 40) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]

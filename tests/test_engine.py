@@ -1,0 +1,158 @@
+"""Engine behaviour: abort in every state, stop conditions, seeds, timestamps and stats."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler import FinishReason, RequestStatus, SamplingParams
+
+from .conftest import random_prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+def run_until(engine, condition, max_steps=200):
+    for _ in range(max_steps):
+        if condition():
+            return
+        engine.step()
+    raise AssertionError("condition never met")
+
+
+def test_step_with_nothing_to_do_returns_empty(make_engine):
+    engine = make_engine(num_blocks=8)
+    assert engine.step() == []
+    assert not engine.has_unfinished_requests()
+
+
+def test_abort_running_request_frees_its_blocks(make_engine):
+    engine = make_engine(block_size=4, num_blocks=32)
+    engine.add_request("a", list(range(1, 30)), GREEDY)
+    engine.add_request("b", list(range(1, 10)), GREEDY)
+    engine.step()
+    held_by_a = len(engine.kv_manager.block_ids("a"))
+    used = engine.kv_manager.pool.num_used
+    engine.abort("a")
+    assert engine.kv_manager.pool.num_used == used - held_by_a
+    assert not engine.kv_manager.has("a")
+    engine.kv_manager.check()
+    outputs = [o for _ in range(20) for o in engine.step()]
+    assert {o.request_id for o in outputs} == {"b"}
+
+
+def test_abort_is_idempotent_in_every_state(make_engine):
+    """Preempted, waiting, running, finished and unknown requests can all be aborted, twice;
+    each frees its blocks exactly once and the others carry on."""
+    engine = make_engine(block_size=2, num_blocks=12, max_num_seqs=2)
+    for rid in "abcd":
+        engine.add_request(rid, [5] * 7, GREEDY)
+    requests = dict(engine.scheduler.requests)
+    run_until(engine, lambda: requests["b"].num_preemptions > 0)
+    assert [requests[r].status for r in "abcd"] == [RequestStatus.RUNNING] + [RequestStatus.WAITING] * 3
+
+    def abort_twice(rid: str, frees: int) -> None:
+        used = engine.kv_manager.pool.num_used
+        engine.abort(rid)
+        engine.abort(rid)
+        assert engine.kv_manager.pool.num_used == used - frees
+        engine.kv_manager.check()
+
+    abort_twice("b", 0)  # preempted: its blocks went back when it was preempted
+    abort_twice("c", 0)  # waiting, never started
+    abort_twice("a", len(engine.kv_manager.block_ids("a")))  # running
+    run_until(engine, lambda: requests["d"].finished)
+    abort_twice("d", 0)  # finished
+    abort_twice("unknown", 0)
+    assert [requests[r].finish_reason for r in "abcd"] == [FinishReason.ABORT] * 3 + [FinishReason.LENGTH]
+    assert engine.step() == []
+
+
+def test_aborted_request_reports_no_more_tokens(make_engine):
+    engine = make_engine(num_blocks=16)
+    engine.add_request("x", [1, 2, 3], GREEDY)
+    engine.step()
+    engine.abort("x")
+    assert engine.scheduler.requests == {}
+    assert engine.step() == []
+
+
+def test_max_tokens_finishes_with_length(make_engine):
+    engine = make_engine(num_blocks=16)
+    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert out.finished and out.finish_reason is FinishReason.LENGTH and len(out.output_token_ids) == 4
+
+
+def test_stop_token_and_eos(make_engine, tiny_model):
+    engine = make_engine(num_blocks=16)
+    free_run = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    stop_at = free_run.output_token_ids[3]
+    first = free_run.output_token_ids.index(stop_at)
+    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_at]))[0]
+    assert out.finish_reason is FinishReason.STOP
+    assert out.output_token_ids == free_run.output_token_ids[: first + 1]
+
+    # Make the model's EOS the token it is about to emit: it stops there unless ignore_eos.
+    engine.scheduler.eos_token_id = stop_at
+    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=12))[0]
+    assert out.finish_reason is FinishReason.STOP and out.output_token_ids[-1] == stop_at
+    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    assert out.output_token_ids == free_run.output_token_ids
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(make_engine, tiny_model):
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=16, seed=1234, ignore_eos=True)
+    prompt = [7, 8, 9, 10]
+    alone = make_engine(num_blocks=32).generate([prompt], seeded)[0].output_token_ids
+
+    others = random_prompts(seed=9, n=6, vocab=tiny_model.vocab_size)
+    crowd = make_engine(block_size=2, num_blocks=30, max_num_batched_tokens=7)
+    params = [SamplingParams(temperature=0.8, max_tokens=16, ignore_eos=True)] * 3 + [seeded] + [GREEDY] * 3
+    outputs = crowd.generate(others[:3] + [prompt] + others[3:], params)
+    assert outputs[3].output_token_ids == alone
+    assert crowd.stats().num_preemptions > 0, "the seeded request should survive preemption unchanged"
+
+    other_seed = make_engine(num_blocks=32).generate([prompt], seeded.model_copy(update={"seed": 99}))[0]
+    assert other_seed.output_token_ids != alone
+
+
+def test_timestamps_and_stats(make_engine, tiny_model):
+    engine = make_engine(block_size=4, num_blocks=64)
+    prompts = random_prompts(seed=3, n=5, vocab=tiny_model.vocab_size)
+    outputs = engine.generate(prompts, GREEDY)
+    for o in outputs:
+        m = o.metrics
+        assert m.arrival_time <= m.first_token_time <= m.finish_time
+        assert m.ttft >= 0 and m.num_prompt_tokens == len(prompts[outputs.index(o)])
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.kv_blocks_used == 0 and stats.kv_blocks_free == stats.kv_blocks_total == 64
+    assert 0 < stats.kv_blocks_peak <= 64
+    assert stats.num_generated_tokens == 5 * GREEDY.max_tokens
+    assert stats.num_tokens_computed == sum(len(p) for p in prompts) + 5 * (GREEDY.max_tokens - 1)
+
+
+def test_stats_while_running(make_engine):
+    engine = make_engine(block_size=4, num_blocks=64, max_num_seqs=2)
+    for i in range(3):
+        engine.add_request(f"r{i}", [1] * 9, GREEDY)
+    engine.step()
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting) == (2, 1)
+    assert stats.kv_blocks_used == 6 and stats.kv_blocks_free == 58
+    for i in range(3):
+        engine.abort(f"r{i}")
+
+
+def test_generate_refuses_while_requests_are_in_flight(make_engine):
+    engine = make_engine(num_blocks=16)
+    engine.add_request("busy", [1, 2], GREEDY)
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.generate([[1]], GREEDY)
+    engine.abort("busy")
+
+
+def test_request_id_can_be_reused_after_it_finishes(make_engine):
+    engine = make_engine(num_blocks=16)
+    for _ in range(2):
+        engine.add_request("same", [1, 2], SamplingParams(max_tokens=1))
+        run_until(engine, lambda: not engine.has_unfinished_requests())
