@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import Attention
+from models.base import PagedLM
 from models.config import GPT_PRESETS, GPTConfig
-from paged.kv_cache import KVCacheSpec
 
 
 class Conv1D(nn.Module):
@@ -70,10 +70,16 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(PagedLM):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        self.vocab_size = config.vocab_size
+        self.max_model_len = config.n_positions
+        self.eos_token_id = config.eos_token_id
+        self.num_layers = config.n_layer
+        self.num_kv_heads = config.n_head
+        self.head_dim = config.head_dim
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -84,28 +90,6 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
-
-    # -- the engine's view of a model -------------------------------------------------
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def max_model_len(self) -> int:
-        return self.config.n_positions
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.config.eos_token_id
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    def kv_cache_spec(self) -> KVCacheSpec:
-        c = self.config
-        return KVCacheSpec(c.n_layer, c.n_head, c.head_dim, self.lm_head.weight.dtype)
 
     def forward(
         self,

@@ -12,6 +12,7 @@ import itertools
 import operator
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from paged.kv_manager import KVCacheManager
@@ -37,11 +38,31 @@ class Executor(Protocol):
         ``plan.finished_request_ids``, even when nothing is scheduled."""
 
 
+class Detokenizer(Protocol):
+    def step(self, token_id: int) -> str:
+        """The text this token completes (possibly empty, while a character is partial)."""
+
+
+class Tokenizer(Protocol):
+    """What the engine needs to take text prompts and stream text back."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def detokenizer(self) -> Detokenizer: ...
+
+
+@dataclass
+class _TextState:
+    detokenizer: Detokenizer
+    text: str = ""
+
+
 class LLMEngine:
     def __init__(
         self,
         executor: Executor,
         config: EngineConfig | None = None,
+        tokenizer: Tokenizer | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config = config or EngineConfig()
@@ -58,34 +79,43 @@ class LLMEngine:
             eos_token_id=executor.eos_token_id,
             clock=clock,
         )
+        self.tokenizer = tokenizer
+        self._texts: dict[str, _TextState] = {}
         self._generate_ids = itertools.count()
 
     def add_request(
         self,
         request_id: str,
-        prompt_token_ids: Sequence[int],
+        prompt: str | Sequence[int],
         sampling_params: SamplingParams | dict | None = None,
     ) -> None:
-        """Queue a request; raise :class:`InvalidRequestError` (or pydantic's
-        ``ValidationError`` for bad sampling parameters) and change nothing if it is bad."""
+        """Queue a request whose prompt is text (needs a tokenizer) or token ids.
+
+        Raises :class:`InvalidRequestError` (or pydantic's ``ValidationError`` for bad
+        sampling parameters) and changes nothing if the request is bad.
+        """
         params = self._params(sampling_params)
         if not isinstance(request_id, str):
             raise InvalidRequestError(f"request_id must be a string, got {type(request_id).__name__}")
-        prompt = self._prompt(prompt_token_ids)
+        prompt_token_ids = self._prompt(prompt)
         for t in params.stop_token_ids:
             if t >= self.executor.vocab_size:
                 raise InvalidRequestError(f"stop_token_ids: {t} is outside the vocabulary [0, {self.executor.vocab_size})")
-        self.scheduler.add_request(Request(request_id, prompt, params, arrival_time=self.scheduler.clock()))
+        self.scheduler.add_request(Request(request_id, prompt_token_ids, params, arrival_time=self.scheduler.clock()))
+        if self.tokenizer is not None:
+            self._texts[request_id] = _TextState(self.tokenizer.detokenizer())
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step and return the outputs of requests that got a new token."""
         plan = self.scheduler.schedule()
         sampled = self.executor.execute(plan)
-        return self.scheduler.update(plan, sampled)
+        outputs = self.scheduler.update(plan, sampled)
+        return [self._with_text(o) for o in outputs] if self.tokenizer is not None else outputs
 
     def abort(self, request_id: str) -> None:
         """End a request and free its blocks; valid in every state, unknown ids included."""
         self.scheduler.abort(request_id)
+        self._texts.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -95,7 +125,7 @@ class LLMEngine:
 
     def generate(
         self,
-        prompts: Sequence[Sequence[int]],
+        prompts: Sequence[str | Sequence[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
@@ -133,7 +163,19 @@ class LLMEngine:
             raise InvalidRequestError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
         return sampling_params
 
-    def _prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
+    def _with_text(self, out: RequestOutput) -> RequestOutput:
+        state = self._texts[out.request_id] if not out.finished else self._texts.pop(out.request_id)
+        new_text = "".join(state.detokenizer.step(t) for t in out.new_token_ids)
+        state.text += new_text
+        return replace(out, new_text=new_text, text=state.text)
+
+    def _prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this engine has no tokenizer; give the prompt as token ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_token_ids = prompt
         try:
             prompt = [operator.index(t) for t in prompt_token_ids]
         except TypeError as e:

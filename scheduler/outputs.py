@@ -68,6 +68,11 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None
     metrics: RequestMetrics
+    new_text: str = ""
+    """Text of ``new_token_ids``; empty when the engine has no tokenizer, or while a
+    multi-byte character is still incomplete."""
+    text: str = ""
+    """All the output text so far."""
 
     @classmethod
     def of(cls, request: Request, new_token_ids: list[int]) -> RequestOutput:

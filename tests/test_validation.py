@@ -88,7 +88,7 @@ def test_bad_sampling_params_name_field_and_range(busy_engine, bad, field, allow
         ("new", [1, -1, 2], None, "-1 is outside the vocabulary [0, 256)"),
         ("new", [1, 256], None, "256 is outside the vocabulary [0, 256)"),
         ("new", [1, 2.5], None, "integer token ids"),
-        ("new", "hello", None, "integer token ids"),
+        ("new", "hello", None, "no tokenizer"),
         ("new", [1, 2], SamplingParams(stop_token_ids=[999]), "stop_token_ids: 999"),
         ("r0", [1, 2], None, "already in use"),
         (7, [1, 2], None, "request_id must be a string"),
