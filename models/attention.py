@@ -71,6 +71,7 @@ class PagedMetadata:
     single_rows: torch.Tensor  # [Bs] sequences with exactly one new token
     single_tokens: torch.Tensor  # [Bs] their token index in the flat batch
     single_context: torch.Tensor  # [Bs] their context lengths
+    single_max_blocks: int  # blocks covering the longest of them (a host int: no device sync per layer)
     multi_rows: list[int]  # sequences with several new tokens
 
 
@@ -88,8 +89,7 @@ class PagedAttention:
         out = torch.empty_like(q)
 
         if len(meta.single_rows):
-            num_blocks = -(-int(meta.single_context.max()) // bs)
-            tables = meta.block_tables[meta.single_rows, :num_blocks]
+            tables = meta.block_tables[meta.single_rows, : meta.single_max_blocks]
             keys, values = gather(k_cache, tables), gather(v_cache, tables)  # [Bs, num_blocks * bs, Hkv, D]
             visible = torch.arange(keys.shape[1], device=q.device) < meta.single_context[:, None]
             qs = q[meta.single_tokens].unsqueeze(1)  # [Bs, 1, H, D]

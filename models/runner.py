@@ -33,7 +33,7 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
     q_lens = [s.num_new_tokens for s in scheduled]
     input_ids = list(chain.from_iterable(s.request.token_ids[s.start : s.start + s.num_new_tokens] for s in scheduled))
     max_blocks = max(len(s.block_ids) for s in scheduled)
-    tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in scheduled])
+    tables = torch.tensor([s.block_ids + (0,) * (max_blocks - len(s.block_ids)) for s in scheduled])
 
     lens = torch.tensor(q_lens)
     starts = torch.tensor([s.start for s in scheduled])
@@ -59,6 +59,7 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
             single_rows=dev(single),
             single_tokens=dev(offsets[single]),
             single_context=dev(context[single]),
+            single_max_blocks=-(-int(context[single].max()) // block_size) if len(single) else 0,
             multi_rows=[i for i, n in enumerate(q_lens) if n > 1],
         ),
         logits_indices=dev((offsets + lens - 1)[samples]),
@@ -75,9 +76,11 @@ class ModelRunner:
         self.eos_token_id: int | None = model.eos_token_id
         self.device: torch.device = model.device
         self.kv_cache: KVCache | None = None
-        self.sampler = Sampler(self.device)
+        self.sampler: Sampler | None = None
 
     def initialize_cache(self, config: EngineConfig) -> int:
+        if self.kv_cache is not None:
+            raise RuntimeError("this ModelRunner already serves an engine; give each engine its own runner")
         spec = self.model.kv_cache_spec()
         num_blocks = resolve_num_blocks(
             spec,

@@ -30,7 +30,11 @@ class Sampler:
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             return greedy.tolist()
-        logits = logits.float() / torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)[:, None]
+        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)[:, None]
+        # Shift so the best logit is 0 before dividing: a tiny temperature then sends the
+        # others to -inf (greedy in the limit) instead of overflowing everything to NaN.
+        logits = logits.float()
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
         logits = _top_k_top_p(logits, params)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)

@@ -24,9 +24,6 @@ class BlockTable:
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0
 
-    def blocks_for(self, num_tokens: int) -> int:
-        return blocks_for(num_tokens, self.block_size)
-
     def slot(self, i: int) -> int:
         if not 0 <= i < self.num_tokens:
             raise IndexError(f"token {i} is outside this table's {self.num_tokens} tokens")

@@ -51,6 +51,10 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free
 
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_used
+
     def blocks_for(self, num_tokens: int) -> int:
         return blocks_for(num_tokens, self.block_size)
 
@@ -76,7 +80,7 @@ class KVCacheManager:
         if num_tokens <= table.num_tokens:
             return Allocation([], [])
         cow = table.last_block_partial and self.pool.ref_count(table.blocks[-1]) > 1
-        needed = table.blocks_for(num_tokens) - len(table.blocks) + int(cow)
+        needed = blocks_for(num_tokens, self.block_size) - len(table.blocks) + int(cow)
         granted = self.pool.allocate(needed)
         if granted is None:
             return None
@@ -122,5 +126,5 @@ class KVCacheManager:
                     f"block {b}: ref count {self.pool.ref_count(b)} but held by {holders[b]} table(s)"
                 )
         for seq_id, t in self._tables.items():
-            if len(t.blocks) != t.blocks_for(t.num_tokens):
+            if len(t.blocks) != blocks_for(t.num_tokens, self.block_size):
                 raise BlockPoolError(f"sequence {seq_id!r}: {len(t.blocks)} blocks for {t.num_tokens} tokens")

@@ -9,7 +9,6 @@ a refused request leaves the queues, the pool and the other requests exactly as 
 from __future__ import annotations
 
 import itertools
-import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -81,6 +80,7 @@ class LLMEngine:
         )
         self.tokenizer = tokenizer
         self._texts: dict[str, _TextState] = {}
+        self._aborted: list[RequestOutput] = []  # final outputs of aborts, for the next step()
         self._generate_ids = itertools.count()
 
     def add_request(
@@ -95,8 +95,8 @@ class LLMEngine:
         sampling parameters) and changes nothing if the request is bad.
         """
         params = self._params(sampling_params)
-        if not isinstance(request_id, str):
-            raise InvalidRequestError(f"request_id must be a string, got {type(request_id).__name__}")
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
         prompt_token_ids = self._prompt(prompt)
         for t in params.stop_token_ids:
             if t >= self.executor.vocab_size:
@@ -106,16 +106,26 @@ class LLMEngine:
             self._texts[request_id] = _TextState(self.tokenizer.detokenizer())
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step and return the outputs of requests that got a new token."""
+        """Run one scheduled step. Returns the outputs of requests that got a new token, and
+        the final output (``finish_reason`` abort) of each request aborted since the last step."""
         plan = self.scheduler.schedule()
         sampled = self.executor.execute(plan)
         outputs = self.scheduler.update(plan, sampled)
-        return [self._with_text(o) for o in outputs] if self.tokenizer is not None else outputs
+        if self.tokenizer is not None:
+            outputs = [self._with_text(o) for o in outputs]
+        if self._aborted:
+            outputs, self._aborted = self._aborted + outputs, []
+        if not self.has_unfinished_requests():
+            self.kv_manager.check()  # idle: a cheap moment to prove nothing leaked
+        return outputs
 
     def abort(self, request_id: str) -> None:
-        """End a request and free its blocks; valid in every state, unknown ids included."""
-        self.scheduler.abort(request_id)
-        self._texts.pop(request_id, None)
+        """End a request and free its blocks; valid in every state, unknown ids included.
+        An unfinished request's final output comes with the next :meth:`step`."""
+        final = self.scheduler.abort(request_id)
+        text = self._texts.pop(request_id, None)
+        if final is not None:
+            self._aborted.append(replace(final, text=text.text) if text else final)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -170,16 +180,19 @@ class LLMEngine:
         return replace(out, new_text=new_text, text=state.text)
 
     def _prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids from text or from a list/tuple (or array) of ints; bools and bytes are refused."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this engine has no tokenizer; give the prompt as token ids")
-            prompt_token_ids = self.tokenizer.encode(prompt)
-        else:
-            prompt_token_ids = prompt
-        try:
-            prompt = [operator.index(t) for t in prompt_token_ids]
-        except TypeError as e:
-            raise InvalidRequestError(f"prompt_token_ids must be a sequence of integer token ids ({e})") from None
+            prompt = self.tokenizer.encode(prompt)
+        elif hasattr(prompt, "tolist"):  # numpy arrays and tensors
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple, range)) or not all(type(t) is int for t in prompt):
+            raise InvalidRequestError(
+                f"prompt_token_ids must be a list of integer token ids (or a text prompt), got {type(prompt).__name__}"
+                + (" containing non-integers" if isinstance(prompt, (list, tuple)) else "")
+            )
+        prompt = list(prompt)
         if not prompt:
             raise InvalidRequestError("prompt_token_ids is empty; a request needs at least one token")
         lo, hi = min(prompt), max(prompt)

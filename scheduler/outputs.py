@@ -11,17 +11,15 @@ from scheduler.request import FinishReason, Request
 @dataclass(frozen=True)
 class ScheduledRequest:
     """``request`` computes tokens ``[start, start + num_new_tokens)`` this step, into the
-    slots of ``block_ids`` (its block table, already grown to hold them)."""
+    slots of ``block_ids`` (its block table as it stands for this step). ``samples`` is
+    True when the chunk reaches the end of the request's tokens, so its last logits pick
+    the next token. Values, not views: the plan stays true after later steps."""
 
     request: Request
     start: int
     num_new_tokens: int
-    block_ids: list[int]
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the request, so its last logits pick a token."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    block_ids: tuple[int, ...]
+    samples: bool
 
 
 @dataclass

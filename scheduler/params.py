@@ -94,7 +94,7 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(1024, ge=1)
     max_num_seqs: int = Field(128, ge=1)
     max_model_len: int | None = Field(None, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**63)
 
     @model_validator(mode="after")
     def _one_pool_size(self) -> EngineConfig:

@@ -69,10 +69,5 @@ class Request:
         return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
-    def max_num_tokens(self) -> int:
-        """The longest this request can become: prompt plus every allowed new token."""
-        return len(self.prompt_token_ids) + self.params.max_tokens
-
-    @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED

@@ -79,17 +79,18 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def abort(self, request_id: str) -> bool:
-        """End a request in any state; idempotent. Returns whether it was unfinished."""
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request in any state and free its blocks; idempotent. Returns its final
+        output (``finish_reason`` abort), or ``None`` if it was already over or unknown."""
         request = self.requests.get(request_id)
         if request is None:
-            return False
+            return None
         if request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         else:
             self.running.remove(request)
         self._finish(request, FinishReason.ABORT)
-        return True
+        return RequestOutput.of(request, [])
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -104,37 +105,39 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            allocation = self.kv.allocate_slots(request.request_id, request.num_computed_tokens + n)
-            while allocation is None:
-                victim = self.running.pop()
-                self._preempt(victim)
-                plan.preempted.append(victim.request_id)
-                if victim is request:
-                    break
-                allocation = self.kv.allocate_slots(request.request_id, request.num_computed_tokens + n)
-            if allocation is None:
-                break
-            plan.block_copies.extend(allocation.copies)
-            plan.scheduled.append(self._scheduled(request, n))
+            n = self._try_schedule(request, budget, plan)
+            while not n and self._preempt_newest(plan) is not request:
+                n = self._try_schedule(request, budget, plan)
+            if not n:
+                break  # the request was the newest and preempted itself
             budget -= n
             i += 1
 
         while not plan.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            allocation = self.kv.allocate_slots(request.request_id, request.num_computed_tokens + n)
-            if allocation is None:
+            n = self._try_schedule(request, budget, plan)
+            if not n:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            plan.block_copies.extend(allocation.copies)
-            plan.scheduled.append(self._scheduled(request, n))
             budget -= n
 
-        self.peak_blocks_used = max(self.peak_blocks_used, self.kv.pool.num_used)
+        self.peak_blocks_used = max(self.peak_blocks_used, self.kv.num_used_blocks)
         return plan
+
+    def _try_schedule(self, request: Request, budget: int, plan: SchedulerOutput) -> int:
+        """Give ``request`` its next chunk (all it has left, cut to ``budget``) if the blocks
+        for it can be had; return the chunk's size, or 0 when memory says no."""
+        start = request.num_computed_tokens
+        n = min(request.num_tokens - start, budget)
+        allocation = self.kv.allocate_slots(request.request_id, start + n)
+        if allocation is None:
+            return 0
+        plan.block_copies.extend(allocation.copies)
+        block_ids = tuple(self.kv.block_ids(request.request_id))
+        plan.scheduled.append(ScheduledRequest(request, start, n, block_ids, samples=start + n == request.num_tokens))
+        return n
 
     def update(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
         """Advance every scheduled request by its chunk; append sampled tokens; stop the
@@ -164,13 +167,13 @@ class Scheduler:
         return outputs
 
     def stats(self) -> EngineStats:
-        pool = self.kv.pool
+        kv = self.kv
         return EngineStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            kv_blocks_used=pool.num_used,
-            kv_blocks_free=pool.num_free,
-            kv_blocks_total=pool.num_blocks,
+            kv_blocks_used=kv.num_used_blocks,
+            kv_blocks_free=kv.num_free_blocks,
+            kv_blocks_total=kv.num_blocks,
             kv_blocks_peak=self.peak_blocks_used,
             num_preemptions=self.num_preemptions,
             num_steps=self.num_steps,
@@ -190,16 +193,17 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
-    def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
-        return ScheduledRequest(request, request.num_computed_tokens, n, self.kv.block_ids(request.request_id))
-
-    def _preempt(self, request: Request) -> None:
+    def _preempt_newest(self, plan: SchedulerOutput) -> Request:
+        """Preempt the most recently admitted running request; return it."""
+        request = self.running.pop()
+        plan.preempted.append(request.request_id)
         self.kv.free(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        return request
 
     def _finish(self, request: Request, reason: FinishReason, now: float | None = None) -> None:
         self.kv.free(request.request_id)

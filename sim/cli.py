@@ -5,28 +5,66 @@ from __future__ import annotations
 import argparse
 import sys
 
-from models.config import GPT_PRESETS
+from models.registry import MODEL_NAMES
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(MODEL_NAMES)}, or a .gguf path")
+    parser.add_argument("--block-size", type=int, default=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedkv", description="A paged-KV LLM inference engine.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="generate several requests together through the paged cache")
-    demo.add_argument("--preset", choices=sorted(GPT_PRESETS), default="gpt2-small", help="model shape (random weights)")
-    demo.add_argument("--num-requests", type=int, default=8)
-    demo.add_argument("--max-tokens", type=int, default=64, help="longest request's new tokens")
-    demo.add_argument("--block-size", type=int, default=16)
+    demo = commands.add_parser("demo", help="several real prompts generated together, streaming, with a summary")
+    _engine_args(demo)
+    demo.add_argument("--max-tokens", type=int, default=96)
     demo.add_argument("--seed", type=int, default=0)
+
+    generate = commands.add_parser("generate", help="generate from text prompts, streaming to the terminal")
+    _engine_args(generate)
+    _sampling_args(generate, max_tokens=128)
+    generate.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    generate.add_argument("prompts", nargs="+", metavar="PROMPT")
+
+    chat = commands.add_parser("chat", help="a short interactive chat")
+    _engine_args(chat)
+    _sampling_args(chat, max_tokens=256)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from sim.demo import run_demo
+    from pydantic import ValidationError
 
-        run_demo(args.preset, args.num_requests, args.max_tokens, args.block_size, args.seed)
+    from scheduler import SamplingParams
+    from sim import demo
+
+    try:
+        if args.command == "demo":
+            demo.run_demo(args.model, args.max_tokens, args.block_size, args.seed)
+            return 0
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed
+        )
+        if args.command == "generate":
+            demo.run_generate(args.model, args.prompts, params, args.chat, args.block_size, seed=0)
+        elif args.command == "chat":
+            demo.run_chat(args.model, params, args.block_size, seed=0)
+    except (ValidationError, ValueError, FileNotFoundError) as e:
+        print(f"pagedkv: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler import FinishReason, RequestStatus, SamplingParams
+from scheduler import EngineConfig, FinishReason, LLMEngine, RequestStatus, SamplingParams
 
 from .conftest import random_prompts
 
@@ -37,7 +37,10 @@ def test_abort_running_request_frees_its_blocks(make_engine):
     assert not engine.kv_manager.has("a")
     engine.kv_manager.check()
     outputs = [o for _ in range(20) for o in engine.step()]
-    assert {o.request_id for o in outputs} == {"b"}
+    final_a, rest = outputs[0], outputs[1:]
+    assert (final_a.request_id, final_a.finished, final_a.finish_reason) == ("a", True, FinishReason.ABORT)
+    assert len(final_a.output_token_ids) == 1 and final_a.new_token_ids == []
+    assert {o.request_id for o in rest} == {"b"}
 
 
 def test_abort_is_idempotent_in_every_state(make_engine):
@@ -67,13 +70,45 @@ def test_abort_is_idempotent_in_every_state(make_engine):
     assert engine.step() == []
 
 
-def test_aborted_request_reports_no_more_tokens(make_engine):
+def test_abort_reports_one_final_output_then_nothing(make_engine):
     engine = make_engine(num_blocks=16)
     engine.add_request("x", [1, 2, 3], GREEDY)
     engine.step()
     engine.abort("x")
+    engine.abort("x")
     assert engine.scheduler.requests == {}
+    [final] = engine.step()
+    assert final.request_id == "x" and final.finished and final.finish_reason is FinishReason.ABORT
     assert engine.step() == []
+
+
+def test_abort_inside_generate_returns_the_aborted_output(make_engine, tiny_model):
+    """A callback that aborts another request mid-run: generate() still returns every output."""
+    engine = make_engine(block_size=4, num_blocks=64)
+    prompts = random_prompts(seed=8, n=4, vocab=tiny_model.vocab_size)
+
+    def abort_second(out):
+        if out.request_id == "generate-0" and len(out.output_token_ids) == 3:
+            engine.abort("generate-1")
+
+    outputs = engine.generate(prompts, GREEDY, on_output=abort_second)
+    reasons = [o.finish_reason for o in outputs]
+    assert reasons == [FinishReason.LENGTH, FinishReason.ABORT, FinishReason.LENGTH, FinishReason.LENGTH]
+    assert len(outputs[1].output_token_ids) < GREEDY.max_tokens
+
+
+def test_tiny_temperature_is_greedy_not_nan(make_engine):
+    engine = make_engine(num_blocks=16)
+    greedy = engine.generate([[1, 2, 3]], GREEDY)[0].output_token_ids
+    for t in (1e-45, 1e-30, 1e-6):
+        params = SamplingParams(temperature=t, max_tokens=10, ignore_eos=True, seed=1)
+        assert engine.generate([[1, 2, 3]], params)[0].output_token_ids == greedy
+
+
+def test_a_runner_serves_one_engine(make_engine):
+    engine = make_engine(num_blocks=16)
+    with pytest.raises(RuntimeError, match="its own runner"):
+        LLMEngine(engine.executor, EngineConfig(num_blocks=4))
 
 
 def test_max_tokens_finishes_with_length(make_engine):
@@ -119,10 +154,10 @@ def test_timestamps_and_stats(make_engine, tiny_model):
     engine = make_engine(block_size=4, num_blocks=64)
     prompts = random_prompts(seed=3, n=5, vocab=tiny_model.vocab_size)
     outputs = engine.generate(prompts, GREEDY)
-    for o in outputs:
+    for prompt, o in zip(prompts, outputs):
         m = o.metrics
         assert m.arrival_time <= m.first_token_time <= m.finish_time
-        assert m.ttft >= 0 and m.num_prompt_tokens == len(prompts[outputs.index(o)])
+        assert m.ttft >= 0 and m.num_prompt_tokens == len(prompt)
     stats = engine.stats()
     assert stats.num_running == stats.num_waiting == 0
     assert stats.kv_blocks_used == 0 and stats.kv_blocks_free == stats.kv_blocks_total == 64
@@ -152,7 +187,12 @@ def test_generate_refuses_while_requests_are_in_flight(make_engine):
 
 
 def test_request_id_can_be_reused_after_it_finishes(make_engine):
+    """A finished id is free again, and a seeded request under it starts its seed afresh."""
     engine = make_engine(num_blocks=16)
+    seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
+    runs = []
     for _ in range(2):
-        engine.add_request("same", [1, 2], SamplingParams(max_tokens=1))
-        run_until(engine, lambda: not engine.has_unfinished_requests())
+        engine.add_request("same", [1, 2], seeded)
+        outs = [o for _ in range(20) for o in engine.step() if o.finished]
+        runs.append(outs[0].output_token_ids)
+    assert runs[0] == runs[1] and len(runs[0]) == 8

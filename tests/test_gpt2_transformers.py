@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import GPT, GPTConfig, ModelRunner, prefill_logits
-from scheduler import EngineConfig, LLMEngine, SamplingParams
+from models import GPT, GPTConfig, prefill_logits
+from scheduler import SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,9 +39,9 @@ def test_state_dict_loads_and_prefill_logits_match(hf_model, tmp_path):
     torch.testing.assert_close(prefill_logits(ours, ids.tolist()), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_engine_greedy_matches_transformers_generate(hf_model):
+def test_engine_greedy_matches_transformers_generate(hf_model, make_engine):
     ours = GPT.from_state_dict(hf_model.state_dict(), CONFIG)
-    engine = LLMEngine(ModelRunner(ours), EngineConfig(block_size=4, num_blocks=64))
+    engine = make_engine(ours, block_size=4, num_blocks=64)
     prompts = [[5, 17, 42], list(range(100, 130)), [299]]
     outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     for prompt, out in zip(prompts, outputs):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from scheduler import EngineConfig, LLMEngine, SamplingParams, SchedulerOutput
+
+from .conftest import assert_drained
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -28,9 +32,19 @@ class RecordingExecutor:
         return [1 if s.samples else None for s in plan.scheduled]
 
 
-def engine_with(**config) -> tuple[LLMEngine, RecordingExecutor]:
-    executor = RecordingExecutor()
-    return LLMEngine(executor, EngineConfig(**config)), executor
+@pytest.fixture
+def engine_with():
+    """Engines on the recording executor, each drain-checked after its test."""
+    engines = []
+
+    def make(**config) -> tuple[LLMEngine, RecordingExecutor]:
+        executor = RecordingExecutor()
+        engines.append(LLMEngine(executor, EngineConfig(**config)))
+        return engines[-1], executor
+
+    yield make
+    for engine in engines:
+        assert_drained(engine)
 
 
 def drain(engine: LLMEngine, max_steps: int = 1000) -> None:
@@ -41,7 +55,7 @@ def drain(engine: LLMEngine, max_steps: int = 1000) -> None:
     raise AssertionError("engine did not finish")
 
 
-def test_budget_and_max_num_seqs_are_never_exceeded():
+def test_budget_and_max_num_seqs_are_never_exceeded(engine_with):
     engine, executor = engine_with(block_size=4, num_blocks=40, max_num_batched_tokens=10, max_num_seqs=3)
     for i in range(8):
         engine.add_request(f"r{i}", [2] * (3 + 5 * i % 17), PARAMS)
@@ -50,7 +64,7 @@ def test_budget_and_max_num_seqs_are_never_exceeded():
     assert all(len(p.scheduled) <= 3 for p in executor.plans)
 
 
-def test_long_prompt_is_prefilled_in_chunks_without_stalling_decodes():
+def test_long_prompt_is_prefilled_in_chunks_without_stalling_decodes(engine_with):
     engine, executor = engine_with(block_size=4, num_blocks=64, max_num_batched_tokens=8)
     engine.add_request("chat", [2, 3], PARAMS)
     engine.step()  # chat prefilled, now decoding
@@ -64,7 +78,7 @@ def test_long_prompt_is_prefilled_in_chunks_without_stalling_decodes():
     drain(engine)
 
 
-def test_admission_is_first_come_first_served():
+def test_admission_is_first_come_first_served(engine_with):
     engine, executor = engine_with(block_size=4, num_blocks=64, max_num_seqs=1)
     for rid in ["c", "a", "b"]:
         engine.add_request(rid, [2, 2], PARAMS)
@@ -77,7 +91,7 @@ def test_admission_is_first_come_first_served():
     assert admitted == ["c", "a", "b"]
 
 
-def test_preemption_takes_the_newest_and_keeps_its_place_in_line():
+def test_preemption_takes_the_newest_and_keeps_its_place_in_line(engine_with):
     engine, executor = engine_with(block_size=2, num_blocks=6)  # room for exactly the first three
     for rid in ["old", "mid", "new"]:
         engine.add_request(rid, [2] * 3, SamplingParams(max_tokens=8, ignore_eos=True))
@@ -91,7 +105,7 @@ def test_preemption_takes_the_newest_and_keeps_its_place_in_line():
     drain(engine)
 
 
-def test_a_request_can_preempt_itself_when_it_is_the_newest():
+def test_a_request_can_preempt_itself_when_it_is_the_newest(engine_with):
     engine, executor = engine_with(block_size=1, num_blocks=6)
     engine.add_request("a", [2] * 3, SamplingParams(max_tokens=4, ignore_eos=True))
     engine.add_request("b", [2] * 2, SamplingParams(max_tokens=4, ignore_eos=True))
@@ -103,7 +117,7 @@ def test_a_request_can_preempt_itself_when_it_is_the_newest():
     assert engine.kv_manager.pool.num_free == 6
 
 
-def test_nothing_schedulable_gives_an_empty_plan():
+def test_nothing_schedulable_gives_an_empty_plan(engine_with):
     engine, executor = engine_with(block_size=4, num_blocks=4)
     assert engine.step() == [] and executor.plans[-1].is_empty
 

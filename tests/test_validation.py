@@ -89,9 +89,13 @@ def test_bad_sampling_params_name_field_and_range(busy_engine, bad, field, allow
         ("new", [1, 256], None, "256 is outside the vocabulary [0, 256)"),
         ("new", [1, 2.5], None, "integer token ids"),
         ("new", "hello", None, "no tokenizer"),
+        ("new", b"abc", None, "list of integer token ids"),
+        ("new", {1: 2}, None, "list of integer token ids"),
+        ("new", [1, True], None, "non-integers"),
+        ("", [1, 2], None, "non-empty string"),
         ("new", [1, 2], SamplingParams(stop_token_ids=[999]), "stop_token_ids: 999"),
         ("r0", [1, 2], None, "already in use"),
-        (7, [1, 2], None, "request_id must be a string"),
+        (7, [1, 2], None, "request_id must be a non-empty string"),
         ("new", [1] * 500, SamplingParams(max_tokens=13), "exceeds max_model_len (512)"),
         ("new", [1] * 150, SamplingParams(max_tokens=20), "the pool has only 40"),
         ("new", [1, 2], "greedy", "sampling_params must be SamplingParams"),
@@ -128,6 +132,7 @@ def test_request_exactly_at_the_limits_is_accepted(make_engine):
         ({"gpu_memory_fraction": 1.5}, "gpu_memory_fraction"),
         ({"num_blocks": 8, "kv_cache_memory_bytes": 4096}, "at most one of"),
         ({"block_size": 4.0}, "block_size"),
+        ({"seed": 2**64}, "seed"),
         ({"blocksize": 4}, "blocksize"),
     ],
 )
@@ -151,3 +156,14 @@ def test_generate_refuses_bad_prompt_and_leaves_nothing_behind(make_engine):
     with pytest.raises(InvalidRequestError):
         engine.generate([[1, 2, 3], []], SamplingParams(max_tokens=2))
     assert not engine.has_unfinished_requests()
+
+
+def test_prompt_as_array_or_tuple_is_accepted(make_engine):
+    import numpy as np
+    import torch
+
+    engine = make_engine(num_blocks=16)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    expected = engine.generate([[4, 5, 6]], params)[0].output_token_ids
+    for prompt in ((4, 5, 6), np.array([4, 5, 6]), torch.tensor([4, 5, 6])):
+        assert engine.generate([prompt], params)[0].output_token_ids == expected
