@@ -49,7 +49,7 @@ class LlamaConfig(BaseModel):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once in float32."""
+    """cos/sin tables for every position, computed once (in float64, stored in the model's dtype)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
@@ -58,12 +58,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` ([T, heads, head_dim]) by its tokens' positions (rotate-half form)."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for these positions, shaped to broadcast over heads: [T, 1, head_dim / 2]."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE (rotate-half form) to ``x`` ([T, heads, head_dim])."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class LlamaAttention(nn.Module):
@@ -78,13 +81,11 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, qkv, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attention: Attention, layer: int) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1
-        )
-        q = rope(q.view(-1, self.num_heads, self.head_dim), positions)
-        k = rope(k.view(-1, self.num_kv_heads, self.head_dim), positions)
-        out = attention(layer, q, k, v.view(-1, self.num_kv_heads, self.head_dim))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: Attention, layer: int) -> torch.Tensor:
+        qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)  # [T, H + 2 Hkv, D]
+        qk = rotate(qkv[:, : self.num_heads + self.num_kv_heads], *rope)  # q and k rotated together
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        out = attention(layer, q, k, qkv[:, self.num_heads + self.num_kv_heads :])
         return self.o_proj(out.flatten(1))
 
 
@@ -107,8 +108,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attention: Attention, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attention, layer)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: Attention, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, attention, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -138,8 +139,9 @@ class Llama(PagedLM):
         logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rope(positions)
         for layer, block in enumerate(self.layers):
-            x = block(x, positions, self.rope, attention, layer)
+            x = block(x, rope, attention, layer)
         x = self.norm(x)
         if logits_indices is not None:
             x = x[logits_indices]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attention import PagedAttention
+from models.attention import PagedAttention, attend, causal_mask
 from models.runner import prepare_inputs
 from paged import blocks_for
 from paged.kv_cache import KVCache, KVCacheSpec
@@ -173,3 +173,21 @@ def test_only_decodes_and_one_long_chunk(seed: int) -> None:
     rng = random.Random(seed)
     assert run_case(seed, 4, 4, 2, [(rng.randint(1, 50), 1) for _ in range(6)]) == {"decode"}
     assert run_case(seed, 4, 4, 2, [(rng.randint(17, 60), rng.randint(2, 40))]) == {"chunk after cache"}
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("queries, keys", [(1, 37), (5, 40), (12, 12)])
+def test_reduced_precision_cpu_path_matches_float32(heads: int, kv_heads: int, queries: int, keys: int) -> None:
+    """bfloat16 on the CPU goes through grouped matmuls instead of the fused kernel; it must
+    compute the same attention (to bfloat16's precision) for decode rows and prefill chunks."""
+    g = torch.Generator().manual_seed(queries * 100 + keys)
+    q = torch.randn(3, queries, heads, 16, generator=g)
+    k = torch.randn(3, keys, kv_heads, 16, generator=g)
+    v = torch.randn(3, keys, kv_heads, 16, generator=g)
+    lengths = torch.tensor([keys, keys - 1, max(queries, keys // 2)])
+    visible = torch.arange(keys)[None, :] < lengths[:, None]  # per-row padding, as in a decode gather
+    mask = causal_mask(queries, keys, q.device) & visible[:, None, :]
+    expected = attend(q, k, v, mask)
+    got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() < 0.05
