@@ -78,7 +78,7 @@ def run_demo(model: str, max_tokens: int, block_size: int, seed: int) -> None:
 def run_generate(model: str, prompts: list[str], params: SamplingParams, chat: bool, block_size: int, seed: int) -> None:
     engine = open_engine(model, block_size, seed)
     if engine.tokenizer is None:
-        raise SystemExit(f"{model} has no tokenizer; use smollm2-135m or a .gguf file for text")
+        raise ValueError(f"{model} has no tokenizer; use smollm2-135m or a .gguf file for text")
     texts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompts]
     if len(texts) > 1:
         run_batch(engine, texts, params, [f"[{i}]" for i in range(len(texts))])
@@ -93,7 +93,7 @@ def run_chat(model: str, params: SamplingParams, block_size: int, seed: int) -> 
     """A short interactive chat: each turn re-sends the conversation through the template."""
     engine = open_engine(model, block_size, seed)
     if engine.tokenizer is None or not engine.tokenizer.chat_template:
-        raise SystemExit(f"{model} has no chat template")
+        raise ValueError(f"{model} has no chat template")
     print("Chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
     messages: list[dict[str, str]] = []
     while True:

@@ -16,10 +16,10 @@ from scheduler import RequestOutput
 
 
 class LiveView:
-    def __init__(self, labels: dict[str, str], out: TextIO = sys.stdout, fps: float = 15.0) -> None:
+    def __init__(self, labels: dict[str, str], out: TextIO | None = None, fps: float = 15.0) -> None:
         self.labels = labels  # request id -> short label shown before its text
-        self.out = out
-        self.tty = out.isatty()
+        self.out = out or sys.stdout  # looked up now, not at import, so redirection works
+        self.tty = self.out.isatty()
         self.texts = {rid: "" for rid in labels}
         self.status = {rid: "" for rid in labels}
         self._interval = 1.0 / fps

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from models import GPT, ModelRunner
 from scheduler import EngineConfig, LLMEngine
@@ -17,6 +18,19 @@ from scheduler import EngineConfig, LLMEngine
 @pytest.fixture(scope="session")
 def tiny_model() -> GPT:
     return GPT.from_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (float32, CPU) and its tokenizer, loaded once per session."""
+    from models.gguf import smollm2_path
+    from models.registry import load_model
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return load_model("smollm2-135m", dtype=torch.float32, device="cpu")
 
 
 def assert_drained(engine: LLMEngine) -> None:

@@ -40,15 +40,6 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    try:
-        smollm2_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return load_model("smollm2-135m", dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="session")
 def hf_smollm2(smollm2):
     path = smollm2_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
