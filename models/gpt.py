@@ -72,14 +72,11 @@ class Block(nn.Module):
 
 class GPT(PagedLM):
     def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
+        super().__init__(
+            vocab_size=config.vocab_size, max_model_len=config.n_positions, eos_token_id=config.eos_token_id,
+            num_layers=config.n_layer, num_kv_heads=config.n_head, head_dim=config.head_dim,
+        )
         self.config = config
-        self.vocab_size = config.vocab_size
-        self.max_model_len = config.n_positions
-        self.eos_token_id = config.eos_token_id
-        self.num_layers = config.n_layer
-        self.num_kv_heads = config.n_head
-        self.head_dim = config.head_dim
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -91,23 +88,12 @@ class GPT(PagedLM):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attention: Attention,
-        logits_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits for a flat batch of tokens; only for rows ``logits_indices`` if given
-        (the last token of each sequence that samples, sparing the vocabulary matmul)."""
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
         t = self.transformer
         x = t.wte(input_ids) + t.wpe(positions)
         for layer, block in enumerate(t.h):
             x = block(x, attention, layer)
-        x = t.ln_f(x)
-        if logits_indices is not None:
-            x = x[logits_indices]
-        return self.lm_head(x)
+        return t.ln_f(x)
 
     # -- construction -----------------------------------------------------------------
 

@@ -115,14 +115,12 @@ class LlamaDecoderLayer(nn.Module):
 
 class Llama(PagedLM):
     def __init__(self, config: LlamaConfig) -> None:
-        super().__init__()
+        super().__init__(
+            vocab_size=config.vocab_size, max_model_len=config.max_position_embeddings,
+            eos_token_id=config.eos_token_id, num_layers=config.num_hidden_layers,
+            num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        )
         self.config = config
-        self.vocab_size = config.vocab_size
-        self.max_model_len = config.max_position_embeddings
-        self.eos_token_id = config.eos_token_id
-        self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -131,18 +129,9 @@ class Llama(PagedLM):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attention: Attention,
-        logits_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions)
         for layer, block in enumerate(self.layers):
             x = block(x, rope, attention, layer)
-        x = self.norm(x)
-        if logits_indices is not None:
-            x = x[logits_indices]
-        return self.lm_head(x).float()
+        return self.norm(x)
