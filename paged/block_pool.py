@@ -59,6 +59,10 @@ class BlockPool:
         self._check_id(block_id)
         return self._ref_counts[block_id]
 
+    def is_shared(self, block_id: int) -> bool:
+        """More than one holder (a write into it must copy first). ``block_id`` must be held."""
+        return self._ref_counts[block_id] > 1
+
     def allocate(self, n: int) -> list[int] | None:
         """Take ``n`` free blocks (ref count 1 each), or ``None`` if fewer are free."""
         if n < 0:

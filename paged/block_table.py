@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -17,11 +17,12 @@ class BlockTable:
     Token ``i`` of the sequence lives in slot
     ``blocks[i // block_size] * block_size + i % block_size`` of the flattened K/V cache.
     ``num_tokens`` counts the slots handed out so far; only the last block can be
-    partially filled.
+    partially filled. ``blocks`` is a tuple, replaced (not mutated) when it grows: a plan
+    can hold it as a value without copying it every step.
     """
 
     block_size: int
-    blocks: list[int] = field(default_factory=list)
+    blocks: tuple[int, ...] = ()
     num_tokens: int = 0
 
     def slot(self, i: int) -> int:

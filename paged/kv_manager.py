@@ -33,6 +33,9 @@ class Allocation(NamedTuple):
     copies: list[tuple[int, int]]
 
 
+NOTHING = Allocation([], [])  # what a grow that needs no new block returns (never mutated)
+
+
 class KVCacheManager:
     """Block tables keyed by sequence id, backed by a :class:`BlockPool`."""
 
@@ -42,6 +45,17 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[Hashable, BlockTable] = {}
+        self._stored = 0  # token slots handed out, summed over every table
+
+    @property
+    def num_stored_tokens(self) -> int:
+        """Token slots in use by sequences (a shared block counts once per holder)."""
+        return self._stored
+
+    @property
+    def num_reserved_slots(self) -> int:
+        """Token slots set aside for sequences: whole blocks, partly filled or not."""
+        return self.pool.num_used * self.block_size
 
     @property
     def num_blocks(self) -> int:
@@ -64,7 +78,7 @@ class KVCacheManager:
     def table(self, seq_id: Hashable) -> BlockTable:
         return self._tables[seq_id]
 
-    def block_ids(self, seq_id: Hashable) -> list[int]:
+    def block_ids(self, seq_id: Hashable) -> tuple[int, ...]:
         return self._tables[seq_id].blocks
 
     def num_tables(self) -> int:
@@ -78,21 +92,25 @@ class KVCacheManager:
         """
         table = self._tables.get(seq_id) or BlockTable(self.block_size)
         if num_tokens <= table.num_tokens:
-            return Allocation([], [])
-        cow = table.last_block_partial and self.pool.ref_count(table.blocks[-1]) > 1
+            return NOTHING
+        cow = table.last_block_partial and self.pool.is_shared(table.blocks[-1])
         needed = blocks_for(num_tokens, self.block_size) - len(table.blocks) + int(cow)
+        if needed == 0:  # the common decode step: the last block still has room
+            self._stored += num_tokens - table.num_tokens
+            table.num_tokens = num_tokens
+            return NOTHING
         granted = self.pool.allocate(needed)
         if granted is None:
             return None
         copies: list[tuple[int, int]] = []
-        fresh = granted
         if cow:
             src, dst = table.blocks[-1], granted[0]
             self.pool.free([src])  # the other holders keep it
-            table.blocks[-1] = dst
+            table.blocks = (*table.blocks[:-1], *granted)
             copies.append((src, dst))
-            fresh = granted[1:]
-        table.blocks.extend(fresh)
+        else:
+            table.blocks = (*table.blocks, *granted)
+        self._stored += num_tokens - table.num_tokens
         table.num_tokens = num_tokens
         self._tables[seq_id] = table
         return Allocation(granted, copies)
@@ -103,7 +121,8 @@ class KVCacheManager:
             raise BlockPoolError(f"sequence {child_id!r} already has a block table")
         parent = self._tables[parent_id]
         self.pool.incref(parent.blocks)
-        self._tables[child_id] = BlockTable(self.block_size, list(parent.blocks), parent.num_tokens)
+        self._tables[child_id] = BlockTable(self.block_size, parent.blocks, parent.num_tokens)
+        self._stored += parent.num_tokens
 
     def free(self, seq_id: Hashable) -> int:
         """Release ``seq_id``'s blocks (tail first) and drop its table; idempotent.
@@ -114,6 +133,7 @@ class KVCacheManager:
         if table is None:
             return 0
         self.pool.free(reversed(table.blocks))
+        self._stored -= table.num_tokens
         return len(table.blocks)
 
     def check(self) -> None:
@@ -128,3 +148,5 @@ class KVCacheManager:
         for seq_id, t in self._tables.items():
             if len(t.blocks) != blocks_for(t.num_tokens, self.block_size):
                 raise BlockPoolError(f"sequence {seq_id!r}: {len(t.blocks)} blocks for {t.num_tokens} tokens")
+        if self._stored != sum(t.num_tokens for t in self._tables.values()):
+            raise BlockPoolError("the stored-token count disagrees with the tables")

@@ -110,7 +110,7 @@ class LLMEngine:
         the final output (``finish_reason`` abort) of each request aborted since the last step."""
         plan = self.scheduler.schedule()
         sampled = self.executor.execute(plan)
-        outputs = self.scheduler.update(plan, sampled)
+        outputs = [RequestOutput.of(r, r.token_ids[-1:]) for r in self.scheduler.update(plan, sampled)]
         if self.tokenizer is not None:
             outputs = [self._with_text(o) for o in outputs]
         if self._aborted:
@@ -122,9 +122,10 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """End a request and free its blocks; valid in every state, unknown ids included.
         An unfinished request's final output comes with the next :meth:`step`."""
-        final = self.scheduler.abort(request_id)
+        request = self.scheduler.abort(request_id)
         text = self._texts.pop(request_id, None)
-        if final is not None:
+        if request is not None:
+            final = RequestOutput.of(request, [])
             self._aborted.append(replace(final, text=text.text) if text else final)
 
     def has_unfinished_requests(self) -> bool:

@@ -4,16 +4,17 @@ and the engine's stats."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from scheduler.request import FinishReason, Request
 
 
-@dataclass(frozen=True)
-class ScheduledRequest:
+class ScheduledRequest(NamedTuple):
     """``request`` computes tokens ``[start, start + num_new_tokens)`` this step, into the
     slots of ``block_ids`` (its block table as it stands for this step). ``samples`` is
     True when the chunk reaches the end of the request's tokens, so its last logits pick
-    the next token. Values, not views: the plan stays true after later steps."""
+    the next token. Values, not views: the plan stays true after later steps. (A
+    NamedTuple because the simulator builds millions of them.)"""
 
     request: Request
     start: int
@@ -24,17 +25,29 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
-    """One step's plan: who runs and for how many tokens, and what memory moves first."""
+    """One step's plan: who runs and for how many tokens, and what memory moves first.
+
+    The totals are kept by the scheduler as it adds each request, so that a cost model
+    (the simulator's) reads a step's size without walking the plan.
+    """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
     """Requests that ended since the previous plan; the executor drops their state."""
+    num_batched_tokens: int = 0
+    num_single_token_seqs: int = 0
+    """Sequences computing exactly one token: decodes, mostly."""
+    num_attended_tokens: int = 0
+    """Keys attended, summed over every new token (an upper bound: causal chunks see fewer)."""
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+    def add(self, item: ScheduledRequest) -> None:
+        self.scheduled.append(item)
+        n = item.num_new_tokens
+        self.num_batched_tokens += n
+        self.num_single_token_seqs += n == 1
+        self.num_attended_tokens += n * (item.start + n)
 
     @property
     def is_empty(self) -> bool:
@@ -46,6 +59,7 @@ class RequestMetrics:
     """Timestamps on the scheduler's clock (seconds), and how often the request was preempted."""
 
     arrival_time: float
+    first_scheduled_time: float | None
     first_token_time: float | None
     finish_time: float | None
     num_prompt_tokens: int
@@ -54,6 +68,11 @@ class RequestMetrics:
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def queueing_delay(self) -> float | None:
+        """Arrival to first admission."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,7 @@ class RequestOutput:
             finish_reason=request.finish_reason,
             metrics=RequestMetrics(
                 arrival_time=request.arrival_time,
+                first_scheduled_time=request.first_scheduled_time,
                 first_token_time=request.first_token_time,
                 finish_time=request.finish_time,
                 num_prompt_tokens=request.num_prompt_tokens,
@@ -104,3 +124,11 @@ class EngineStats:
     num_steps: int
     num_tokens_computed: int
     num_generated_tokens: int
+    num_prompt_tokens: int
+    """Prompt tokens of every request admitted so far (each counted once)."""
+    num_prefix_hit_tokens: int
+    """Of those, tokens whose K/V came from the prefix cache instead of being computed."""
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.num_prefix_hit_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 
 from paged.kv_manager import KVCacheManager
-from scheduler.outputs import EngineStats, RequestOutput, ScheduledRequest, SchedulerOutput
+from scheduler.outputs import EngineStats, ScheduledRequest, SchedulerOutput
 from scheduler.params import EngineConfig
 from scheduler.request import FinishReason, InvalidRequestError, Request, RequestStatus
 
@@ -52,6 +52,8 @@ class Scheduler:
         self.num_steps = 0
         self.num_tokens_computed = 0
         self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+        self.num_prefix_hit_tokens = 0
         self.peak_blocks_used = 0
 
     # ---- requests in and out -------------------------------------------------------
@@ -79,9 +81,9 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """End a request in any state and free its blocks; idempotent. Returns its final
-        output (``finish_reason`` abort), or ``None`` if it was already over or unknown."""
+    def abort(self, request_id: str) -> Request | None:
+        """End a request in any state and free its blocks; idempotent. Returns the request
+        (now finished, reason abort), or ``None`` if it was already over or unknown."""
         request = self.requests.get(request_id)
         if request is None:
             return None
@@ -89,8 +91,8 @@ class Scheduler:
             self.waiting.remove(request)
         else:
             self.running.remove(request)
-        self._finish(request, FinishReason.ABORT)
-        return RequestOutput.of(request, [])
+        self._finish(request, FinishReason.ABORT, self.clock())
+        return request
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -113,58 +115,72 @@ class Scheduler:
             budget -= n
             i += 1
 
-        while not plan.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self._admission_open(plan) and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             n = self._try_schedule(request, budget, plan)
             if not n:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = self.clock()
+                self.num_prompt_tokens += request.num_prompt_tokens
             self.running.append(request)
             budget -= n
 
         self.peak_blocks_used = max(self.peak_blocks_used, self.kv.num_used_blocks)
         return plan
 
+    def _admission_open(self, plan: SchedulerOutput) -> bool:
+        """Whether waiting requests may be admitted now: not in a step that had to preempt
+        (it would only thrash). Baseline policies in the simulator narrow this further."""
+        return not plan.preempted
+
     def _try_schedule(self, request: Request, budget: int, plan: SchedulerOutput) -> int:
         """Give ``request`` its next chunk (all it has left, cut to ``budget``) if the blocks
         for it can be had; return the chunk's size, or 0 when memory says no."""
-        start = request.num_computed_tokens
-        n = min(request.num_tokens - start, budget)
+        start, total = request.num_computed_tokens, len(request.token_ids)
+        n = min(total - start, budget)
         allocation = self.kv.allocate_slots(request.request_id, start + n)
         if allocation is None:
             return 0
-        plan.block_copies.extend(allocation.copies)
-        block_ids = tuple(self.kv.block_ids(request.request_id))
-        plan.scheduled.append(ScheduledRequest(request, start, n, block_ids, samples=start + n == request.num_tokens))
+        if allocation.copies:
+            plan.block_copies.extend(allocation.copies)
+        plan.add(ScheduledRequest(request, start, n, self.kv.block_ids(request.request_id), start + n == total))
         return n
 
-    def update(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
+    def update(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
         """Advance every scheduled request by its chunk; append sampled tokens; stop the
         ones that are done and free their blocks. ``sampled`` is aligned with
-        ``plan.scheduled`` and holds ``None`` for chunks that do not reach the end."""
+        ``plan.scheduled`` and holds ``None`` for chunks that do not reach the end.
+
+        Returns the requests that received a token (their last one). Building user-facing
+        outputs is the engine's job; the simulator needs none, and skipping them keeps a
+        simulated step cheap."""
         if len(sampled) != len(plan.scheduled):
             raise ValueError(f"got {len(sampled)} sampled tokens for {len(plan.scheduled)} scheduled requests")
         now = self.clock()
-        outputs = []
+        advanced = []
+        finished = False
         for item, token in zip(plan.scheduled, sampled):
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
-            self.num_tokens_computed += item.num_new_tokens
             if token is None:
                 continue
             request.token_ids.append(token)
-            self.num_generated_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now
             reason = self._stop_reason(request, token)
             if reason is not None:
                 self._finish(request, reason, now)
-            outputs.append(RequestOutput.of(request, [token]))
-        if any(r.finished for r in self.running):
-            self.running = [r for r in self.running if not r.finished]
+                finished = True
+            advanced.append(request)
+        if finished:
+            self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+        self.num_tokens_computed += plan.num_batched_tokens
+        self.num_generated_tokens += len(advanced)
         self.num_steps += 1
-        return outputs
+        return advanced
 
     def stats(self) -> EngineStats:
         kv = self.kv
@@ -179,6 +195,8 @@ class Scheduler:
             num_steps=self.num_steps,
             num_tokens_computed=self.num_tokens_computed,
             num_generated_tokens=self.num_generated_tokens,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_prefix_hit_tokens=self.num_prefix_hit_tokens,
         )
 
     # ---- internals -----------------------------------------------------------------
@@ -187,9 +205,9 @@ class Scheduler:
         params = request.params
         if token == self.eos_token_id and not params.ignore_eos:
             return FinishReason.STOP
-        if token in params.stop_token_ids:
+        if params.stop_token_ids and token in params.stop_token_ids:
             return FinishReason.STOP
-        if request.num_output_tokens >= params.max_tokens:
+        if len(request.token_ids) - len(request.prompt_token_ids) >= params.max_tokens:
             return FinishReason.LENGTH
         return None
 
@@ -205,10 +223,10 @@ class Scheduler:
         self.waiting.appendleft(request)
         return request
 
-    def _finish(self, request: Request, reason: FinishReason, now: float | None = None) -> None:
+    def _finish(self, request: Request, reason: FinishReason, now: float) -> None:
         self.kv.free(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        request.finish_time = self.clock() if now is None else now
+        request.finish_time = now
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)

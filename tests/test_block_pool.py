@@ -215,7 +215,7 @@ def test_free_rejects_bool_ids() -> None:
 
 def test_slot_of_a_hand_built_table() -> None:
     """Token i lives at blocks[i // bs] * bs + i % bs; outside [0, num_tokens) is an IndexError."""
-    table = BlockTable(block_size=3, blocks=[7, 2, 5], num_tokens=8)
+    table = BlockTable(block_size=3, blocks=(7, 2, 5), num_tokens=8)
     assert [table.slot(i) for i in range(8)] == [21, 22, 23, 6, 7, 8, 15, 16]
     for i in (-1, 8, 9):
         with pytest.raises(IndexError):
@@ -257,7 +257,7 @@ def test_manager_free_releases_tail_first() -> None:
     kv.pool.allocate(8)
     kv.pool.free([6, 2, 7, 0, 5, 3, 1, 4])  # scramble the queue so table order != id order
     kv.allocate_slots("a", 7)
-    assert kv.block_ids("a") == [6, 2, 7, 0]
+    assert kv.block_ids("a") == (6, 2, 7, 0)
     assert kv.free("a") == 4
     assert kv.pool.snapshot().free_order == (5, 3, 1, 4, 0, 7, 2, 6)
     assert not kv.has("a")

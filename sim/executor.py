@@ -1,0 +1,79 @@
+"""Clocks, and the executor that stands in for the model.
+
+The scheduler cannot tell a :class:`SimulatedExecutor` from ``models.ModelRunner``: it
+receives the same plan and answers with one token per sampling sequence. Instead of
+running a model it advances a virtual clock by the cost model's estimate of the step.
+"""
+
+from __future__ import annotations
+
+import time
+
+from scheduler.outputs import SchedulerOutput
+from scheduler.params import EngineConfig
+from sim.cost_model import CostModel
+
+DUMMY_TOKEN = 0
+
+
+class VirtualClock:
+    """Simulated seconds: advanced by the executor, jumped forward when the engine is idle."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def wait_until(self, t: float) -> None:
+        self.now = max(self.now, t)
+
+
+class WallClock:
+    """Real seconds since the run started; waiting really sleeps."""
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+
+    def __call__(self) -> float:
+        return time.monotonic() - self._start
+
+    def wait_until(self, t: float) -> None:
+        delay = t - self()
+        if delay > 0:
+            time.sleep(delay)
+
+
+class SimulatedExecutor:
+    """Implements ``scheduler.Executor`` with a cost model and a virtual clock."""
+
+    eos_token_id = None
+    vocab_size = 2**31  # any token id a workload uses is valid
+
+    def __init__(self, cost: CostModel, clock: VirtualClock) -> None:
+        self.cost = cost
+        self.clock = clock
+        self.max_model_len = cost.max_model_len
+        self.busy_seconds = 0.0
+
+    def initialize_cache(self, config: EngineConfig) -> int:
+        """As many blocks as the engine would get for this config on the profiled model."""
+        if config.num_blocks is not None:
+            return config.num_blocks
+        if config.pool_memory_bytes is None:
+            raise ValueError("a simulated pool needs num_blocks or kv_cache_memory_bytes")
+        blocks = config.pool_memory_bytes // (self.cost.kv_bytes_per_token * config.block_size)
+        if blocks < 1:
+            raise ValueError(f"a KV budget of {config.pool_memory_bytes} bytes holds no block")
+        return blocks
+
+    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+        if plan.is_empty:
+            return []
+        seconds = self.cost.step_time(plan)
+        self.busy_seconds += seconds
+        self.clock.advance(seconds)
+        return [DUMMY_TOKEN if s.samples else None for s in plan.scheduled]

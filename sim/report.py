@@ -1,0 +1,140 @@
+"""Show results: a table on stdout, a JSON file, and PNG plots (with the ``plots`` extra)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sim.driver import RunResult
+from sim.metrics import Summary
+
+ROWS = [
+    ("completed / rejected", lambda s: f"{s.completed} / {s.rejected}"),
+    ("throughput (req/s)", lambda s: f"{s.requests_per_s:.3f}"),
+    ("output tokens/s", lambda s: f"{s.output_tokens_per_s:.1f}"),
+    ("TTFT p50 / p90 / p99 (s)", lambda s: _pct(s.ttft_s)),
+    ("TPOT p50 / p90 / p99 (s)", lambda s: _pct(s.tpot_s)),
+    ("latency p50 / p90 / p99 (s)", lambda s: _pct(s.e2e_s)),
+    ("queueing p50 / p90 / p99 (s)", lambda s: _pct(s.queueing_s)),
+    ("latency per output token p50 (s)", lambda s: f"{s.normalized_latency_s.p50:.3f}"),
+    ("KV slots holding K/V / held back", lambda s: f"{s.kv_utilization:.1%}"),
+    ("KV memory waste", lambda s: f"{s.kv_waste:.1%}"),
+    ("KV pool occupancy", lambda s: f"{s.kv_occupancy:.1%}"),
+    ("preemptions", lambda s: str(s.preemptions)),
+    ("prefix hit rate", lambda s: f"{s.prefix_hit_rate:.1%}"),
+    ("goodput (req/s in SLO)", lambda s: f"{s.goodput_requests_per_s:.3f}"),
+]
+
+
+def _pct(p) -> str:
+    return f"{p.p50:.2f} / {p.p90:.2f} / {p.p99:.2f}"
+
+
+def table(summaries: Sequence[Summary]) -> str:
+    """One column per run, one row per metric."""
+    head = ["metric", *[s.policy for s in summaries]]
+    body = [[label, *[fmt(s) for s in summaries]] for label, fmt in ROWS]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when it is a terminal, or when forced)."""
+
+    def __init__(self, label: str, force: bool = False) -> None:
+        self.label = label
+        self.enabled = force or sys.stderr.isatty()
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.25 and done < total):
+            return
+        self._last = now
+        frac = done / total if total else 1.0
+        elapsed = now - self.start
+        eta = elapsed / frac - elapsed if frac > 0 else float("inf")
+        bar = "#" * int(30 * frac)
+        end = "\n" if done >= total else ""
+        print(f"\r{self.label} [{bar:<30}] {done}/{total} {elapsed:5.1f}s, eta {eta:5.1f}s", end=end, file=sys.stderr, flush=True)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError('plots need matplotlib: pip install "pagedkv[plots]"') from e
+    return plt
+
+
+def plot_kv_over_time(results: Sequence[RunResult], path: str | Path) -> None:
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for r in results:
+        t = np.array(r.step_times)
+        stored, reserved = np.array(r.stored_slots, float), np.array(r.reserved_slots, float)
+        top.plot(t, np.divide(stored, reserved, out=np.ones_like(stored), where=reserved > 0), label=r.policy, lw=1)
+        bottom.plot(t, reserved / r.capacity_slots, label=r.policy, lw=1)
+    top.set_ylabel("slots holding K/V\n/ slots held back")
+    bottom.set_ylabel("pool occupancy")
+    bottom.set_xlabel("time (s)")
+    top.legend()
+    top.set_ylim(0, 1.05)
+    bottom.set_ylim(0, 1.05)
+    fig.suptitle("KV memory over time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_latency_cdf(results: Sequence[RunResult], path: str | Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for r in results:
+        rec = np.array(r.records, dtype=float).reshape(-1, 7)
+        for ax, values in zip(axes, (rec[:, 2] - rec[:, 0], rec[:, 3] - rec[:, 0])):
+            values = np.sort(values)
+            ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=r.policy)
+    axes[0].set_xlabel("time to first token (s)")
+    axes[1].set_xlabel("end-to-end latency (s)")
+    for ax in axes:
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(rates: Sequence[float], curves: dict[str, list[Summary]], path: str | Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for policy, summaries in curves.items():
+        axes[0].plot(rates, [s.normalized_latency_s.p50 for s in summaries], marker="o", label=policy)
+        axes[1].plot(rates, [s.ttft_s.p90 for s in summaries], marker="o", label=policy)
+    axes[0].set_ylabel("latency per output token, p50 (s)")
+    axes[1].set_ylabel("TTFT p90 (s)")
+    for ax in axes:
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
