@@ -44,7 +44,7 @@ class BlockPool:
         if type(num_blocks) is not int or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         self.num_blocks = num_blocks
-        self._ref_counts = [0] * num_blocks
+        self.ref_counts = [0] * num_blocks  # read-only outside this class; a list for O(1) hot-path reads
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
 
     @property
@@ -57,11 +57,11 @@ class BlockPool:
 
     def ref_count(self, block_id: int) -> int:
         self._check_id(block_id)
-        return self._ref_counts[block_id]
+        return self.ref_counts[block_id]
 
     def is_shared(self, block_id: int) -> bool:
         """More than one holder (a write into it must copy first). ``block_id`` must be held."""
-        return self._ref_counts[block_id] > 1
+        return self.ref_counts[block_id] > 1
 
     def allocate(self, n: int) -> list[int] | None:
         """Take ``n`` free blocks (ref count 1 each), or ``None`` if fewer are free."""
@@ -71,7 +71,7 @@ class BlockPool:
             return None
         blocks = [self._free.popitem(last=False)[0] for _ in range(n)]
         for b in blocks:
-            self._ref_counts[b] = 1
+            self.ref_counts[b] = 1
         return blocks
 
     def incref(self, block_ids: Iterable[int]) -> None:
@@ -79,10 +79,10 @@ class BlockPool:
         block_ids = list(block_ids)
         for b in block_ids:
             self._check_id(b)
-            if self._ref_counts[b] == 0:
+            if self.ref_counts[b] == 0:
                 raise BlockPoolError(f"block {b} is free; only referenced blocks can be shared")
         for b in block_ids:
-            self._ref_counts[b] += 1
+            self.ref_counts[b] += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block; blocks reaching zero join the free queue.
@@ -94,26 +94,26 @@ class BlockPool:
         for b in block_ids:
             self._check_id(b)
         for b, times in Counter(block_ids).items():
-            if self._ref_counts[b] < times:
+            if self.ref_counts[b] < times:
                 raise BlockPoolError(
-                    f"double free of block {b}: ref count {self._ref_counts[b]}, freed {times} time(s)"
+                    f"double free of block {b}: ref count {self.ref_counts[b]}, freed {times} time(s)"
                 )
         for b in block_ids:
-            self._ref_counts[b] -= 1
-            if self._ref_counts[b] == 0:
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
                 self._free[b] = None
 
     def snapshot(self) -> PoolSnapshot:
-        return PoolSnapshot(tuple(self._ref_counts), tuple(self._free))
+        return PoolSnapshot(tuple(self.ref_counts), tuple(self._free))
 
     def check(self) -> None:
         """Raise :class:`BlockPoolError` if any invariant in the module docstring fails."""
-        for b, rc in enumerate(self._ref_counts):
+        for b, rc in enumerate(self.ref_counts):
             if rc < 0:
                 raise BlockPoolError(f"block {b} has negative ref count {rc}")
             if (rc == 0) != (b in self._free):
                 raise BlockPoolError(f"block {b}: ref count {rc} but free={b in self._free}")
-        if self.num_free + sum(1 for rc in self._ref_counts if rc > 0) != self.num_blocks:
+        if self.num_free + sum(1 for rc in self.ref_counts if rc > 0) != self.num_blocks:
             raise BlockPoolError("free + used != total")
 
     def _check_id(self, block_id: int) -> None:

@@ -90,15 +90,18 @@ class KVCacheManager:
         A new block is taken only when the last one is full. All-or-nothing: on
         ``None`` (not enough free blocks) the pool and every table are unchanged.
         """
-        table = self._tables.get(seq_id) or BlockTable(self.block_size)
-        if num_tokens <= table.num_tokens:
+        table = self._tables.get(seq_id)
+        if table is None:
+            table = BlockTable(self.block_size)
+        elif num_tokens <= table.num_tokens:
             return NOTHING
-        cow = table.last_block_partial and self.pool.is_shared(table.blocks[-1])
-        needed = blocks_for(num_tokens, self.block_size) - len(table.blocks) + int(cow)
-        if needed == 0:  # the common decode step: the last block still has room
+        elif num_tokens <= len(table.blocks) * self.block_size and self.pool.ref_counts[table.blocks[-1]] == 1:
+            # The common decode step: the last block is ours alone and still has room.
             self._stored += num_tokens - table.num_tokens
             table.num_tokens = num_tokens
             return NOTHING
+        cow = table.last_block_partial and self.pool.is_shared(table.blocks[-1])
+        needed = blocks_for(num_tokens, self.block_size) - len(table.blocks) + int(cow)
         granted = self.pool.allocate(needed)
         if granted is None:
             return None

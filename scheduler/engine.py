@@ -65,16 +65,13 @@ class LLMEngine:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config = config or EngineConfig()
-        if config.max_model_len is not None and config.max_model_len > executor.max_model_len:
-            raise ValueError(
-                f"max_model_len ({config.max_model_len}) exceeds the model's context length ({executor.max_model_len})"
-            )
+        max_model_len = config.resolve_max_model_len(executor.max_model_len)
         self.executor = executor
         self.kv_manager = KVCacheManager(executor.initialize_cache(config), config.block_size)
         self.scheduler = Scheduler(
             config,
             self.kv_manager,
-            max_model_len=config.max_model_len or executor.max_model_len,
+            max_model_len=max_model_len,
             eos_token_id=executor.eos_token_id,
             clock=clock,
         )

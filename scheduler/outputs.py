@@ -23,6 +23,9 @@ class ScheduledRequest(NamedTuple):
     samples: bool
 
 
+_new_scheduled = tuple.__new__
+
+
 @dataclass
 class SchedulerOutput:
     """One step's plan: who runs and for how many tokens, and what memory moves first.
@@ -42,12 +45,14 @@ class SchedulerOutput:
     num_attended_tokens: int = 0
     """Keys attended, summed over every new token (an upper bound: causal chunks see fewer)."""
 
-    def add(self, item: ScheduledRequest) -> None:
-        self.scheduled.append(item)
-        n = item.num_new_tokens
+    def add(self, request: Request, start: int, n: int, block_ids: tuple[int, ...], samples: bool) -> None:
+        """Schedule ``n`` tokens of ``request`` from ``start``; keep the totals current."""
+        # tuple.__new__ skips the NamedTuple's Python-level constructor: the simulator
+        # builds one of these per request per step, millions per run.
+        self.scheduled.append(_new_scheduled(ScheduledRequest, (request, start, n, block_ids, samples)))
         self.num_batched_tokens += n
         self.num_single_token_seqs += n == 1
-        self.num_attended_tokens += n * (item.start + n)
+        self.num_attended_tokens += n * (start + n)
 
     @property
     def is_empty(self) -> bool:

@@ -103,6 +103,12 @@ class EngineConfig(BaseModel):
             raise ValueError(f"give at most one of num_blocks, kv_cache_memory_bytes, gpu_memory_fraction; got {given}")
         return self
 
+    def resolve_max_model_len(self, model_max_len: int) -> int:
+        """The context length to serve: the configured one, checked against the model's."""
+        if self.max_model_len is not None and self.max_model_len > model_max_len:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's context length ({model_max_len})")
+        return self.max_model_len or model_max_len
+
     @property
     def pool_memory_bytes(self) -> int | None:
         """The byte budget to size the pool from, when no block count is given."""

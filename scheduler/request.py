@@ -50,12 +50,11 @@ class Request:
     finish_time: float | None = None
     num_preemptions: int = 0
 
+    num_prompt_tokens: int = field(init=False)
+
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

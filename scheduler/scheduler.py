@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 
 from paged.kv_manager import KVCacheManager
-from scheduler.outputs import EngineStats, ScheduledRequest, SchedulerOutput
+from scheduler.outputs import EngineStats, SchedulerOutput
 from scheduler.params import EngineConfig
 from scheduler.request import FinishReason, InvalidRequestError, Request, RequestStatus
 
@@ -140,13 +140,13 @@ class Scheduler:
         """Give ``request`` its next chunk (all it has left, cut to ``budget``) if the blocks
         for it can be had; return the chunk's size, or 0 when memory says no."""
         start, total = request.num_computed_tokens, len(request.token_ids)
-        n = min(total - start, budget)
+        n = total - start if total - start < budget else budget
         allocation = self.kv.allocate_slots(request.request_id, start + n)
         if allocation is None:
             return 0
         if allocation.copies:
             plan.block_copies.extend(allocation.copies)
-        plan.add(ScheduledRequest(request, start, n, self.kv.block_ids(request.request_id), start + n == total))
+        plan.add(request, start, n, self.kv.block_ids(request.request_id), start + n == total)
         return n
 
     def update(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
@@ -207,7 +207,7 @@ class Scheduler:
             return FinishReason.STOP
         if params.stop_token_ids and token in params.stop_token_ids:
             return FinishReason.STOP
-        if len(request.token_ids) - len(request.prompt_token_ids) >= params.max_tokens:
+        if len(request.token_ids) - request.num_prompt_tokens >= params.max_tokens:
             return FinishReason.LENGTH
         return None
 

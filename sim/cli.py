@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from models.registry import MODEL_NAMES
+from sim import sim_cli
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="a short interactive chat")
     _engine_args(chat)
     _sampling_args(chat, max_tokens=256)
+
+    sim = commands.add_parser("sim", help="the workload simulator: run, sweep, calibrate")
+    sim_cli.add_arguments(sim)
     return parser
 
 
@@ -52,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     from sim import demo
 
     try:
+        if args.command == "sim":
+            sim_cli.main(args)
+            return 0
         if args.command == "demo":
             demo.run_demo(args.model, args.max_tokens, args.block_size, args.seed)
             return 0

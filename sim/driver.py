@@ -59,12 +59,13 @@ def run_workload(
     progress: Callable[[int, int], None] | None = None,
 ) -> RunResult:
     """Run ``specs`` (in arrival order) to completion; ``concurrency`` makes it closed-loop."""
+    max_model_len = config.resolve_max_model_len(executor.max_model_len)
     num_blocks = executor.initialize_cache(config)
     block_size = config.block_size
     if policy != "paged":  # reservations are counted in slots: 1-token blocks
         num_blocks, block_size = num_blocks * block_size, 1
     kv = KVCacheManager(num_blocks, block_size)
-    scheduler = build_scheduler(policy, config, kv, executor.max_model_len, clock)
+    scheduler = build_scheduler(policy, config, kv, max_model_len, clock)
     result = RunResult(policy, block_size, num_blocks * block_size)
     params: dict[int, SamplingParams] = {}
     ids = itertools.count()
@@ -99,7 +100,7 @@ def run_workload(
         if plan.is_empty:
             raise RuntimeError("the scheduler scheduled nothing while requests wait")  # no policy should
         for request in scheduler.update(plan, executor.execute(plan)):
-            if request.finished:
+            if request.finish_time is not None:
                 result.records.append(record(request))
                 if concurrency is not None and pending:
                     arrive(pending.popleft(), request.finish_time)

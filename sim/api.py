@@ -1,0 +1,117 @@
+"""The simulator's Python API: run a workload (simulated or for real), or sweep request rates.
+
+    from sim import simulate, WorkloadConfig
+    from scheduler import EngineConfig
+    result, summary = simulate(WorkloadConfig(preset="sharegpt", rate=0.5, num_requests=1000),
+                               EngineConfig(kv_cache_memory_bytes=2 * 2**30, max_model_len=2048))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from scheduler.params import EngineConfig
+from sim.cost_model import DEFAULT_PROFILE, CostModel
+from sim.driver import RunResult, run_workload
+from sim.executor import SimulatedExecutor, VirtualClock, WallClock
+from sim.metrics import SLO, Summary, summarize
+from sim.policies import Policy
+from sim.report import Progress
+from sim.workload import WorkloadConfig, generate
+
+
+def _progress(label: str, show: bool) -> Progress | None:
+    return Progress(label) if show else None
+
+
+def simulate(
+    workload: WorkloadConfig,
+    engine: EngineConfig,
+    policy: Policy = "paged",
+    profile: CostModel | str | Path | None = None,
+    slo: SLO | None = None,
+    progress: bool = False,
+) -> tuple[RunResult, Summary]:
+    """Run ``workload`` through the real scheduler and KV manager on a virtual clock."""
+    cost = profile if isinstance(profile, CostModel) else CostModel.load(profile or DEFAULT_PROFILE)
+    clock = VirtualClock()
+    result = run_workload(
+        generate(workload), engine, SimulatedExecutor(cost, clock), clock, policy,
+        concurrency=workload.concurrency if workload.closed_loop else None,
+        progress=_progress(f"simulating {policy}", progress),
+    )
+    return result, summarize(result, slo)
+
+
+def run_real(
+    workload: WorkloadConfig,
+    engine: EngineConfig,
+    model: str = "smollm2-135m",
+    dtype: str = "float32",
+    policy: Policy = "paged",
+    slo: SLO | None = None,
+    progress: bool = False,
+) -> tuple[RunResult, Summary]:
+    """The same workload on the real engine and model, on the wall clock."""
+    import torch
+
+    from models.registry import load_model
+    from models.runner import ModelRunner
+
+    loaded, _ = load_model(model, dtype=getattr(torch, dtype), device="cpu")
+    runner = ModelRunner(loaded)
+    warm = EngineConfig(block_size=engine.block_size, num_blocks=8)
+    run_workload(generate(workload.model_copy(update={"num_requests": 2, "arrival": "offline"})), warm,
+                 ModelRunner(loaded), VirtualClock())  # torch's first calls pay one-time costs
+    result = run_workload(
+        generate(workload), engine, runner, WallClock(), policy,
+        concurrency=workload.concurrency if workload.closed_loop else None,
+        progress=_progress(f"running {model}", progress),
+    )
+    return result, summarize(result, slo)
+
+
+class SweepResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rates: list[float]
+    curves: dict[str, list[Summary]]
+    latency_budget_s: float
+    sustained_rate: dict[str, float]
+    """Per policy, the highest swept rate up to which p50 latency per output token stays within budget."""
+
+
+def sweep(
+    workload: WorkloadConfig,
+    rates: Sequence[float],
+    policies: Sequence[Policy],
+    engine: EngineConfig,
+    profile: CostModel | str | Path | None = None,
+    latency_budget_s: float | None = None,
+    slo: SLO | None = None,
+    progress: bool = False,
+) -> SweepResult:
+    """Simulate every policy at every rate. Without a ``latency_budget_s``, the budget is
+    three times the best p50 latency per output token seen at the lowest rate."""
+    rates = sorted(rates)
+    curves: dict[str, list[Summary]] = {p: [] for p in policies}
+    for policy in policies:
+        for rate in rates:
+            _, summary = simulate(workload.model_copy(update={"rate": rate}), engine, policy, profile, slo)
+            curves[policy].append(summary)
+            if progress:
+                print(f"  {policy:>18} at {rate:g} req/s: p50 latency/token {summary.normalized_latency_s.p50:.3f} s",
+                      flush=True)
+    if latency_budget_s is None:
+        latency_budget_s = 3 * min(c[0].normalized_latency_s.p50 for c in curves.values())
+    sustained = {}
+    for policy, summaries in curves.items():
+        sustained[policy] = 0.0
+        for rate, summary in zip(rates, summaries):  # up to the first rate that breaks the budget
+            if summary.normalized_latency_s.p50 > latency_budget_s:
+                break
+            sustained[policy] = rate
+    return SweepResult(rates=list(rates), curves=curves, latency_budget_s=latency_budget_s, sustained_rate=sustained)
