@@ -10,7 +10,7 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-@dataclass
+@dataclass(slots=True)
 class BlockTable:
     """The blocks one sequence holds, in logical order, and how many token slots it uses.
 

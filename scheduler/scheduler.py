@@ -162,9 +162,8 @@ class Scheduler:
         now = self.clock()
         advanced = []
         finished = False
-        for item, token in zip(plan.scheduled, sampled):
-            request = item.request
-            request.num_computed_tokens += item.num_new_tokens
+        for (request, _, n, _, _), token in zip(plan.scheduled, sampled):
+            request.num_computed_tokens += n
             if token is None:
                 continue
             request.token_ids.append(token)
