@@ -5,8 +5,9 @@ when the clock reaches their arrival time; an idle engine waits for the next one
 virtual clock jumps, a wall clock sleeps). Closed-loop workloads send a client's next
 request the moment its previous one finishes.
 
-It records one :class:`RequestRecord` per finished request and, every step, how many
-token slots hold K/V and how many the policy holds back, for the memory-waste series.
+It records one :class:`RequestRecord` per finished request and, for every step, its
+duration and how many token slots held K/V and how many the policy held back while it
+ran, for the memory-waste series.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ class RunResult:
     capacity_slots: int
     records: list[RequestRecord] = field(default_factory=list)
     rejected: int = 0
-    step_times: list[float] = field(default_factory=list)  # clock after each step
-    stored_slots: list[int] = field(default_factory=list)  # slots holding K/V, per step
-    reserved_slots: list[int] = field(default_factory=list)  # slots held back, per step
+    step_times: list[float] = field(default_factory=list)  # clock when each step ended
+    step_durations: list[float] = field(default_factory=list)
+    stored_slots: list[int] = field(default_factory=list)  # slots holding K/V during each step
+    reserved_slots: list[int] = field(default_factory=list)  # slots held back during each step
     stats: EngineStats | None = None
 
 
@@ -91,6 +93,8 @@ def run_workload(
             spec = pending.popleft()
             arrive(spec, spec.arrival_time)
         if not scheduler.has_unfinished_requests():
+            if not pending:  # the last arrivals were all rejected
+                break
             if concurrency is not None:  # every client was rejected: start the next ones
                 arrive(pending.popleft(), now)
             else:
@@ -99,6 +103,8 @@ def run_workload(
         plan = scheduler.schedule()
         if plan.is_empty:
             raise RuntimeError("the scheduler scheduled nothing while requests wait")  # no policy should
+        result.stored_slots.append(kv.num_stored_tokens)  # memory while this step runs
+        result.reserved_slots.append(reserved_slots(scheduler))
         for request in scheduler.update(plan, executor.execute(plan)):
             if request.finish_time is not None:
                 result.records.append(record(request))
@@ -107,8 +113,7 @@ def run_workload(
                 if progress is not None:
                     progress(len(result.records) + result.rejected, total)
         result.step_times.append(clock())
-        result.stored_slots.append(kv.num_stored_tokens)
-        result.reserved_slots.append(reserved_slots(scheduler))
+        result.step_durations.append(result.step_times[-1] - now)
     result.stats = scheduler.stats()
     kv.check()
     return result

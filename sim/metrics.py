@@ -66,8 +66,7 @@ def summarize(result: RunResult, slo: SLO | None = None) -> Summary:
     ttft = first - arrival
     good = (ttft <= slo.ttft_s) & (tpot <= slo.tpot_s)
 
-    times = np.array(result.step_times)
-    dt = np.diff(times, prepend=times[0] if len(times) else 0.0)  # time each step's state lasted
+    dt = np.array(result.step_durations)
     stored = np.array(result.stored_slots, dtype=float)
     reserved = np.array(result.reserved_slots, dtype=float)
     busy = reserved > 0
