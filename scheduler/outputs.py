@@ -42,8 +42,10 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     num_single_token_seqs: int = 0
     """Sequences computing exactly one token: decodes, mostly."""
-    num_attended_tokens: int = 0
-    """Keys attended, summed over every new token (an upper bound: causal chunks see fewer)."""
+    num_single_token_context: int = 0
+    """Keys those sequences attend to (their context lengths, summed)."""
+    num_chunk_attended: int = 0
+    """Query-key pairs of the multi-token chunks (an upper bound: causal chunks see fewer)."""
 
     def add(self, request: Request, start: int, n: int, block_ids: tuple[int, ...], samples: bool) -> None:
         """Schedule ``n`` tokens of ``request`` from ``start``; keep the totals current."""
@@ -51,8 +53,11 @@ class SchedulerOutput:
         # builds one of these per request per step, millions per run.
         self.scheduled.append(_new_scheduled(ScheduledRequest, (request, start, n, block_ids, samples)))
         self.num_batched_tokens += n
-        self.num_single_token_seqs += n == 1
-        self.num_attended_tokens += n * (start + n)
+        if n == 1:
+            self.num_single_token_seqs += 1
+            self.num_single_token_context += start + 1
+        else:
+            self.num_chunk_attended += n * (start + n)
 
     @property
     def is_empty(self) -> bool:

@@ -1,9 +1,11 @@
 """``pagedkv sim calibrate``: time the real engine step by step and fit the cost model.
 
-The calibration workload covers the regimes a simulation meets: an offline burst (chunked
-prefills mixed with large decode batches that shrink as requests finish) and a small
-closed loop (batches of a few sequences). Every model step is timed with a wall clock and
-paired with its features; :func:`sim.cost_model.fit` turns the pairs into a profile.
+The calibration workloads cover the regimes a simulation meets: offline bursts (chunked
+prefills mixed with large decode batches that shrink as requests finish) of short and of
+long requests, a small closed loop (batches of a few sequences), and a light Poisson load
+(single short prefills joining running decodes). Every model step is
+timed with a wall clock and paired with its features; :func:`sim.cost_model.fit` turns
+the pairs into a profile.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class TimedExecutor:
     def __init__(self, inner: ModelRunner) -> None:
         self.inner = inner
         self.vocab_size, self.max_model_len, self.eos_token_id = inner.vocab_size, inner.max_model_len, None
-        self.samples: list[tuple[tuple[int, int, int, int], float]] = []
+        self.samples: list[tuple[tuple[int, ...], float]] = []
 
     def initialize_cache(self, config: EngineConfig) -> int:
         return self.inner.initialize_cache(config)
@@ -43,12 +45,22 @@ class TimedExecutor:
 
 
 def calibration_workloads(max_model_len: int, seed: int) -> list[tuple[WorkloadConfig, int | None]]:
-    """(workload, closed-loop concurrency) pairs that together cover small and large batches."""
-    lengths = dict(prompt=LengthDist(kind="uniform", low=16, high=400), output=LengthDist(kind="uniform", low=8, high=160))
-    common = dict(preset=None, max_model_len=max_model_len, seed=seed, **lengths)
+    """(workload, closed-loop concurrency) pairs that vary batch size and context length
+    independently, so that the fit can tell the cost of a sequence from that of its context:
+    big batches of short requests, big batches of long ones, a small closed loop, and short
+    prompts arriving one by one into running batches (what TTFT under light load is made of)."""
+
+    def uniform(low: int, high: int) -> LengthDist:
+        return LengthDist(kind="uniform", low=low, high=high)
+
+    common = dict(preset=None, max_model_len=max_model_len, seed=seed)
     return [
-        (WorkloadConfig(num_requests=48, arrival="offline", **common), None),
-        (WorkloadConfig(num_requests=12, arrival="closed", concurrency=3, **common), 3),
+        (WorkloadConfig(num_requests=48, arrival="offline", prompt=uniform(8, 64), output=uniform(16, 128), **common), None),
+        (WorkloadConfig(num_requests=32, arrival="offline", prompt=uniform(200, 600), output=uniform(16, 96), **common), None),
+        (WorkloadConfig(num_requests=12, arrival="closed", concurrency=3, prompt=uniform(16, 400),
+                        output=uniform(8, 160), **common), 3),
+        (WorkloadConfig(num_requests=40, arrival="poisson", rate=1.5, prompt=uniform(8, 96),
+                        output=uniform(16, 96), **common), None),
     ]
 
 
@@ -70,7 +82,9 @@ def calibrate(model_name: str, dtype: torch.dtype, block_size: int = 16, budget:
         overhead_s=coef[0],
         per_prefill_token_s=coef[1],
         per_decode_seq_s=coef[2],
-        per_attended_token_s=coef[3],
+        per_decode_context_token_s=coef[3],
+        per_prefill_attended_pair_s=coef[4],
+        per_prefill_seq_s=coef[5],
         kv_bytes_per_token=model.kv_cache_spec().bytes_per_block(1),
         max_model_len=model.max_model_len,
         fit_note=f"fitted on {len(samples)} timed steps; median relative error {error:.1%}",

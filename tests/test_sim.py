@@ -21,7 +21,8 @@ from sim.workload import TRACES
 
 PROFILE = CostModel(
     name="test", overhead_s=0.02, per_prefill_token_s=0.001, per_decode_seq_s=0.004,
-    per_attended_token_s=1e-6, kv_bytes_per_token=1024, max_model_len=4096,
+    per_decode_context_token_s=1e-6, per_prefill_attended_pair_s=1e-6, per_prefill_seq_s=0.005,
+    kv_bytes_per_token=1024, max_model_len=4096,
 )
 ENGINE = EngineConfig(block_size=16, kv_cache_memory_bytes=4 * 2**20, max_model_len=2048, max_num_batched_tokens=512)
 
@@ -103,19 +104,22 @@ def test_bad_trace_lines_are_named(tmp_path, line, message):
 
 def test_fit_recovers_known_coefficients():
     rng = np.random.default_rng(0)
-    n = 400
+    n = 1000
     prefill = np.where(rng.random(n) < 0.7, 0, rng.integers(1, 1000, n))  # most steps only decode, as in real runs
-    features = np.column_stack([np.ones(n), prefill, rng.integers(1, 64, n), rng.integers(0, 50_000, n)])
-    truth = np.array([0.03, 0.0012, 0.006, 2e-6])
-    seconds = features @ truth * rng.normal(1.0, 0.02, n)  # 2% noise
+    decode = rng.integers(1, 64, n)
+    chunks = np.where(prefill > 0, rng.integers(1, 4, n), 0)
+    features = np.column_stack([np.ones(n), prefill, decode, decode * rng.integers(10, 600, n),
+                                prefill * rng.integers(1, 600, n), chunks])
+    truth = np.array([0.03, 0.0012, 0.006, 2e-5, 2e-6, 0.05])
+    seconds = features @ truth * rng.normal(1.0, 0.01, n)  # 1% noise
     coef, error = fit(features, seconds)
     assert coef == pytest.approx(truth, rel=0.05)
-    assert error < 0.03
+    assert error < 0.02
 
 
 def test_fit_never_returns_negative_coefficients():
     rng = np.random.default_rng(1)
-    features = np.column_stack([np.ones(200), rng.integers(0, 100, 200), rng.integers(0, 10, 200), rng.integers(0, 100, 200)])
+    features = np.column_stack([np.ones(200), *(rng.integers(0, 100, (5, 200)))])
     seconds = 0.05 + 0.001 * features[:, 1] - 0.0001 * features[:, 3] + rng.normal(0, 1e-4, 200)
     coef, _ = fit(features, seconds)
     assert (coef >= 0).all()
@@ -200,7 +204,7 @@ def test_summary_numbers_match_hand_computed_ones():
                               prompt=LengthDist(kind="fixed", value=10), output=LengthDist(kind="fixed", value=5))
     engine = EngineConfig(block_size=16, num_blocks=4, max_model_len=64)
     result, summary = simulate(workload, engine, "paged", PROFILE)
-    prefill = 0.02 + 10 * 0.001 + 10 * 10 * 1e-6  # one step: 10 prompt tokens attend to up to 10 keys each
+    prefill = 0.02 + 10 * 0.001 + 10 * 10 * 1e-6 + 0.005  # one chunk of 10 prompt tokens, up to 10 keys each
     decode = [0.02 + 0.004 + (11 + i) * 1e-6 for i in range(4)]
     assert summary.ttft_s.p50 == pytest.approx(prefill)
     assert summary.e2e_s.p50 == pytest.approx(prefill + sum(decode))

@@ -1,0 +1,55 @@
+"""How close is the simulator to the real engine? The same workloads, run both ways.
+
+For each workload the real engine (SmolLM2-135M, float32, this machine's CPU, wall clock)
+and the simulator (same scheduler and KV manager, the calibrated cost model, virtual
+clock) serve the same requests; the script prints throughput and latency side by side with
+the simulator's error.
+
+  offline burst : 48 Alpaca-length requests at once (throughput at capacity)
+  poisson       : 64 Alpaca-length requests at 1 req/s (queueing and TTFT under load)
+
+    python benchmarks/sim_fidelity.py [--profile sim/profiles/...json]     # about 3 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from scheduler import EngineConfig
+from sim import WorkloadConfig, run_real, simulate
+from sim.cost_model import DEFAULT_PROFILE, CostModel
+
+WORKLOADS = {
+    "offline burst": WorkloadConfig(num_requests=48, arrival="offline", preset="alpaca", seed=21),
+    "poisson 1 req/s": WorkloadConfig(num_requests=64, arrival="poisson", rate=1.0, preset="alpaca", seed=22),
+}
+METRICS = [
+    ("throughput (req/s)", lambda s: s.requests_per_s),
+    ("output tokens/s", lambda s: s.output_tokens_per_s),
+    ("TTFT p50 (s)", lambda s: s.ttft_s.p50),
+    ("TTFT p90 (s)", lambda s: s.ttft_s.p90),
+    ("TPOT p50 (s)", lambda s: s.tpot_s.p50),
+    ("latency p50 (s)", lambda s: s.e2e_s.p50),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default=str(DEFAULT_PROFILE))
+    args = parser.parse_args()
+    profile = CostModel.load(args.profile)
+    engine = EngineConfig(block_size=16, kv_cache_memory_bytes=256 * 2**20, max_num_batched_tokens=1024, max_model_len=2048)
+    print(f"profile: {profile.name} ({profile.fit_note})\n")
+    for name, workload in WORKLOADS.items():
+        _, real = run_real(workload, engine, "smollm2-135m", progress=True)
+        _, simulated = simulate(workload, engine, "paged", profile)
+        print(f"{name}: {workload.num_requests} requests")
+        print(f"  {'metric':<22} {'real':>9} {'simulated':>10} {'error':>7}")
+        for label, get in METRICS:
+            r, s = get(real), get(simulated)
+            print(f"  {label:<22} {r:9.3f} {s:10.3f} {(s - r) / r:+7.1%}")
+        print()
+
+
+if __name__ == "__main__":
+    main()
