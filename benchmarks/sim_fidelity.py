@@ -8,15 +8,22 @@ the simulator's error.
   offline burst : 48 Alpaca-length requests at once (throughput at capacity)
   poisson       : 64 Alpaca-length requests at 1 req/s (queueing and TTFT under load)
 
-    python benchmarks/sim_fidelity.py [--profile sim/profiles/...json]     # about 3 minutes
+    python benchmarks/sim_fidelity.py [--profile sim/profiles/...json]     # about 2 minutes
+    python benchmarks/sim_fidelity.py --calibrate                         # about 5 minutes
+
+On a shared machine whose speed drifts (this VM's varies by up to 30% over hours), compare
+against a profile calibrated in the same sitting: ``--calibrate`` fits one first.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import torch
+
 from scheduler import EngineConfig
 from sim import WorkloadConfig, run_real, simulate
+from sim.calibrate import calibrate
 from sim.cost_model import DEFAULT_PROFILE, CostModel
 
 WORKLOADS = {
@@ -36,8 +43,9 @@ METRICS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=str(DEFAULT_PROFILE))
+    parser.add_argument("--calibrate", action="store_true", help="fit a fresh profile first (and use it)")
     args = parser.parse_args()
-    profile = CostModel.load(args.profile)
+    profile = calibrate("smollm2-135m", torch.float32) if args.calibrate else CostModel.load(args.profile)
     engine = EngineConfig(block_size=16, kv_cache_memory_bytes=256 * 2**20, max_num_batched_tokens=1024, max_model_len=2048)
     print(f"profile: {profile.name} ({profile.fit_note})\n")
     for name, workload in WORKLOADS.items():

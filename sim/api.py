@@ -60,14 +60,12 @@ def run_real(
 
     from models.registry import load_model
     from models.runner import ModelRunner
+    from sim.calibrate import warm_up
 
     loaded, _ = load_model(model, dtype=getattr(torch, dtype), device="cpu")
-    runner = ModelRunner(loaded)
-    warm = EngineConfig(block_size=engine.block_size, num_blocks=8)
-    run_workload(generate(workload.model_copy(update={"num_requests": 2, "arrival": "offline"})), warm,
-                 ModelRunner(loaded), VirtualClock())  # torch's first calls pay one-time costs
+    warm_up(loaded, engine.block_size, engine.max_num_batched_tokens)
     result = run_workload(
-        generate(workload), engine, runner, WallClock(), policy,
+        generate(workload), engine, ModelRunner(loaded), WallClock(), policy,
         concurrency=workload.concurrency if workload.closed_loop else None,
         progress=_progress(f"running {model}", progress),
     )

@@ -20,7 +20,7 @@ from models.registry import load_model
 from models.runner import ModelRunner
 from scheduler.outputs import SchedulerOutput
 from scheduler.params import EngineConfig
-from sim.cost_model import CostModel, fit, step_features
+from sim.cost_model import CostModel, fit, power_of_two_knots, step_features
 from sim.driver import run_workload
 from sim.executor import WallClock
 from sim.workload import LengthDist, WorkloadConfig, generate
@@ -64,8 +64,20 @@ def calibration_workloads(max_model_len: int, seed: int) -> list[tuple[WorkloadC
     ]
 
 
-def calibrate(model_name: str, dtype: torch.dtype, block_size: int = 16, budget: int = 1024, seed: int = 0) -> CostModel:
-    model, _ = load_model(model_name, dtype=dtype, device="cpu")
+def warm_up(model, block_size: int, budget: int) -> None:
+    """Pay torch's one-time costs (first calls, first touch of the largest activations)
+    before anything is timed: one request whose prompt fills a whole step's budget, then
+    a few decodes."""
+    prompt = min(budget, model.max_model_len - 4)
+    spec = generate(WorkloadConfig(num_requests=1, arrival="offline", preset=None, max_model_len=model.max_model_len,
+                                   prompt=LengthDist(kind="fixed", value=prompt), output=LengthDist(kind="fixed", value=4)))
+    config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, num_blocks=-(-(prompt + 4) // block_size))
+    run_workload(spec, config, ModelRunner(model), WallClock())
+
+
+def collect_samples(model, block_size: int = 16, budget: int = 1024, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Run the calibration workloads on ``model`` for real; return step features [n, k] and seconds [n]."""
+    warm_up(model, block_size, budget)
     samples = []
     for workload, concurrency in calibration_workloads(model.max_model_len, seed):
         executor = TimedExecutor(ModelRunner(model))
@@ -73,19 +85,22 @@ def calibrate(model_name: str, dtype: torch.dtype, block_size: int = 16, budget:
         specs = generate(workload)
         print(f"calibrating on {len(specs)} requests ({workload.arrival}) ...", file=sys.stderr, flush=True)
         run_workload(specs, config, executor, WallClock(), concurrency=concurrency)
-        samples += executor.samples[2:]  # the first steps pay one-time warm-up costs
-    features = np.array([f for f, _ in samples], dtype=float)
-    seconds = np.array([s for _, s in samples])
-    coef, error = fit(features, seconds)
+        samples += executor.samples
+    return np.array([f for f, _ in samples], dtype=float), np.array([s for _, s in samples])
+
+
+def calibrate(model_name: str, dtype: torch.dtype, block_size: int = 16, budget: int = 1024, seed: int = 0) -> CostModel:
+    model, _ = load_model(model_name, dtype=dtype, device="cpu")
+    features, seconds = collect_samples(model, block_size, budget, seed)
+    knots = power_of_two_knots(budget)
+    token_costs, per_context, per_pair, error = fit(features, seconds, knots)
     return CostModel(
         name=f"{model_name} on {torch.get_num_threads()} CPU threads, {str(dtype).removeprefix('torch.')}",
-        overhead_s=coef[0],
-        per_prefill_token_s=coef[1],
-        per_decode_seq_s=coef[2],
-        per_decode_context_token_s=coef[3],
-        per_prefill_attended_pair_s=coef[4],
-        per_prefill_seq_s=coef[5],
+        token_knots=knots,
+        token_costs_s=token_costs,
+        per_decode_context_token_s=per_context,
+        per_prefill_attended_pair_s=per_pair,
         kv_bytes_per_token=model.kv_cache_spec().bytes_per_block(1),
         max_model_len=model.max_model_len,
-        fit_note=f"fitted on {len(samples)} timed steps; median relative error {error:.1%}",
+        fit_note=f"fitted on {len(seconds)} timed steps; median relative error {error:.1%}",
     )

@@ -1,44 +1,67 @@
-"""How long one engine step takes, as a linear function of what the step computes.
+"""How long one engine step takes, as a function of what the step computes.
 
-    seconds = overhead + a * prefill_tokens + b * decode_seqs
-                       + c * decode_context_tokens + d * prefill_attended_pairs + e * prefill_seqs
+    seconds = tokens_curve(batched_tokens) + c * decode_context_tokens + d * prefill_attended_pairs
 
-- ``overhead``: per-step cost independent of the batch (on a CPU, mostly reading every
-  weight from memory once, plus Python);
-- ``prefill_tokens``: tokens in multi-token chunks (matmuls on every token);
-- ``decode_seqs``: sequences computing one token (matmuls, vocabulary projection, sampling);
-- ``decode_context_tokens``: the keys those decodes attend to (gathering K/V is
-  memory-bound: measured at about ten times the cost per key of prefill attention);
-- ``prefill_attended_pairs``: query-key pairs of the prefill chunks (compute-bound attention);
-- ``prefill_seqs``: prefill chunks in the step. Each is attended on its own, but mostly this
-  term prices the jump a prefill causes: a decode-only step multiplies a handful of rows
-  through memory-bound matmuls; add a prompt's tokens and the same weights are read for a
-  much larger product. Without it, short prompts joining a running batch (TTFT under light
-  load) came out 26% too cheap.
+- ``tokens_curve``: the time to push a batch of that many tokens (prefill chunk tokens plus
+  one per decoding sequence) through every weight matrix, the vocabulary projection and
+  the Python around it. It is piecewise linear between knots at powers of two, not one
+  straight line: on a CPU a step of 1-2 rows reads every weight once from memory (34 ms
+  for SmolLM2-135M here), 8 rows already cost 90 ms because the BLAS switches kernels, and
+  only from a few hundred rows on does the cost grow in proportion to the rows (about
+  2.4 ms per token). A straight line fitted through all of that made short prompts
+  joining a running batch (TTFT under light load) a quarter too cheap and a burst of 48
+  short prompts twice too slow, whatever per-sequence or per-step terms were added.
+- ``decode_context_tokens``: the keys the decoding sequences attend to (gathering K/V from
+  pages is memory-bound, and so priced per key);
+- ``prefill_attended_pairs``: query-key pairs of the prefill chunks (compute-bound).
 
-The coefficients are fitted (:func:`fit`) to steps of the real engine timed by
-``pagedkv sim calibrate`` and saved as a small JSON profile, with the model's K/V size so
-that the simulator sizes the pool exactly as the engine would. Torch-free.
+The knots' values and the two attention prices are fitted (:func:`fit`) to steps of the
+real engine timed by ``pagedkv sim calibrate`` and saved as a small JSON profile, with the
+model's K/V size so that the simulator sizes the pool exactly as the engine would.
+Torch-free, and a step costs one bisection: the simulator prices millions of steps.
 """
 
 from __future__ import annotations
 
-import itertools
+import bisect
 import json
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from scheduler.outputs import SchedulerOutput
 
 PROFILES = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = PROFILES / "smollm2-135m-cpu-float32.json"
-def step_features(plan: SchedulerOutput) -> tuple[int, int, int, int, int, int]:
-    """The regressors of one step, read from the totals the scheduler keeps (O(1))."""
-    decode = plan.num_single_token_seqs
-    return (1, plan.num_batched_tokens - decode, decode, plan.num_single_token_context, plan.num_chunk_attended,
-            len(plan.scheduled) - decode)
+
+
+def step_features(plan: SchedulerOutput) -> tuple[int, int, int]:
+    """(batched tokens, decode context tokens, prefill attended pairs), from the totals the
+    scheduler keeps (O(1))."""
+    return plan.num_batched_tokens, plan.num_single_token_context, plan.num_chunk_attended
+
+
+def power_of_two_knots(max_tokens: int) -> list[int]:
+    """1, 2, 4, ... up to the first power of two >= ``max_tokens``."""
+    knots = [1]
+    while knots[-1] < max_tokens:
+        knots.append(knots[-1] * 2)
+    return knots if len(knots) > 1 else [1, 2]
+
+
+def hat_basis(tokens: np.ndarray, knots: list[int]) -> np.ndarray:
+    """[n, len(knots)] weights such that ``basis @ values`` interpolates ``values`` (given at
+    ``knots``) linearly at ``tokens``, extrapolating the last segment beyond the last knot."""
+    x = np.asarray(tokens, dtype=float)
+    k = np.asarray(knots, dtype=float)
+    segment = np.clip(np.searchsorted(k, x, side="right") - 1, 0, len(k) - 2)
+    t = (x - k[segment]) / (k[segment + 1] - k[segment])
+    basis = np.zeros((len(x), len(k)))
+    rows = np.arange(len(x))
+    basis[rows, segment] = 1 - t
+    basis[rows, segment + 1] = t
+    return basis
 
 
 class CostModel(BaseModel):
@@ -47,23 +70,35 @@ class CostModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    overhead_s: float = Field(ge=0)
-    per_prefill_token_s: float = Field(ge=0)
-    per_decode_seq_s: float = Field(ge=0)
+    token_knots: list[int] = Field(min_length=2, description="batch sizes in tokens, increasing")
+    token_costs_s: list[float] = Field(min_length=2, description="step seconds at each knot, attention aside")
     per_decode_context_token_s: float = Field(ge=0)
     per_prefill_attended_pair_s: float = Field(ge=0)
-    per_prefill_seq_s: float = Field(ge=0)
     kv_bytes_per_token: int = Field(ge=1)
     max_model_len: int = Field(ge=1)
     fit_note: str = ""
 
-    @property
-    def coefficients(self) -> tuple[float, ...]:
-        return (self.overhead_s, self.per_prefill_token_s, self.per_decode_seq_s,
-                self.per_decode_context_token_s, self.per_prefill_attended_pair_s, self.per_prefill_seq_s)
+    @model_validator(mode="after")
+    def _check_curve(self) -> CostModel:
+        if len(self.token_knots) != len(self.token_costs_s):
+            raise ValueError("token_knots and token_costs_s must have the same length")
+        if self.token_knots[0] < 1 or any(b <= a for a, b in zip(self.token_knots, self.token_knots[1:])):
+            raise ValueError("token_knots must be positive and strictly increasing")
+        if min(self.token_costs_s) < 0:
+            raise ValueError("token_costs_s must be >= 0")
+        return self
+
+    def tokens_time(self, tokens: int) -> float:
+        """The curve at ``tokens``: linear between knots, the last segment extended beyond."""
+        knots, costs = self.token_knots, self.token_costs_s
+        i = min(max(bisect.bisect_right(knots, tokens) - 1, 0), len(knots) - 2)
+        t = (tokens - knots[i]) / (knots[i + 1] - knots[i])
+        return max(costs[i] + t * (costs[i + 1] - costs[i]), 0.0)
 
     def step_time(self, plan: SchedulerOutput) -> float:
-        return sum(c * f for c, f in zip(self.coefficients, step_features(plan)))
+        tokens, context, pairs = step_features(plan)
+        return (self.tokens_time(tokens) + self.per_decode_context_token_s * context
+                + self.per_prefill_attended_pair_s * pairs)
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PROFILE) -> CostModel:
@@ -74,23 +109,42 @@ class CostModel(BaseModel):
         Path(path).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
 
 
-def fit(features: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, float]:
-    """Least-squares coefficients for ``features`` ([n, k]) that are all non-negative.
+def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 1000) -> np.ndarray:
+    """argmin ||a x - b|| subject to x >= 0 (Lawson and Hanson's active-set method)."""
+    n = a.shape[1]
+    active, x = np.zeros(n, dtype=bool), np.zeros(n)
+    tolerance = 1e-10 * np.abs(a).max() * np.abs(b).max()
+    for _ in range(max_iter):
+        gradient = a.T @ (b - a @ x)
+        if active.all() or (gradient[~active] <= tolerance).all():
+            break
+        active[np.argmax(np.where(active, -np.inf, gradient))] = True
+        while True:
+            z = np.zeros(n)
+            z[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+            if (z[active] > 0).all():
+                x = z
+                break
+            shrinking = active & (z <= 0)
+            alpha = np.min(x[shrinking] / (x[shrinking] - z[shrinking]))
+            x = x + alpha * (z - x)
+            active &= x > 1e-15
+            x[~active] = 0
+    return x
 
-    With a handful of regressors, exact non-negative least squares is cheap by enumeration:
-    solve on every subset of columns, keep the best solution whose coefficients are all >= 0.
-    Returns the coefficients and the median relative error of the fitted step times.
+
+def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int]) -> tuple[list[float], float, float, float]:
+    """Non-negative fit of the curve's values at ``knots`` and the two attention prices.
+
+    ``features`` is [n, 3] rows of :func:`step_features`. Residuals are weighted by
+    1/sqrt(seconds), between an absolute fit (which serves the long steps that decide
+    throughput) and a relative one (which serves the short steps that decide latency).
+    Returns (token costs, per decode context token, per prefill attended pair, median
+    relative error of the fitted step times).
     """
     features, seconds = np.asarray(features, dtype=float), np.asarray(seconds, dtype=float)
-    best, best_residual = np.zeros(features.shape[1]), np.inf
-    for size in range(1, features.shape[1] + 1):
-        for cols in itertools.combinations(range(features.shape[1]), size):
-            coef, *_ = np.linalg.lstsq(features[:, cols], seconds, rcond=None)
-            if (coef < 0).any():
-                continue
-            residual = float(np.sum((features[:, cols] @ coef - seconds) ** 2))
-            if residual < best_residual:
-                best_residual, best = residual, np.zeros(features.shape[1])
-                best[list(cols)] = coef
-    predicted = features @ best
-    return best, float(np.median(np.abs(predicted - seconds) / seconds))
+    design = np.column_stack([hat_basis(features[:, 0], knots), features[:, 1], features[:, 2]])
+    weight = 1 / np.sqrt(seconds)
+    coef = nnls(design * weight[:, None], seconds * weight)
+    error = float(np.median(np.abs(design @ coef - seconds) / seconds))
+    return [float(c) for c in coef[: len(knots)]], float(coef[-2]), float(coef[-1]), error

@@ -12,7 +12,7 @@ import pytest
 from models import GPT, ModelRunner
 from scheduler import EngineConfig
 from sim import CostModel, LengthDist, WorkloadConfig, generate, load_trace, save_trace, simulate, sweep
-from sim.cost_model import fit
+from sim.cost_model import fit, hat_basis, power_of_two_knots
 from sim.driver import run_workload
 from sim.executor import SimulatedExecutor, VirtualClock
 from sim.metrics import summarize
@@ -20,8 +20,8 @@ from sim.policies import POLICIES
 from sim.workload import TRACES
 
 PROFILE = CostModel(
-    name="test", overhead_s=0.02, per_prefill_token_s=0.001, per_decode_seq_s=0.004,
-    per_decode_context_token_s=1e-6, per_prefill_attended_pair_s=1e-6, per_prefill_seq_s=0.005,
+    name="test", token_knots=[1, 2, 1026], token_costs_s=[0.024, 0.03, 1.054],  # 20 ms + 4 ms, then about 1 ms/token
+    per_decode_context_token_s=1e-6, per_prefill_attended_pair_s=1e-6,
     kv_bytes_per_token=1024, max_model_len=4096,
 )
 ENGINE = EngineConfig(block_size=16, kv_cache_memory_bytes=4 * 2**20, max_model_len=2048, max_num_batched_tokens=512)
@@ -102,33 +102,47 @@ def test_bad_trace_lines_are_named(tmp_path, line, message):
 # ---- cost model ----------------------------------------------------------------------
 
 
-def test_fit_recovers_known_coefficients():
+def test_fit_recovers_a_known_curve_and_attention_prices():
     rng = np.random.default_rng(0)
-    n = 1000
-    prefill = np.where(rng.random(n) < 0.7, 0, rng.integers(1, 1000, n))  # most steps only decode, as in real runs
-    decode = rng.integers(1, 64, n)
-    chunks = np.where(prefill > 0, rng.integers(1, 4, n), 0)
-    features = np.column_stack([np.ones(n), prefill, decode, decode * rng.integers(10, 600, n),
-                                prefill * rng.integers(1, 600, n), chunks])
-    truth = np.array([0.03, 0.0012, 0.006, 2e-5, 2e-6, 0.05])
-    seconds = features @ truth * rng.normal(1.0, 0.01, n)  # 1% noise
-    coef, error = fit(features, seconds)
-    assert coef == pytest.approx(truth, rel=0.05)
+    n, knots = 1500, power_of_two_knots(1024)
+    curve = [0.03 + 0.01 * np.sqrt(k) + 0.001 * k for k in knots]  # concave then linear, like a CPU
+    tokens = np.where(rng.random(n) < 0.7, rng.integers(1, 64, n), rng.integers(1, 1024, n))
+    context = tokens * rng.integers(10, 600, n)
+    pairs = np.where(rng.random(n) < 0.5, tokens * rng.integers(1, 600, n), 0)
+    seconds = (hat_basis(tokens, knots) @ curve + 2e-5 * context + 2e-6 * pairs) * rng.normal(1.0, 0.01, n)  # 1% noise
+    costs, per_context, per_pair, error = fit(np.column_stack([tokens, context, pairs]), seconds, knots)
+    assert costs == pytest.approx(curve, rel=0.05)
+    assert (per_context, per_pair) == pytest.approx((2e-5, 2e-6), rel=0.05)
     assert error < 0.02
 
 
-def test_fit_never_returns_negative_coefficients():
+def test_fit_never_returns_negative_prices():
     rng = np.random.default_rng(1)
-    features = np.column_stack([np.ones(200), *(rng.integers(0, 100, (5, 200)))])
-    seconds = 0.05 + 0.001 * features[:, 1] - 0.0001 * features[:, 3] + rng.normal(0, 1e-4, 200)
-    coef, _ = fit(features, seconds)
-    assert (coef >= 0).all()
+    features = rng.integers(1, 100, (200, 3))
+    seconds = 0.05 + 0.001 * features[:, 0] - 0.0001 * features[:, 1] + rng.normal(0, 1e-4, 200)
+    costs, per_context, per_pair, _ = fit(features, seconds, power_of_two_knots(100))
+    assert min(costs) >= 0 and per_context >= 0 and per_pair >= 0
+
+
+def test_cost_curve_interpolates_between_knots_and_extends_the_last_segment():
+    assert PROFILE.tokens_time(1) == pytest.approx(0.024)
+    assert PROFILE.tokens_time(513) == pytest.approx(0.03 + 511 * 0.001)
+    assert PROFILE.tokens_time(2048) == pytest.approx(0.03 + 2046 * 0.001)
+
+
+@pytest.mark.parametrize("bad", [dict(token_knots=[1]), dict(token_knots=[4, 2]), dict(token_costs_s=[0.1, -1.0]),
+                                 dict(token_costs_s=[0.1, 0.2, 0.3])])
+def test_malformed_profiles_are_refused(bad):
+    fields = dict(name="x", token_knots=[1, 2], token_costs_s=[0.1, 0.2], per_decode_context_token_s=0,
+                  per_prefill_attended_pair_s=0, kv_bytes_per_token=1, max_model_len=8)
+    with pytest.raises(ValueError, match="token_"):
+        CostModel(**{**fields, **bad})
 
 
 def test_shipped_profile_loads_and_predicts_positive_times():
     profile = CostModel.load()
     assert profile.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4  # SmolLM2-135M, float32
-    assert all(c >= 0 for c in profile.coefficients) and profile.overhead_s > 0
+    assert min(profile.token_costs_s) > 0 and profile.tokens_time(1) < profile.tokens_time(1024)
 
 
 # ---- runs ----------------------------------------------------------------------------
@@ -204,8 +218,8 @@ def test_summary_numbers_match_hand_computed_ones():
                               prompt=LengthDist(kind="fixed", value=10), output=LengthDist(kind="fixed", value=5))
     engine = EngineConfig(block_size=16, num_blocks=4, max_model_len=64)
     result, summary = simulate(workload, engine, "paged", PROFILE)
-    prefill = 0.02 + 10 * 0.001 + 10 * 10 * 1e-6 + 0.005  # one chunk of 10 prompt tokens, up to 10 keys each
-    decode = [0.02 + 0.004 + (11 + i) * 1e-6 for i in range(4)]
+    prefill = 0.03 + 8 * 0.001 + 10 * 10 * 1e-6  # a step with one chunk of 10 prompt tokens, up to 10 keys each
+    decode = [0.024 + (11 + i) * 1e-6 for i in range(4)]
     assert summary.ttft_s.p50 == pytest.approx(prefill)
     assert summary.e2e_s.p50 == pytest.approx(prefill + sum(decode))
     assert summary.tpot_s.p50 == pytest.approx(sum(decode) / 4)
@@ -264,7 +278,7 @@ def test_cli_calibrate_writes_a_usable_profile(tmp_path, tiny_model):
     assert cli.main(["sim", "calibrate", "--model", "tiny", "--out", str(tmp_path / "p.json")]) == 0
     profile = CostModel.load(tmp_path / "p.json")
     assert profile.kv_bytes_per_token == tiny_model.kv_cache_spec().bytes_per_block(1)
-    assert "timed steps" in profile.fit_note and profile.overhead_s + profile.per_decode_seq_s > 0
+    assert "timed steps" in profile.fit_note and profile.tokens_time(1) > 0
 
 
 @pytest.mark.parametrize("argv, message", [
