@@ -75,6 +75,8 @@ class ModelRunner:
         self.max_model_len: int = model.max_model_len
         self.eos_token_id: int | None = model.eos_token_id
         self.device: torch.device = model.device
+        # What changes the K/V a token gets, folded into the prefix cache's keys.
+        self.cache_salt = f"{type(model).__name__}/{next(model.parameters()).dtype}".encode()
         self.kv_cache: KVCache | None = None
         self.sampler: Sampler | None = None
 

@@ -12,13 +12,24 @@ Invariants (checked by :meth:`BlockPool.check` and by the property tests):
 
 The free queue is an ``OrderedDict`` used as an O(1) doubly linked list: allocation pops
 from the front, freeing appends to the back, so the least recently freed block is reused
-first. That order is what later lets cached-but-free blocks be evicted LRU-first.
+first.
+
+Prefix caching lives here too, because eviction is the free queue's order: a full block
+whose K/V has been computed can be *registered* under a content hash (see
+``paged.prefix``). A registered block that is freed keeps its contents and its index entry
+while it waits in the free queue; a later request with the same prefix can :meth:`take` it
+back. Only when :meth:`allocate` pops it for someone else (least recently freed first) is
+it evicted and its index entry dropped. More invariants:
+
+- every index entry maps a hash to a block whose recorded key is that hash, and back;
+- a block's recorded tokens are compared on every lookup, so a hash collision can never
+  serve another prefix's K/V.
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 
@@ -31,6 +42,7 @@ class PoolSnapshot(NamedTuple):
 
     ref_counts: tuple[int, ...]
     free_order: tuple[int, ...]
+    cached: tuple[tuple[int, tuple[bytes, tuple[int, ...]]], ...] = ()
 
 
 class BlockPool:
@@ -46,6 +58,9 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks  # read-only outside this class; a list for O(1) hot-path reads
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[bytes, int] = {}  # content hash -> block holding that content
+        self._keys: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # block -> (hash, its tokens)
+        self.num_evictions = 0
 
     @property
     def num_free(self) -> int:
@@ -72,7 +87,57 @@ class BlockPool:
         blocks = [self._free.popitem(last=False)[0] for _ in range(n)]
         for b in blocks:
             self.ref_counts[b] = 1
+            if self._keys:
+                self._evict(b)
         return blocks
+
+    # ---- prefix cache ------------------------------------------------------------------
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered in the prefix cache, held or not."""
+        return len(self._cached)
+
+    @property
+    def num_evictable(self) -> int:
+        """Cached blocks that nobody holds: reusable by a matching prefix until evicted."""
+        return sum(1 for b in self._cached.values() if self.ref_counts[b] == 0)
+
+    def lookup(self, block_hash: bytes, tokens: Sequence[int]) -> int | None:
+        """The block caching exactly ``tokens`` under ``block_hash``, or ``None``."""
+        b = self._cached.get(block_hash)
+        if b is None or self._keys[b][1] != tuple(tokens):
+            return None  # absent, or a collision: never serve another prefix's K/V
+        return b
+
+    def register(self, block_id: int, block_hash: bytes, tokens: Sequence[int]) -> bool:
+        """Record that held block ``block_id`` now holds ``tokens`` (whose chained hash is
+        ``block_hash``). A no-op returning False if another block already caches that hash
+        (two requests computed the same block in one step: the first one stays the copy
+        of record, and the second block remains private) or this block is registered."""
+        if self.ref_counts[block_id] == 0:
+            raise BlockPoolError(f"block {block_id} is free; only a held block can be registered")
+        if block_hash in self._cached or block_id in self._keys:
+            return False
+        self._cached[block_hash] = block_id
+        self._keys[block_id] = (block_hash, tuple(tokens))
+        return True
+
+    def take(self, block_ids: Sequence[int]) -> None:
+        """Add a holder to cached blocks, reviving those that wait in the free queue."""
+        for b in block_ids:
+            if b not in self._keys:
+                raise BlockPoolError(f"block {b} is not in the prefix cache")
+        for b in block_ids:
+            if self.ref_counts[b] == 0:
+                del self._free[b]
+            self.ref_counts[b] += 1
+
+    def _evict(self, block_id: int) -> None:
+        key = self._keys.pop(block_id, None)
+        if key is not None:
+            del self._cached[key[0]]
+            self.num_evictions += 1
 
     def incref(self, block_ids: Iterable[int]) -> None:
         """Add a holder to blocks that are already referenced (sharing, forks)."""
@@ -104,7 +169,7 @@ class BlockPool:
                 self._free[b] = None
 
     def snapshot(self) -> PoolSnapshot:
-        return PoolSnapshot(tuple(self.ref_counts), tuple(self._free))
+        return PoolSnapshot(tuple(self.ref_counts), tuple(self._free), tuple(sorted(self._keys.items())))
 
     def check(self) -> None:
         """Raise :class:`BlockPoolError` if any invariant in the module docstring fails."""
@@ -115,6 +180,8 @@ class BlockPool:
                 raise BlockPoolError(f"block {b}: ref count {rc} but free={b in self._free}")
         if self.num_free + sum(1 for rc in self.ref_counts if rc > 0) != self.num_blocks:
             raise BlockPoolError("free + used != total")
+        if len(self._cached) != len(self._keys) or any(self._keys.get(b, (None,))[0] != h for h, b in self._cached.items()):
+            raise BlockPoolError("the prefix-cache index and the blocks' keys disagree")
 
     def _check_id(self, block_id: int) -> None:
         if type(block_id) is not int or not 0 <= block_id < self.num_blocks:  # no bools, no floats

@@ -18,12 +18,14 @@ class BlockTable:
     ``blocks[i // block_size] * block_size + i % block_size`` of the flattened K/V cache.
     ``num_tokens`` counts the slots handed out so far; only the last block can be
     partially filled. ``blocks`` is a tuple, replaced (not mutated) when it grows: a plan
-    can hold it as a value without copying it every step.
+    can hold it as a value without copying it every step. ``hashes`` are the prefix-cache
+    keys of the leading full blocks whose K/V is known (computed or taken from the cache).
     """
 
     block_size: int
     blocks: tuple[int, ...] = ()
     num_tokens: int = 0
+    hashes: tuple[bytes, ...] = ()
 
     def slot(self, i: int) -> int:
         if not 0 <= i < self.num_tokens:

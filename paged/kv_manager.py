@@ -9,17 +9,24 @@ Invariants (checked by :meth:`KVCacheManager.check` and the property tests):
 - the ref count of every block equals the number of block tables holding it;
 - a block that a sequence is about to write into is held by that sequence alone
   (shared partial blocks are copied on write first);
-- once every sequence is freed, the pool is whole again.
+- once every sequence is freed, the pool is whole again (cached blocks wait in the free
+  queue, evictable).
+
+With prefix caching on, a new sequence starts from :meth:`find_prefix` (its longest run of
+cached full blocks) and :meth:`allocate_slots` takes references on those blocks instead of
+computing them; after each step :meth:`cache_full_blocks` registers the blocks that just
+became full. Partially filled blocks never enter the cache.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
 from paged.block_pool import BlockPool, BlockPoolError
 from paged.block_table import BlockTable, blocks_for
+from paged.prefix import NO_HIT, PrefixHit, block_hash, root_hash
 
 
 class Allocation(NamedTuple):
@@ -39,11 +46,13 @@ NOTHING = Allocation([], [])  # what a grow that needs no new block returns (nev
 class KVCacheManager:
     """Block tables keyed by sequence id, backed by a :class:`BlockPool`."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, cache_salt: bytes = b"") -> None:
         if type(block_size) is not int or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.prefix_caching = enable_prefix_caching
+        self._root = root_hash(cache_salt)
         self._tables: dict[Hashable, BlockTable] = {}
         self._stored = 0  # token slots handed out, summed over every table
 
@@ -84,14 +93,38 @@ class KVCacheManager:
     def num_tables(self) -> int:
         return len(self._tables)
 
-    def allocate_slots(self, seq_id: Hashable, num_tokens: int) -> Allocation | None:
+    def find_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
+        """The longest run of cached blocks holding ``token_ids``' leading full blocks.
+
+        Read-only. At least one token is always left over, even when the whole sequence is
+        cached: the step must compute the last token to get the logits to sample from.
+        """
+        if not self.prefix_caching:
+            return NO_HIT
+        bs, parent = self.block_size, self._root
+        blocks, hashes = [], []
+        for i in range((len(token_ids) - 1) // bs):
+            chunk = token_ids[i * bs:(i + 1) * bs]
+            parent = block_hash(parent, chunk)
+            b = self.pool.lookup(parent, chunk)
+            if b is None:
+                break
+            blocks.append(b)
+            hashes.append(parent)
+        return PrefixHit(tuple(blocks), tuple(hashes))
+
+    def allocate_slots(self, seq_id: Hashable, num_tokens: int, prefix: PrefixHit = NO_HIT) -> Allocation | None:
         """Grow ``seq_id``'s table so that its first ``num_tokens`` tokens have slots.
 
-        A new block is taken only when the last one is full. All-or-nothing: on
-        ``None`` (not enough free blocks) the pool and every table are unchanged.
+        A new block is taken only when the last one is full. A new sequence may start
+        from ``prefix`` (from :meth:`find_prefix`): it shares those cached blocks and gets
+        fresh ones only for the rest. All-or-nothing: on ``None`` (not enough free blocks)
+        the pool, the cache and every table are unchanged.
         """
         table = self._tables.get(seq_id)
         if table is None:
+            if prefix.blocks:
+                return self._start_from_prefix(seq_id, num_tokens, prefix)
             table = BlockTable(self.block_size)
         elif num_tokens <= table.num_tokens:
             return NOTHING
@@ -118,13 +151,51 @@ class KVCacheManager:
         self._tables[seq_id] = table
         return Allocation(granted, copies)
 
+    def _start_from_prefix(self, seq_id: Hashable, num_tokens: int, prefix: PrefixHit) -> Allocation | None:
+        reviving = sum(1 for b in prefix.blocks if self.pool.ref_counts[b] == 0)  # they leave the free queue
+        needed = blocks_for(num_tokens, self.block_size) - len(prefix.blocks)
+        if needed + reviving > self.pool.num_free:
+            return None
+        self.pool.take(prefix.blocks)  # first, so that allocate cannot evict them
+        granted = self.pool.allocate(needed)
+        self._tables[seq_id] = BlockTable(self.block_size, (*prefix.blocks, *granted), num_tokens, prefix.hashes)
+        self._stored += num_tokens
+        return Allocation(granted, [])
+
+    def cache_full_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
+        """Register ``seq_id``'s blocks that are full of computed K/V (its first
+        ``num_computed`` tokens are ``token_ids[:num_computed]``) in the prefix cache."""
+        if not self.prefix_caching:
+            return
+        table = self._tables[seq_id]
+        full, known = num_computed // self.block_size, len(table.hashes)
+        if full <= known:
+            return
+        bs = self.block_size
+        parent = table.hashes[-1] if known else self._root
+        hashes = list(table.hashes)
+        for i in range(known, full):
+            chunk = token_ids[i * bs:(i + 1) * bs]
+            parent = block_hash(parent, chunk)
+            self.pool.register(table.blocks[i], parent, chunk)
+            hashes.append(parent)
+        table.hashes = tuple(hashes)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return self.pool.num_cached
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return self.pool.num_evictable
+
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Give ``child_id`` a table sharing every block of ``parent_id``'s."""
         if child_id in self._tables:
             raise BlockPoolError(f"sequence {child_id!r} already has a block table")
         parent = self._tables[parent_id]
         self.pool.incref(parent.blocks)
-        self._tables[child_id] = BlockTable(self.block_size, parent.blocks, parent.num_tokens)
+        self._tables[child_id] = BlockTable(self.block_size, parent.blocks, parent.num_tokens, parent.hashes)
         self._stored += parent.num_tokens
 
     def free(self, seq_id: Hashable) -> int:
@@ -149,6 +220,8 @@ class KVCacheManager:
                     f"block {b}: ref count {self.pool.ref_count(b)} but held by {holders[b]} table(s)"
                 )
         for seq_id, t in self._tables.items():
+            if len(t.hashes) > t.num_tokens // self.block_size:
+                raise BlockPoolError(f"sequence {seq_id!r}: a partially filled block has a prefix-cache key")
             if len(t.blocks) != blocks_for(t.num_tokens, self.block_size):
                 raise BlockPoolError(f"sequence {seq_id!r}: {len(t.blocks)} blocks for {t.num_tokens} tokens")
         if self._stored != sum(t.num_tokens for t in self._tables.values()):

@@ -67,7 +67,10 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         max_model_len = config.resolve_max_model_len(executor.max_model_len)
         self.executor = executor
-        self.kv_manager = KVCacheManager(executor.initialize_cache(config), config.block_size)
+        self.kv_manager = KVCacheManager(
+            executor.initialize_cache(config), config.block_size, config.enable_prefix_caching,
+            cache_salt=getattr(executor, "cache_salt", b""),
+        )
         self.scheduler = Scheduler(
             config,
             self.kv_manager,

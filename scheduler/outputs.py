@@ -138,6 +138,10 @@ class EngineStats:
     """Prompt tokens of every request admitted so far (each counted once)."""
     num_prefix_hit_tokens: int
     """Of those, tokens whose K/V came from the prefix cache instead of being computed."""
+    kv_blocks_cached: int = 0
+    """Blocks in the prefix cache, held or not (a subset of used + free)."""
+    kv_blocks_evictable: int = 0
+    """Cached blocks nobody holds: free, but kept until a new block is needed."""
 
     @property
     def prefix_hit_rate(self) -> float:

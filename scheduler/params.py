@@ -95,6 +95,8 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(128, ge=1)
     max_model_len: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0, lt=2**63)
+    enable_prefix_caching: bool = True
+    """Share the K/V of full blocks between requests with the same prefix (paged.prefix)."""
 
     @model_validator(mode="after")
     def _one_pool_size(self) -> EngineConfig:

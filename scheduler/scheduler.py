@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 
 from paged.kv_manager import KVCacheManager
+from paged.prefix import NO_HIT
 from scheduler.outputs import EngineStats, SchedulerOutput
 from scheduler.params import EngineConfig
 from scheduler.request import FinishReason, InvalidRequestError, Request, RequestStatus
@@ -140,10 +141,18 @@ class Scheduler:
         """Give ``request`` its next chunk (all it has left, cut to ``budget``) if the blocks
         for it can be had; return the chunk's size, or 0 when memory says no."""
         start, total = request.num_computed_tokens, len(request.token_ids)
+        prefix = NO_HIT
+        if start == 0 and self.kv.prefix_caching and not self.kv.has(request.request_id):
+            prefix = self.kv.find_prefix(request.token_ids)
+            start = len(prefix.blocks) * self.kv.block_size
         n = total - start if total - start < budget else budget
-        allocation = self.kv.allocate_slots(request.request_id, start + n)
+        allocation = self.kv.allocate_slots(request.request_id, start + n, prefix)
         if allocation is None:
             return 0
+        if prefix.blocks:
+            request.num_computed_tokens = start
+            if not request.num_preemptions:  # the hit rate is over prompts, each counted once
+                self.num_prefix_hit_tokens += start
         if allocation.copies:
             plan.block_copies.extend(allocation.copies)
         plan.add(request, start, n, self.kv.block_ids(request.request_id), start + n == total)
@@ -162,8 +171,11 @@ class Scheduler:
         now = self.clock()
         advanced = []
         finished = False
+        caching, block_size = self.kv.prefix_caching, self.kv.block_size
         for (request, _, n, _, _), token in zip(plan.scheduled, sampled):
-            request.num_computed_tokens += n
+            computed = request.num_computed_tokens = request.num_computed_tokens + n
+            if caching and computed % block_size < n:  # a block filled up in this step
+                self.kv.cache_full_blocks(request.request_id, request.token_ids, computed)
             if token is None:
                 continue
             request.token_ids.append(token)
@@ -196,6 +208,8 @@ class Scheduler:
             num_generated_tokens=self.num_generated_tokens,
             num_prompt_tokens=self.num_prompt_tokens,
             num_prefix_hit_tokens=self.num_prefix_hit_tokens,
+            kv_blocks_cached=kv.num_cached_blocks,
+            kv_blocks_evictable=kv.num_evictable_blocks,
         )
 
     # ---- internals -----------------------------------------------------------------

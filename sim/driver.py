@@ -66,7 +66,7 @@ def run_workload(
     block_size = config.block_size
     if policy != "paged":  # reservations are counted in slots: 1-token blocks
         num_blocks, block_size = num_blocks * block_size, 1
-    kv = KVCacheManager(num_blocks, block_size)
+    kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching and policy == "paged")
     scheduler = build_scheduler(policy, config, kv, max_model_len, clock)
     result = RunResult(policy, block_size, num_blocks * block_size)
     params: dict[int, SamplingParams] = {}
