@@ -1,0 +1,33 @@
+"""How fast the simulator runs: N ShareGPT-like (or Alpaca-like) requests at a Poisson rate on
+the shipped SmolLM2 CPU profile, timed on the wall clock.
+
+    python benchmarks/sim_scale.py [--requests 100000] [--preset sharegpt] [--rate 0.15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from scheduler import EngineConfig
+from sim import WorkloadConfig, simulate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--preset", choices=["sharegpt", "alpaca"], default="sharegpt")
+    parser.add_argument("--rate", type=float, default=0.15)
+    parser.add_argument("--kv-memory-mib", type=int, default=512)
+    args = parser.parse_args()
+    workload = WorkloadConfig(num_requests=args.requests, preset=args.preset, rate=args.rate, seed=0)
+    start = time.perf_counter()
+    result, summary = simulate(workload, EngineConfig(kv_cache_memory_bytes=args.kv_memory_mib * 2**20), "paged")
+    seconds = time.perf_counter() - start
+    steps = len(result.step_times)
+    print(f"{args.requests} {args.preset} requests at {args.rate} req/s: {seconds:.1f} s wall, {steps} steps "
+          f"({seconds / steps * 1e6:.1f} us/step), {summary.preemptions} preemptions")
+
+
+if __name__ == "__main__":
+    main()
