@@ -98,9 +98,7 @@ def plot_kv_over_time(results: Sequence[RunResult], path: str | Path) -> None:
     top.set_ylim(0, 1.05)
     bottom.set_ylim(0, 1.05)
     fig.suptitle("KV memory over time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_latency_cdf(results: Sequence[RunResult], path: str | Path) -> None:
@@ -117,6 +115,10 @@ def plot_latency_cdf(results: Sequence[RunResult], path: str | Path) -> None:
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     axes[0].legend()
+    _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -135,6 +137,4 @@ def plot_sweep(rates: Sequence[float], curves: dict[str, list[Summary]], path: s
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
