@@ -17,6 +17,7 @@ from models.sampler import Sampler
 from paged.kv_cache import KVCache, resolve_num_blocks
 from scheduler.outputs import SchedulerOutput
 from scheduler.params import EngineConfig
+from scheduler.request import sequence_id
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attention: PagedMetadata
-    logits_indices: torch.Tensor  # [S] flat index of the last token of each sampling sequence
+    logits_indices: torch.Tensor  # [S] flat index of the last token of each sampling sequence, once per sample
 
 
 def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
@@ -62,7 +63,7 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
             single_max_blocks=-(-int(context[single].max()) // block_size) if len(single) else 0,
             multi_rows=[i for i, n in enumerate(q_lens) if n > 1],
         ),
-        logits_indices=dev((offsets + lens - 1)[samples]),
+        logits_indices=dev((offsets + lens - 1).repeat_interleave(samples)),
     )
 
 
@@ -97,16 +98,28 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
         if self.kv_cache is None:
             raise RuntimeError("initialize_cache() must run before execute()")
-        self.sampler.release(plan.finished_request_ids)
+        self.sampler.release(plan.finished_seq_ids)
         if plan.is_empty:
             return []
         self.kv_cache.copy_blocks(plan.block_copies)
         inputs = prepare_inputs(plan, self.kv_cache.block_size, self.device)
         attention = PagedAttention(self.kv_cache, inputs.attention)
         logits = self.model(inputs.input_ids, inputs.positions, attention, inputs.logits_indices)
-        sampling = [s.request for s in plan.scheduled if s.samples]
-        tokens = iter(self.sampler(logits, [r.request_id for r in sampling], [r.params for r in sampling]))
-        return [next(tokens) if s.samples else None for s in plan.scheduled]
+        seq_ids, params = [], []
+        for s in plan.scheduled:
+            r = s.request
+            if s.samples == 1:
+                seq_ids.append(r.seq_id)
+                params.append(r.params)
+            else:  # a fork: sequence i samples with its own parameters (seed + i)
+                seq_ids += [sequence_id(r.request_id, i) for i in range(s.samples)]
+                params += [r.params.for_sequence(i) for i in range(s.samples)]
+        tokens = self.sampler(logits, seq_ids, params)
+        out, i = [], 0
+        for s in plan.scheduled:
+            out.append(tuple(tokens[i : i + s.samples]))
+            i += s.samples
+        return out

@@ -8,7 +8,7 @@ and on nothing else in the batch (alone or batched, preempted or not).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 
@@ -19,14 +19,14 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
         self.generator = torch.Generator(device).manual_seed(seed)
-        self._seeded: dict[str, torch.Generator] = {}
+        self._seeded: dict[Hashable, torch.Generator] = {}  # per sequence id
 
-    def release(self, request_ids: Iterable[str]) -> None:
-        for rid in request_ids:
-            self._seeded.pop(rid, None)
+    def release(self, seq_ids: Iterable[Hashable]) -> None:
+        for sid in seq_ids:
+            self._seeded.pop(sid, None)
 
-    def __call__(self, logits: torch.Tensor, request_ids: Sequence[str], params: Sequence[SamplingParams]) -> list[int]:
-        """One token per row of ``logits`` ([B, V]) for the request in the same row."""
+    def __call__(self, logits: torch.Tensor, seq_ids: Sequence[Hashable], params: Sequence[SamplingParams]) -> list[int]:
+        """One token per row of ``logits`` ([B, V]) for the sequence in the same row."""
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             return greedy.tolist()
@@ -38,17 +38,17 @@ class Sampler:
         logits = _top_k_top_p(logits, params)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, (rid, p) in enumerate(zip(request_ids, params)):
+        for row, (sid, p) in enumerate(zip(seq_ids, params)):
             if p.seed is not None:
-                noise[row].exponential_(generator=self._seeded_generator(rid, p.seed))
+                noise[row].exponential_(generator=self._seeded_generator(sid, p.seed))
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         return torch.where(is_greedy, greedy, sampled).tolist()
 
-    def _seeded_generator(self, request_id: str, seed: int) -> torch.Generator:
-        g = self._seeded.get(request_id)
+    def _seeded_generator(self, seq_id: Hashable, seed: int) -> torch.Generator:
+        g = self._seeded.get(seq_id)
         if g is None:
-            g = self._seeded[request_id] = torch.Generator(self.device).manual_seed(seed)
+            g = self._seeded[seq_id] = torch.Generator(self.device).manual_seed(seed)
         return g
 
 

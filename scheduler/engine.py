@@ -31,10 +31,11 @@ class Executor(Protocol):
     def initialize_cache(self, config: EngineConfig) -> int:
         """Allocate the K/V pool as ``config`` asks; return its number of blocks."""
 
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
-        """Run one step; return a sampled token per scheduled request (``None`` when its
-        chunk does not reach the end of its tokens). Also drop any per-request state of
-        ``plan.finished_request_ids``, even when nothing is scheduled."""
+    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+        """Run one step; return, per scheduled sequence, the tokens it samples (as many
+        as its ``samples``: none when its chunk stops short of the end, n when it forks).
+        Also drop any per-sequence state of ``plan.finished_seq_ids``, even when nothing
+        is scheduled."""
 
 
 class Detokenizer(Protocol):
@@ -52,6 +53,8 @@ class Tokenizer(Protocol):
 
 @dataclass
 class _TextState:
+    """One sequence's incremental detokenization."""
+
     detokenizer: Detokenizer
     text: str = ""
 
@@ -79,7 +82,7 @@ class LLMEngine:
             clock=clock,
         )
         self.tokenizer = tokenizer
-        self._texts: dict[str, _TextState] = {}
+        self._texts: dict[str, list[_TextState]] = {}  # per request, per sequence
         self._aborted: list[RequestOutput] = []  # final outputs of aborts, for the next step()
         self._generate_ids = itertools.count()
 
@@ -103,16 +106,18 @@ class LLMEngine:
                 raise InvalidRequestError(f"stop_token_ids: {t} is outside the vocabulary [0, {self.executor.vocab_size})")
         self.scheduler.add_request(Request(request_id, prompt_token_ids, params, arrival_time=self.scheduler.clock()))
         if self.tokenizer is not None:
-            self._texts[request_id] = _TextState(self.tokenizer.detokenizer())
+            self._texts[request_id] = []
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step. Returns the outputs of requests that got a new token, and
         the final output (``finish_reason`` abort) of each request aborted since the last step."""
         plan = self.scheduler.schedule()
         sampled = self.executor.execute(plan)
-        outputs = [RequestOutput.of(r, r.token_ids[-1:]) for r in self.scheduler.update(plan, sampled)]
-        if self.tokenizer is not None:
-            outputs = [self._with_text(o) for o in outputs]
+        advanced: dict[str, set[int]] = {}  # request id -> indices of its sequences that got a token
+        for seq in self.scheduler.update(plan, sampled):
+            advanced.setdefault(seq.request_id, set()).add(seq.index)
+        groups = {s.request.request_id: s.request.group for s in plan.scheduled}
+        outputs = [self._with_text(RequestOutput.of(groups[rid], indices)) for rid, indices in advanced.items()]
         if self._aborted:
             outputs, self._aborted = self._aborted + outputs, []
         if not self.has_unfinished_requests():
@@ -123,10 +128,8 @@ class LLMEngine:
         """End a request and free its blocks; valid in every state, unknown ids included.
         An unfinished request's final output comes with the next :meth:`step`."""
         request = self.scheduler.abort(request_id)
-        text = self._texts.pop(request_id, None)
         if request is not None:
-            final = RequestOutput.of(request, [])
-            self._aborted.append(replace(final, text=text.text) if text else final)
+            self._aborted.append(self._with_text(RequestOutput.of(request.group)))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -175,10 +178,19 @@ class LLMEngine:
         return sampling_params
 
     def _with_text(self, out: RequestOutput) -> RequestOutput:
-        state = self._texts[out.request_id] if not out.finished else self._texts.pop(out.request_id)
-        new_text = "".join(state.detokenizer.step(t) for t in out.new_token_ids)
-        state.text += new_text
-        return replace(out, new_text=new_text, text=state.text)
+        """``out`` with its sequences' text filled in (as is, without a tokenizer)."""
+        if self.tokenizer is None:
+            return out
+        states = self._texts[out.request_id] if not out.finished else self._texts.pop(out.request_id)
+        sequences = []
+        for seq in out.outputs:
+            while len(states) <= seq.index:  # a sequence's first token: forks appear late
+                states.append(_TextState(self.tokenizer.detokenizer()))
+            state = states[seq.index]
+            new_text = "".join(state.detokenizer.step(t) for t in seq.new_token_ids)
+            state.text += new_text
+            sequences.append(replace(seq, new_text=new_text, text=state.text))
+        return replace(out, outputs=tuple(sequences))
 
     def _prompt(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids from text or from a list/tuple (or array) of ints; bools and bytes are refused."""

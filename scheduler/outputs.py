@@ -3,6 +3,7 @@ and the engine's stats."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -10,17 +11,18 @@ from scheduler.request import FinishReason, Request
 
 
 class ScheduledRequest(NamedTuple):
-    """``request`` computes tokens ``[start, start + num_new_tokens)`` this step, into the
-    slots of ``block_ids`` (its block table as it stands for this step). ``samples`` is
-    True when the chunk reaches the end of the request's tokens, so its last logits pick
-    the next token. Values, not views: the plan stays true after later steps. (A
-    NamedTuple because the simulator builds millions of them.)"""
+    """``request`` (one sequence) computes tokens ``[start, start + num_new_tokens)`` this
+    step, into the slots of ``block_ids`` (its block table as it stands for this step).
+    ``samples`` is how many tokens to draw from the chunk's last logits: 0 when the chunk
+    stops short of the end of the sequence's tokens, 1 usually, ``n`` when a request
+    with ``n > 1`` finishes its prompt and forks. Values, not views: the plan stays true
+    after later steps. (A NamedTuple because the simulator builds millions of them.)"""
 
     request: Request
     start: int
     num_new_tokens: int
     block_ids: tuple[int, ...]
-    samples: bool
+    samples: int
 
 
 _new_scheduled = tuple.__new__
@@ -35,10 +37,11 @@ class SchedulerOutput:
     """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[str] = field(default_factory=list)
+    preempted: list[Hashable] = field(default_factory=list)
+    """Sequence ids (``Request.seq_id``) preempted while building this plan."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    finished_request_ids: list[str] = field(default_factory=list)
-    """Requests that ended since the previous plan; the executor drops their state."""
+    finished_seq_ids: list[Hashable] = field(default_factory=list)
+    """Sequences that ended since the previous plan; the executor drops their state."""
     num_batched_tokens: int = 0
     num_single_token_seqs: int = 0
     """Sequences computing exactly one token: decodes, mostly."""
@@ -47,7 +50,7 @@ class SchedulerOutput:
     num_chunk_attended: int = 0
     """Query-key pairs of the multi-token chunks (an upper bound: causal chunks see fewer)."""
 
-    def add(self, request: Request, start: int, n: int, block_ids: tuple[int, ...], samples: bool) -> None:
+    def add(self, request: Request, start: int, n: int, block_ids: tuple[int, ...], samples: int) -> None:
         """Schedule ``n`` tokens of ``request`` from ``start``; keep the totals current."""
         # tuple.__new__ skips the NamedTuple's Python-level constructor: the simulator
         # builds one of these per request per step, millions per run.
@@ -66,7 +69,8 @@ class SchedulerOutput:
 
 @dataclass(frozen=True)
 class RequestMetrics:
-    """Timestamps on the scheduler's clock (seconds), and how often the request was preempted."""
+    """Timestamps on the scheduler's clock (seconds), and how often the request's
+    sequences were preempted. A request finishes when its last sequence does."""
 
     arrival_time: float
     first_scheduled_time: float | None
@@ -84,40 +88,96 @@ class RequestMetrics:
         """Arrival to first admission."""
         return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
+    @classmethod
+    def of(cls, group: list[Request]) -> RequestMetrics:
+        first = group[0]
+        ends = [s.finish_time for s in group]
+        return cls(
+            arrival_time=first.arrival_time,
+            first_scheduled_time=first.first_scheduled_time,
+            first_token_time=first.first_token_time,
+            finish_time=None if None in ends else max(ends),
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_preemptions=sum(s.num_preemptions for s in group),
+        )
+
 
 @dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request: the new tokens, and all of them so far."""
+class SequenceOutput:
+    """One of a request's sequences (one unless ``n > 1``): its new tokens this step and
+    all its tokens so far."""
 
-    request_id: str
+    index: int
     new_token_ids: list[int]
     output_token_ids: list[int]
-    finished: bool
     finish_reason: FinishReason | None
-    metrics: RequestMetrics
     new_text: str = ""
     """Text of ``new_token_ids``; empty when the engine has no tokenizer, or while a
     multi-byte character is still incomplete."""
     text: str = ""
     """All the output text so far."""
 
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: every sequence of it (vLLM's shape:
+    ``outputs[i]`` is sequence ``i``), with the new tokens of those that advanced.
+
+    For the usual single-sequence request the sequence's fields are also here
+    (``out.text`` for ``out.outputs[0].text``); with ``n > 1`` those raise, because
+    there is no single answer.
+    """
+
+    request_id: str
+    outputs: tuple[SequenceOutput, ...]
+    finished: bool
+    """Every sequence has ended."""
+    metrics: RequestMetrics
+
     @classmethod
-    def of(cls, request: Request, new_token_ids: list[int]) -> RequestOutput:
+    def of(cls, group: list[Request], advanced: frozenset[int] | set[int] = frozenset()) -> RequestOutput:
+        """The output of the request whose sequences are ``group``; those whose index is
+        in ``advanced`` got one token this step (their last)."""
         return cls(
-            request_id=request.request_id,
-            new_token_ids=new_token_ids,
-            output_token_ids=request.output_token_ids,
-            finished=request.finished,
-            finish_reason=request.finish_reason,
-            metrics=RequestMetrics(
-                arrival_time=request.arrival_time,
-                first_scheduled_time=request.first_scheduled_time,
-                first_token_time=request.first_token_time,
-                finish_time=request.finish_time,
-                num_prompt_tokens=request.num_prompt_tokens,
-                num_preemptions=request.num_preemptions,
+            request_id=group[0].request_id,
+            outputs=tuple(
+                SequenceOutput(s.index, s.token_ids[-1:] if s.index in advanced else [], s.output_token_ids, s.finish_reason)
+                for s in group
             ),
+            finished=all(s.finished for s in group),
+            metrics=RequestMetrics.of(group),
         )
+
+    @property
+    def sole(self) -> SequenceOutput:
+        """The request's only sequence."""
+        if len(self.outputs) != 1:
+            raise ValueError(f"request {self.request_id!r} has {len(self.outputs)} sequences; read them from .outputs")
+        return self.outputs[0]
+
+    @property
+    def new_token_ids(self) -> list[int]:
+        return self.sole.new_token_ids
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.sole.output_token_ids
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.sole.finish_reason
+
+    @property
+    def new_text(self) -> str:
+        return self.sole.new_text
+
+    @property
+    def text(self) -> str:
+        return self.sole.text
 
 
 @dataclass(frozen=True)

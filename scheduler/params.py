@@ -26,6 +26,7 @@ class SamplingParams(BaseModel):
     top_p: float = 1.0
     top_k: int = 0
     max_tokens: int = 16
+    n: int = 1
     seed: int | None = None
     stop_token_ids: tuple[StrictInt, ...] = Field((), strict=False)  # a list is fine too
     ignore_eos: bool = False
@@ -58,6 +59,13 @@ class SamplingParams(BaseModel):
             raise ValueError(f"max_tokens must be >= 1, got {v}")
         return v
 
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"n must be >= 1, got {v}")
+        return v
+
     @field_validator("seed")
     @classmethod
     def _seed(cls, v: int | None) -> int | None:
@@ -72,9 +80,21 @@ class SamplingParams(BaseModel):
             raise ValueError(f"stop_token_ids must be non-negative token ids, got {list(v)}")
         return v
 
+    @model_validator(mode="after")
+    def _seeds_in_range(self) -> SamplingParams:
+        if self.seed is not None and self.seed + self.n > 2**63:
+            raise ValueError(f"seed + n - 1 must be < 2**63 (sequence i uses seed + i), got seed {self.seed} and n {self.n}")
+        return self
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def for_sequence(self, index: int) -> SamplingParams:
+        """The parameters of sequence ``index`` of an ``n > 1`` request: one sequence,
+        seeded ``seed + index``."""
+        seed = None if self.seed is None else self.seed + index
+        return self.model_copy(update={"n": 1, "seed": seed})
 
 
 class EngineConfig(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from scheduler.params import SamplingParams
@@ -26,15 +27,26 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
+def sequence_id(request_id: str, index: int) -> Hashable:
+    """The key of sequence ``index`` of a request in the KV manager and the sampler: the
+    request id itself for the first (and usually only) one, a pair for the forks, so
+    that no user-chosen id can collide with a fork's."""
+    return request_id if index == 0 else (request_id, index)
+
+
 @dataclass(slots=True)
 class Request:
-    """One generation request.
+    """One sequence of a generation request.
 
     ``token_ids`` is the prompt followed by every token generated so far. The single
     progress counter ``num_computed_tokens`` says how many of them already have K/V in
     the cache; each step moves it forward by the tokens scheduled. A fresh prompt is far
     behind (prefill), a decoding request is one behind, a preempted one drops to zero.
     There is no separate prefill or decode phase.
+
+    A request with ``params.n > 1`` is one sequence until its prompt is computed; the
+    scheduler then forks it into ``n`` (the first keeps ``index`` 0). ``group`` is the
+    list of a request's sequences, shared by all of them.
     """
 
     request_id: str
@@ -49,12 +61,17 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    index: int = 0
 
     num_prompt_tokens: int = field(init=False)
+    seq_id: Hashable = field(init=False)
+    group: list[Request] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.seq_id = sequence_id(self.request_id, self.index)
+        self.group = [self]
 
     @property
     def num_tokens(self) -> int:

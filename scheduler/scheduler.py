@@ -15,6 +15,14 @@ Policy (first-come, first-served, recompute preemption):
 
 Every request that is accepted fits in the pool on its own (checked at ``add_request``),
 so with nothing running the head of the queue can always be admitted: no deadlock.
+
+Parallel sampling (``n > 1``): the scheduler runs a request as one sequence until the
+step that computes the last prompt token, which samples n tokens from its logits; then
+the request forks into n sequences that share the prompt's blocks (the last, partly
+filled one is copied on write by each sequence that writes into it while it is shared).
+From then on each sequence is scheduled, preempted and finished on its own; the request
+ends when all of them have. An unforked request holds n of the ``max_num_seqs`` seats,
+so that forking never exceeds it.
 Pure Python and torch-free, so the simulator drives this very class.
 """
 
@@ -47,8 +55,9 @@ class Scheduler:
         self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}  # every unfinished request, by id
-        self._finished_ids: list[str] = []
+        self.requests: dict[str, Request] = {}  # every unfinished request (its first sequence), by id
+        self._finished_ids: list = []  # sequence ids
+        self._fork_seats = 0  # seats held for the future forks of running, unforked requests
         self.num_preemptions = 0
         self.num_steps = 0
         self.num_tokens_computed = 0
@@ -78,21 +87,31 @@ class Scheduler:
             )
 
     def add_request(self, request: Request) -> None:
+        if request.params.n > self.config.max_num_seqs:
+            raise InvalidRequestError(
+                f"n ({request.params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): its sequences could never run together"
+            )
         self.check_fits(request.request_id, request.num_prompt_tokens, request.params.max_tokens)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> Request | None:
-        """End a request in any state and free its blocks; idempotent. Returns the request
-        (now finished, reason abort), or ``None`` if it was already over or unknown."""
+        """End every sequence of a request, in any state, and free their blocks;
+        idempotent. Returns the request's first sequence (its ``group`` holds them all),
+        or ``None`` if the request was already over or unknown."""
         request = self.requests.get(request_id)
         if request is None:
             return None
-        if request.status is RequestStatus.WAITING:
-            self.waiting.remove(request)
-        else:
-            self.running.remove(request)
-        self._finish(request, FinishReason.ABORT, self.clock())
+        now = self.clock()
+        for seq in list(request.group):
+            if seq.status is RequestStatus.WAITING:
+                self.waiting.remove(seq)
+            elif seq.status is RequestStatus.RUNNING:
+                self.running.remove(seq)
+                self._fork_seats -= seq.params.n - 1
+            else:
+                continue
+            self._finish(seq, FinishReason.ABORT, now)
         return request
 
     def has_unfinished_requests(self) -> bool:
@@ -101,7 +120,7 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        plan = SchedulerOutput(finished_request_ids=self._finished_ids)
+        plan = SchedulerOutput(finished_seq_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.config.max_num_batched_tokens
 
@@ -116,8 +135,10 @@ class Scheduler:
             budget -= n
             i += 1
 
-        while self._admission_open(plan) and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self._admission_open(plan) and self.waiting and budget > 0:
             request = self.waiting[0]
+            if len(self.running) + self._fork_seats + request.params.n > self.config.max_num_seqs:
+                break
             n = self._try_schedule(request, budget, plan)
             if not n:
                 break
@@ -127,6 +148,7 @@ class Scheduler:
                 request.first_scheduled_time = self.clock()
                 self.num_prompt_tokens += request.num_prompt_tokens
             self.running.append(request)
+            self._fork_seats += request.params.n - 1
             budget -= n
 
         self.peak_blocks_used = max(self.peak_blocks_used, self.kv.num_used_blocks)
@@ -139,14 +161,16 @@ class Scheduler:
 
     def _try_schedule(self, request: Request, budget: int, plan: SchedulerOutput) -> int:
         """Give ``request`` its next chunk (all it has left, cut to ``budget``) if the blocks
-        for it can be had; return the chunk's size, or 0 when memory says no."""
+        for it can be had; return the chunk's size, or 0 when memory says no. A chunk
+        that reaches the end samples ``params.n`` tokens (n > 1 only before the fork)."""
         start, total = request.num_computed_tokens, len(request.token_ids)
+        seq_id = request.seq_id
         prefix = NO_HIT
-        if start == 0 and self.kv.prefix_caching and not self.kv.has(request.request_id):
+        if start == 0 and self.kv.prefix_caching and not self.kv.has(seq_id):
             prefix = self.kv.find_prefix(request.token_ids)
             start = len(prefix.blocks) * self.kv.block_size
         n = total - start if total - start < budget else budget
-        allocation = self.kv.allocate_slots(request.request_id, start + n, prefix)
+        allocation = self.kv.allocate_slots(seq_id, start + n, prefix)
         if allocation is None:
             return 0
         if prefix.blocks:
@@ -155,37 +179,39 @@ class Scheduler:
                 self.num_prefix_hit_tokens += start
         if allocation.copies:
             plan.block_copies.extend(allocation.copies)
-        plan.add(request, start, n, self.kv.block_ids(request.request_id), start + n == total)
+        plan.add(request, start, n, self.kv.block_ids(seq_id), request.params.n if start + n == total else 0)
         return n
 
-    def update(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
-        """Advance every scheduled request by its chunk; append sampled tokens; stop the
-        ones that are done and free their blocks. ``sampled`` is aligned with
-        ``plan.scheduled`` and holds ``None`` for chunks that do not reach the end.
+    def update(self, plan: SchedulerOutput, sampled: list[tuple[int, ...]]) -> list[Request]:
+        """Advance every scheduled sequence by its chunk; append sampled tokens; fork the
+        requests that sampled n > 1; stop the sequences that are done and free their
+        blocks. ``sampled`` is aligned with ``plan.scheduled``: each row's tokens (as many
+        as it ``samples``, none for chunks that do not reach the end).
 
-        Returns the requests that received a token (their last one). Building user-facing
-        outputs is the engine's job; the simulator needs none, and skipping them keeps a
-        simulated step cheap."""
+        Returns the sequences that received a token (their last one). Building
+        user-facing outputs is the engine's job; the simulator needs none, and skipping
+        them keeps a simulated step cheap."""
         if len(sampled) != len(plan.scheduled):
             raise ValueError(f"got {len(sampled)} sampled tokens for {len(plan.scheduled)} scheduled requests")
         now = self.clock()
         advanced = []
         finished = False
         caching, block_size = self.kv.prefix_caching, self.kv.block_size
-        for (request, _, n, _, _), token in zip(plan.scheduled, sampled):
+        for (request, _, n, _, _), tokens in zip(plan.scheduled, sampled):
             computed = request.num_computed_tokens = request.num_computed_tokens + n
             if caching and computed % block_size < n:  # a block filled up in this step
-                self.kv.cache_full_blocks(request.request_id, request.token_ids, computed)
-            if token is None:
+                self.kv.cache_full_blocks(request.seq_id, request.token_ids, computed)
+            if not tokens:
                 continue
-            request.token_ids.append(token)
-            if request.first_token_time is None:
-                request.first_token_time = now
-            reason = self._stop_reason(request, token)
-            if reason is not None:
-                self._finish(request, reason, now)
-                finished = True
-            advanced.append(request)
+            for seq, token in zip(self._fork(request, len(tokens)) if len(tokens) > 1 else (request,), tokens):
+                seq.token_ids.append(token)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                reason = self._stop_reason(seq, token)
+                if reason is not None:
+                    self._finish(seq, reason, now)
+                    finished = True
+                advanced.append(seq)
         if finished:
             self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
         self.num_tokens_computed += plan.num_batched_tokens
@@ -224,11 +250,29 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
+    def _fork(self, parent: Request, n: int) -> list[Request]:
+        """Split ``parent``, whose prompt is now computed, into its ``n`` sequences; the
+        new ones share every block of its table. Returns all n, ``parent`` first."""
+        params = parent.params
+        parent.params = params.for_sequence(0)
+        self._fork_seats -= n - 1
+        for i in range(1, n):
+            child = Request(parent.request_id, parent.prompt_token_ids, params.for_sequence(i), parent.arrival_time, index=i)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = RequestStatus.RUNNING
+            child.first_scheduled_time = parent.first_scheduled_time
+            child.group = parent.group
+            parent.group.append(child)
+            self.kv.fork(parent.seq_id, child.seq_id)
+            self.running.append(child)
+        return parent.group
+
     def _preempt_newest(self, plan: SchedulerOutput) -> Request:
-        """Preempt the most recently admitted running request; return it."""
+        """Preempt the most recently admitted running sequence; return it."""
         request = self.running.pop()
-        plan.preempted.append(request.request_id)
-        self.kv.free(request.request_id)
+        self._fork_seats -= request.params.n - 1
+        plan.preempted.append(request.seq_id)
+        self.kv.free(request.seq_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -237,9 +281,12 @@ class Scheduler:
         return request
 
     def _finish(self, request: Request, reason: FinishReason, now: float) -> None:
-        self.kv.free(request.request_id)
+        """End one sequence; the request is over when its last sequence is."""
+        self.kv.free(request.seq_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.finish_time = now
-        del self.requests[request.request_id]
-        self._finished_ids.append(request.request_id)
+        self._finished_ids.append(request.seq_id)
+        group = request.group
+        if len(group) == 1 or all(s.status is RequestStatus.FINISHED for s in group):
+            del self.requests[request.request_id]

@@ -37,7 +37,7 @@ class TimedExecutor:
     def initialize_cache(self, config: EngineConfig) -> int:
         return self.inner.initialize_cache(config)
 
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
         start = time.perf_counter()
         tokens = self.inner.execute(plan)
         self.samples.append((step_features(plan), time.perf_counter() - start))

@@ -17,6 +17,7 @@ def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    parser.add_argument("-n", type=int, default=1, help="samples per prompt (sample i is seeded seed + i)")
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             demo.run_demo(args.model, args.max_tokens, args.block_size, args.seed)
             return 0
         params = SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed,
+            n=args.n,
         )
         if args.command == "generate":
             demo.run_generate(args.model, args.prompts, params, args.chat, args.block_size, seed=0)

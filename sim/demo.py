@@ -80,6 +80,15 @@ def run_generate(model: str, prompts: list[str], params: SamplingParams, chat: b
     if engine.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer; use smollm2-135m or a .gguf file for text")
     texts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompts]
+    if params.n > 1:  # several samples per prompt: printed whole, each under its label
+        start = time.perf_counter()
+        outs = engine.generate(texts, params)
+        for i, out in enumerate(outs):
+            for s in out.outputs:
+                print(f"[{i}.{s.index}] {s.text.strip()}\n")
+        tokens = sum(len(s.output_token_ids) for o in outs for s in o.outputs)
+        print(summary(engine, len(outs), tokens, time.perf_counter() - start), file=sys.stderr)
+        return
     if len(texts) > 1:
         run_batch(engine, texts, params, [f"[{i}]" for i in range(len(texts))])
         return

@@ -14,6 +14,7 @@ from scheduler.params import EngineConfig
 from sim.cost_model import CostModel
 
 DUMMY_TOKEN = 0
+_ONE = (DUMMY_TOKEN,)  # one row's sample; `_ONE * k` is k of them (and `_ONE * 1` is _ONE itself)
 
 
 class VirtualClock:
@@ -70,10 +71,10 @@ class SimulatedExecutor:
             raise ValueError(f"a KV budget of {config.pool_memory_bytes} bytes holds no block")
         return blocks
 
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
         if plan.is_empty:
             return []
         seconds = self.cost.step_time(plan)
         self.busy_seconds += seconds
         self.clock.advance(seconds)
-        return [DUMMY_TOKEN if s.samples else None for s in plan.scheduled]
+        return [_ONE * s.samples for s in plan.scheduled]

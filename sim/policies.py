@@ -17,6 +17,7 @@ ignores external fragmentation, so the baselines come out better than real ones.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Literal
 
 from paged.kv_manager import KVCacheManager
@@ -35,7 +36,7 @@ class ReservingScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.reserve = reserve
         self.reserved_slots = 0
-        self._holdings: dict[str, int] = {}
+        self._holdings: dict[Hashable, int] = {}  # slots reserved, per sequence
 
     @property
     def capacity(self) -> int:
@@ -51,7 +52,7 @@ class ReservingScheduler(Scheduler):
             raise InvalidRequestError(f"a reservation of {need} slots can never fit a pool of {self.capacity}")
 
     def _try_schedule(self, request: Request, budget: int, plan: SchedulerOutput) -> int:
-        rid = request.request_id
+        rid = request.seq_id
         if rid not in self._holdings:
             need = self.reservation(request.num_prompt_tokens, request.params.max_tokens)
             if self.reserved_slots + need > self.capacity:
@@ -64,12 +65,12 @@ class ReservingScheduler(Scheduler):
         return n
 
     def _finish(self, request: Request, reason: FinishReason, now: float) -> None:
-        self.reserved_slots -= self._holdings.pop(request.request_id, 0)
+        self.reserved_slots -= self._holdings.pop(request.seq_id, 0)
         super()._finish(request, reason, now)
 
     def _preempt_newest(self, plan: SchedulerOutput) -> Request:
         request = super()._preempt_newest(plan)
-        self.reserved_slots -= self._holdings.pop(request.request_id, 0)
+        self.reserved_slots -= self._holdings.pop(request.seq_id, 0)
         return request
 
 

@@ -113,7 +113,7 @@ def plan_for(seqs: list[Seq]) -> SchedulerOutput:
     scheduled = []
     for i, s in enumerate(seqs):
         request = Request(f"r{i}", [i % 7] * (s.cached + s.new), SamplingParams(), arrival_time=0.0)
-        scheduled.append(ScheduledRequest(request, s.cached, s.new, tuple(s.blocks), True))
+        scheduled.append(ScheduledRequest(request, s.cached, s.new, tuple(s.blocks), 1))
     return SchedulerOutput(scheduled=scheduled)
 
 

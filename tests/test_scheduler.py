@@ -27,9 +27,9 @@ class RecordingExecutor:
     def initialize_cache(self, config: EngineConfig) -> int:
         return config.num_blocks
 
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
         self.plans.append(plan)
-        return [1 if s.samples else None for s in plan.scheduled]
+        return [(1,) * s.samples for s in plan.scheduled]
 
 
 @pytest.fixture

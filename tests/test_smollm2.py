@@ -135,6 +135,27 @@ def test_engine_takes_text_and_returns_text(smollm2, make_engine):
     assert out.finish_reason.value == "stop" and out.output_token_ids[-1] == tok.eos_token_id
 
 
+def test_parallel_samples_have_their_own_text_and_match_single_requests(smollm2, make_engine):
+    """n = 3 with a seed: three different texts, each what a request seeded seed + i says."""
+    model, tok = smollm2
+    engine = make_engine(model, block_size=16, num_blocks=64)
+    engine.tokenizer = tok
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}])
+    params = SamplingParams(temperature=1.0, n=3, seed=42, max_tokens=10)
+    streamed = ["", "", ""]
+
+    def collect(out):
+        for s in out.outputs:
+            streamed[s.index] += s.new_text
+
+    [out] = engine.generate([prompt], params, on_output=collect)
+    texts = [s.text for s in out.outputs]
+    assert len(set(texts)) == 3 and texts == streamed
+    assert texts == [tok.decode(s.output_token_ids) for s in out.outputs]
+    singles = engine.generate([prompt] * 3, [params.for_sequence(i) for i in range(3)])
+    assert [o.text for o in singles] == texts
+
+
 def test_gqa_pages_hold_only_the_kv_heads(smollm2):
     model, _ = smollm2
     spec = model.kv_cache_spec()
