@@ -15,7 +15,7 @@ from the front, freeing appends to the back, so the least recently freed block i
 first.
 
 Prefix caching lives here too, because eviction is the free queue's order: a full block
-whose K/V has been computed can be *registered* under a content hash (see
+whose K/V is computed (or being computed by the current step) can be *registered* under a content hash (see
 ``paged.prefix``). A registered block that is freed keeps its contents and its index entry
 while it waits in the free queue; a later request with the same prefix can :meth:`take` it
 back. Only when :meth:`allocate` pops it for someone else (least recently freed first) is

@@ -14,8 +14,9 @@ Invariants (checked by :meth:`KVCacheManager.check` and the property tests):
 
 With prefix caching on, a new sequence starts from :meth:`find_prefix` (its longest run of
 cached full blocks) and :meth:`allocate_slots` takes references on those blocks instead of
-computing them; after each step :meth:`cache_full_blocks` registers the blocks that just
-became full. Partially filled blocks never enter the cache.
+computing them; :meth:`cache_full_blocks` registers the blocks a step fills, when the step is
+scheduled (the step writes them before anyone reads them). Partially filled blocks never
+enter the cache.
 """
 
 from __future__ import annotations
@@ -163,8 +164,9 @@ class KVCacheManager:
         return Allocation(granted, [])
 
     def cache_full_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
-        """Register ``seq_id``'s blocks that are full of computed K/V (its first
-        ``num_computed`` tokens are ``token_ids[:num_computed]``) in the prefix cache."""
+        """Register ``seq_id``'s full blocks in the prefix cache: those holding its first
+        ``num_computed`` tokens, ``token_ids[:num_computed]``, whose K/V is computed or
+        will be by the step being scheduled."""
         if not self.prefix_caching:
             return
         table = self._tables[seq_id]

@@ -179,6 +179,11 @@ class Scheduler:
                 self.num_prefix_hit_tokens += start
         if allocation.copies:
             plan.block_copies.extend(allocation.copies)
+        if (start + n) % self.kv.block_size < n and self.kv.prefix_caching:
+            # Blocks this chunk fills are registered now, before they are computed, so that
+            # requests admitted later in this same step share them: the forward pass writes
+            # every new K/V of a layer before any attention of that layer reads the cache.
+            self.kv.cache_full_blocks(seq_id, request.token_ids, start + n)
         plan.add(request, start, n, self.kv.block_ids(seq_id), request.params.n if start + n == total else 0)
         return n
 
@@ -196,11 +201,8 @@ class Scheduler:
         now = self.clock()
         advanced = []
         finished = False
-        caching, block_size = self.kv.prefix_caching, self.kv.block_size
         for (request, _, n, _, _), tokens in zip(plan.scheduled, sampled):
-            computed = request.num_computed_tokens = request.num_computed_tokens + n
-            if caching and computed % block_size < n:  # a block filled up in this step
-                self.kv.cache_full_blocks(request.seq_id, request.token_ids, computed)
+            request.num_computed_tokens += n
             if not tokens:
                 continue
             for seq, token in zip(self._fork(request, len(tokens)) if len(tokens) > 1 else (request,), tokens):

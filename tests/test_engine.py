@@ -28,7 +28,7 @@ def test_step_with_nothing_to_do_returns_empty(make_engine):
 def test_abort_running_request_frees_its_blocks(make_engine):
     engine = make_engine(block_size=4, num_blocks=32)
     engine.add_request("a", list(range(1, 30)), GREEDY)
-    engine.add_request("b", list(range(1, 10)), GREEDY)
+    engine.add_request("b", list(range(40, 49)), GREEDY)  # no prefix shared with a
     engine.step()
     held_by_a = len(engine.kv_manager.block_ids("a"))
     used = engine.kv_manager.pool.num_used
@@ -173,7 +173,9 @@ def test_stats_while_running(make_engine):
     engine.step()
     stats = engine.stats()
     assert (stats.num_running, stats.num_waiting) == (2, 1)
-    assert stats.kv_blocks_used == 6 and stats.kv_blocks_free == 58
+    # r1 found r0's two full blocks, registered while r0's step was being scheduled.
+    assert stats.kv_blocks_used == 2 + 1 + 1 and stats.kv_blocks_free == 60
+    assert stats.num_prefix_hit_tokens == 8 and stats.kv_blocks_cached == 2
     for i in range(3):
         engine.abort(f"r{i}")
 

@@ -74,3 +74,19 @@ def test_kv_served_from_the_cache_equals_a_fresh_computation(make_engine, shared
         for i, block in enumerate(hit.blocks):
             torch.testing.assert_close(a.keys[layer][block], b.keys[layer][i], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(a.values[layer][block], b.values[layer][i], rtol=1e-5, atol=1e-5)
+
+
+def test_requests_admitted_in_the_same_step_share_the_prefix(make_engine, tiny_model):
+    """Blocks are registered when the step that fills them is scheduled, so the second and
+    later requests of that very step compute only their suffixes, and read the prefix's
+    K/V that the same forward pass writes."""
+    rng = random.Random(9)
+    prefix = [rng.randrange(tiny_model.vocab_size) for _ in range(32)]
+    prompts = [prefix + [rng.randrange(tiny_model.vocab_size) for _ in range(3 + i)] for i in range(4)]
+    engine = make_engine(block_size=4, num_blocks=128)
+    plans, schedule = [], engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    assert [o.output_token_ids for o in outs] == [generate_no_cache(tiny_model, p, 5) for p in prompts]
+    assert [(s.start, s.num_new_tokens) for s in plans[0].scheduled] == [(0, 35)] + [(32, 4 + i) for i in range(3)]
+    assert engine.stats().num_prefix_hit_tokens == 3 * 32

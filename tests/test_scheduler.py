@@ -93,9 +93,9 @@ def test_admission_is_first_come_first_served(engine_with):
 
 def test_preemption_takes_the_newest_and_keeps_its_place_in_line(engine_with):
     engine, executor = engine_with(block_size=2, num_blocks=6)  # room for exactly the first three
-    for rid in ["old", "mid", "new"]:
-        engine.add_request(rid, [2] * 3, SamplingParams(max_tokens=8, ignore_eos=True))
-    engine.add_request("later", [2], PARAMS)
+    for token, rid in enumerate(["old", "mid", "new"], start=2):  # different prompts: nothing shared
+        engine.add_request(rid, [token] * 3, SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.add_request("later", [5], PARAMS)
     while not any(p.preempted for p in executor.plans):
         engine.step()
     assert executor.plans[-1].preempted == ["new"]
