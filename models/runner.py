@@ -80,6 +80,7 @@ class ModelRunner:
         self.cache_salt = f"{type(model).__name__}/{next(model.parameters()).dtype}".encode()
         self.kv_cache: KVCache | None = None
         self.sampler: Sampler | None = None
+        self.num_swap_blocks = 0
 
     def initialize_cache(self, config: EngineConfig) -> int:
         if self.kv_cache is not None:
@@ -93,7 +94,10 @@ class ModelRunner:
             memory_bytes=config.pool_memory_bytes,
             gpu_memory_fraction=config.gpu_memory_fraction,
         )
-        self.kv_cache = KVCache(spec, num_blocks, config.block_size, self.device)
+        self.num_swap_blocks = (
+            config.swap_space_bytes // spec.bytes_per_block(config.block_size) if config.preemption_mode == "swap" else 0
+        )
+        self.kv_cache = KVCache(spec, num_blocks, config.block_size, self.device, self.num_swap_blocks)
         self.sampler = Sampler(self.device, config.seed)
         return num_blocks
 
@@ -102,9 +106,11 @@ class ModelRunner:
         if self.kv_cache is None:
             raise RuntimeError("initialize_cache() must run before execute()")
         self.sampler.release(plan.finished_seq_ids)
+        self.kv_cache.swap_out(plan.swap_out)  # first: the freed blocks may be written below
+        self.kv_cache.swap_in(plan.swap_in)
+        self.kv_cache.copy_blocks(plan.block_copies)
         if plan.is_empty:
             return []
-        self.kv_cache.copy_blocks(plan.block_copies)
         inputs = prepare_inputs(plan, self.kv_cache.block_size, self.device)
         attention = PagedAttention(self.kv_cache, inputs.attention)
         logits = self.model(inputs.input_ids, inputs.positions, attention, inputs.logits_indices)

@@ -8,6 +8,7 @@ torch-free.
 from paged.block_pool import BlockPool, BlockPoolError, PoolSnapshot
 from paged.block_table import BlockTable, blocks_for
 from paged.kv_manager import Allocation, KVCacheManager
+from paged.swap import SwapSpace, SwapSpaceError
 
 __all__ = [
     "Allocation",
@@ -16,5 +17,7 @@ __all__ = [
     "BlockTable",
     "KVCacheManager",
     "PoolSnapshot",
+    "SwapSpace",
+    "SwapSpaceError",
     "blocks_for",
 ]

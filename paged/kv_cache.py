@@ -58,20 +58,29 @@ def resolve_num_blocks(
 
 
 class KVCache:
-    """Per layer, K and V tensors shaped ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+    """Per layer, K and V tensors shaped ``[num_blocks, block_size, num_kv_heads, head_dim]``,
+    and the same in CPU memory for ``num_swap_blocks`` swapped-out blocks (pinned when the
+    cache is on CUDA, so that copies both ways are DMA transfers).
 
     Zero-initialised on purpose: attention over a padded block table reads slots that
     hold no token; their weights are zero, but ``0 * NaN`` from uninitialised memory
     would still poison the output.
     """
 
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, device: torch.device | str) -> None:
+    def __init__(
+        self, spec: KVCacheSpec, num_blocks: int, block_size: int, device: torch.device | str, num_swap_blocks: int = 0
+    ) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.keys = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
         self.values = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        swap_shape = (num_swap_blocks, *shape[1:])
+        pin = torch.device(device).type == "cuda"
+        self.swap_space = [
+            torch.zeros(swap_shape, dtype=spec.dtype, device="cpu", pin_memory=pin) for _ in range(2 * spec.num_layers)
+        ]
 
     @property
     def nbytes(self) -> int:
@@ -79,10 +88,25 @@ class KVCache:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks ``src -> dst`` in every layer (copy-on-write)."""
-        if not pairs:
-            return
-        device = self.keys[0].device
-        src = torch.tensor([s for s, _ in pairs], device=device)
-        dst = torch.tensor([d for _, d in pairs], device=device)
-        for cache in (*self.keys, *self.values):
-            cache[dst] = cache[src]
+        caches = [*self.keys, *self.values]
+        _copy(caches, caches, pairs)
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy device blocks to CPU blocks, ``(device, cpu)`` pairs, in every layer."""
+        _copy([*self.keys, *self.values], self.swap_space, pairs)
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy CPU blocks back to device blocks, ``(cpu, device)`` pairs, in every layer."""
+        _copy(self.swap_space, [*self.keys, *self.values], pairs)
+
+
+def _copy(sources: list[torch.Tensor], targets: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
+    """``target[dst] = source[src]`` for every ``(src, dst)`` pair, layer by layer."""
+    if not pairs:
+        return
+    src = torch.tensor([s for s, _ in pairs], device=sources[0].device)
+    dst = torch.tensor([d for _, d in pairs], device=targets[0].device)
+    # A copy to the CPU must be complete before the CPU-side indexing reads it.
+    non_blocking = targets[0].device.type != "cpu"
+    for source, target in zip(sources, targets):
+        target[dst] = source[src].to(target.device, non_blocking=non_blocking)

@@ -17,6 +17,10 @@ cached full blocks) and :meth:`allocate_slots` takes references on those blocks 
 computing them; :meth:`cache_full_blocks` registers the blocks a step fills, when the step is
 scheduled (the step writes them before anyone reads them). Partially filled blocks never
 enter the cache.
+
+Swap preemption: :meth:`swap_out` moves a sequence's table to the CPU :class:`SwapSpace`
+(freeing its device blocks) and :meth:`swap_in` brings it back into fresh device blocks;
+each returns the block pairs the executor must copy before the step's forward pass.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import NamedTuple
 from paged.block_pool import BlockPool, BlockPoolError
 from paged.block_table import BlockTable, blocks_for
 from paged.prefix import NO_HIT, PrefixHit, block_hash, root_hash
+from paged.swap import SwapSpace
 
 
 class Allocation(NamedTuple):
@@ -47,11 +52,19 @@ NOTHING = Allocation([], [])  # what a grow that needs no new block returns (nev
 class KVCacheManager:
     """Block tables keyed by sequence id, backed by a :class:`BlockPool`."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, cache_salt: bytes = b"") -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = False,
+        cache_salt: bytes = b"",
+        num_swap_blocks: int = 0,
+    ) -> None:
         if type(block_size) is not int or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.swap = SwapSpace(num_swap_blocks)
         self.prefix_caching = enable_prefix_caching
         self._root = root_hash(cache_salt)
         self._tables: dict[Hashable, BlockTable] = {}
@@ -114,18 +127,21 @@ class KVCacheManager:
             hashes.append(parent)
         return PrefixHit(tuple(blocks), tuple(hashes))
 
-    def allocate_slots(self, seq_id: Hashable, num_tokens: int, prefix: PrefixHit = NO_HIT) -> Allocation | None:
+    def allocate_slots(
+        self, seq_id: Hashable, num_tokens: int, prefix: PrefixHit = NO_HIT, reserve: int = 0
+    ) -> Allocation | None:
         """Grow ``seq_id``'s table so that its first ``num_tokens`` tokens have slots.
 
         A new block is taken only when the last one is full. A new sequence may start
         from ``prefix`` (from :meth:`find_prefix`): it shares those cached blocks and gets
-        fresh ones only for the rest. All-or-nothing: on ``None`` (not enough free blocks)
-        the pool, the cache and every table are unchanged.
+        fresh ones only for the rest. ``reserve`` blocks must stay free afterwards (the
+        admission watermark). All-or-nothing: on ``None`` (not enough free blocks) the
+        pool, the cache and every table are unchanged.
         """
         table = self._tables.get(seq_id)
         if table is None:
             if prefix.blocks:
-                return self._start_from_prefix(seq_id, num_tokens, prefix)
+                return self._start_from_prefix(seq_id, num_tokens, prefix, reserve)
             table = BlockTable(self.block_size)
         elif num_tokens <= table.num_tokens:
             return NOTHING
@@ -136,9 +152,9 @@ class KVCacheManager:
             return NOTHING
         cow = table.last_block_partial and self.pool.is_shared(table.blocks[-1])
         needed = blocks_for(num_tokens, self.block_size) - len(table.blocks) + int(cow)
-        granted = self.pool.allocate(needed)
-        if granted is None:
+        if needed + reserve > self.pool.num_free:
             return None
+        granted = self.pool.allocate(needed)
         copies: list[tuple[int, int]] = []
         if cow:
             src, dst = table.blocks[-1], granted[0]
@@ -152,10 +168,10 @@ class KVCacheManager:
         self._tables[seq_id] = table
         return Allocation(granted, copies)
 
-    def _start_from_prefix(self, seq_id: Hashable, num_tokens: int, prefix: PrefixHit) -> Allocation | None:
+    def _start_from_prefix(self, seq_id: Hashable, num_tokens: int, prefix: PrefixHit, reserve: int) -> Allocation | None:
         reviving = sum(1 for b in prefix.blocks if self.pool.ref_counts[b] == 0)  # they leave the free queue
         needed = blocks_for(num_tokens, self.block_size) - len(prefix.blocks)
-        if needed + reviving > self.pool.num_free:
+        if needed + reviving + reserve > self.pool.num_free:
             return None
         self.pool.take(prefix.blocks)  # first, so that allocate cannot evict them
         granted = self.pool.allocate(needed)
@@ -200,21 +216,57 @@ class KVCacheManager:
         self._tables[child_id] = BlockTable(self.block_size, parent.blocks, parent.num_tokens, parent.hashes)
         self._stored += parent.num_tokens
 
-    def free(self, seq_id: Hashable) -> int:
-        """Release ``seq_id``'s blocks (tail first) and drop its table; idempotent.
+    def swap_out(self, seq_id: Hashable) -> list[tuple[int, int]] | None:
+        """Move ``seq_id``'s K/V to the swap space and free its device blocks. Returns the
+        ``(device block, CPU block)`` pairs to copy before the step's forward pass (whose
+        new owners may write the freed blocks), or ``None``, changing nothing, when the
+        swap space lacks room."""
+        table = self._tables[seq_id]
+        cpu = self.swap.store(seq_id, len(table.blocks), table.num_tokens)
+        if cpu is None:
+            return None
+        pairs = list(zip(table.blocks, cpu))
+        self.free(seq_id)
+        return pairs
 
-        Returns how many block references were released (0 if it held none).
+    def swap_in(self, seq_id: Hashable, num_tokens: int, reserve: int = 0) -> list[tuple[int, int]] | None:
+        """Bring swapped-out ``seq_id`` back into fresh device blocks with slots for its
+        first ``num_tokens`` tokens (at least the swapped ones). Returns the ``(CPU block,
+        device block)`` pairs to copy before the step's forward pass, or ``None``,
+        changing nothing, when fewer than the blocks needed plus ``reserve`` are free."""
+        swapped = self.swap.table(seq_id)
+        num_tokens = max(num_tokens, swapped.num_tokens)
+        needed = blocks_for(num_tokens, self.block_size)
+        if needed + reserve > self.pool.num_free:
+            return None
+        granted = self.pool.allocate(needed)
+        self.swap.release(seq_id)
+        self._tables[seq_id] = BlockTable(self.block_size, tuple(granted), num_tokens)
+        self._stored += num_tokens
+        return list(zip(swapped.blocks, granted))
+
+    def free(self, seq_id: Hashable) -> int:
+        """Release ``seq_id``'s blocks (tail first) and drop its table, or its swap space
+        if it is swapped out; idempotent.
+
+        Returns how many device block references were released (0 if it held none).
         """
         table = self._tables.pop(seq_id, None)
         if table is None:
+            self.swap.release(seq_id)
             return 0
         self.pool.free(reversed(table.blocks))
         self._stored -= table.num_tokens
         return len(table.blocks)
 
     def check(self) -> None:
-        """Raise :class:`BlockPoolError` if a pool or table invariant fails."""
+        """Raise :class:`BlockPoolError` (or ``SwapSpaceError``) if a pool, table or swap
+        space invariant fails."""
         self.pool.check()
+        self.swap.check()
+        both = [s for s in self._tables if self.swap.has(s)]
+        if both:
+            raise BlockPoolError(f"sequences {both} are both resident and swapped out")
         holders = Counter(b for t in self._tables.values() for b in t.blocks)
         for b in range(self.pool.num_blocks):
             if self.pool.ref_count(b) != holders[b]:

@@ -29,7 +29,8 @@ class Executor(Protocol):
     eos_token_id: int | None
 
     def initialize_cache(self, config: EngineConfig) -> int:
-        """Allocate the K/V pool as ``config`` asks; return its number of blocks."""
+        """Allocate the K/V pool as ``config`` asks; return its number of blocks. An
+        executor that can swap also sets ``num_swap_blocks`` (the swap space's size)."""
 
     def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
         """Run one step; return, per scheduled sequence, the tokens it samples (as many
@@ -73,6 +74,7 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             executor.initialize_cache(config), config.block_size, config.enable_prefix_caching,
             cache_salt=getattr(executor, "cache_salt", b""),
+            num_swap_blocks=getattr(executor, "num_swap_blocks", 0),  # none: preemption recomputes
         )
         self.scheduler = Scheduler(
             config,
@@ -91,8 +93,10 @@ class LLMEngine:
         request_id: str,
         prompt: str | Sequence[int],
         sampling_params: SamplingParams | dict | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request whose prompt is text (needs a tokenizer) or token ids.
+        ``priority``: lower is more urgent (see ``scheduler.Scheduler`` for the rule).
 
         Raises :class:`InvalidRequestError` (or pydantic's ``ValidationError`` for bad
         sampling parameters) and changes nothing if the request is bad.
@@ -100,11 +104,15 @@ class LLMEngine:
         params = self._params(sampling_params)
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
+        if type(priority) is not int or not -(2**31) <= priority < 2**31:
+            raise InvalidRequestError(f"priority must be an integer in [-2**31, 2**31), got {priority!r}")
         prompt_token_ids = self._prompt(prompt)
         for t in params.stop_token_ids:
             if t >= self.executor.vocab_size:
                 raise InvalidRequestError(f"stop_token_ids: {t} is outside the vocabulary [0, {self.executor.vocab_size})")
-        self.scheduler.add_request(Request(request_id, prompt_token_ids, params, arrival_time=self.scheduler.clock()))
+        self.scheduler.add_request(
+            Request(request_id, prompt_token_ids, params, arrival_time=self.scheduler.clock(), priority=priority)
+        )
         if self.tokenizer is not None:
             self._texts[request_id] = []
 

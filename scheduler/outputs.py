@@ -40,6 +40,12 @@ class SchedulerOutput:
     preempted: list[Hashable] = field(default_factory=list)
     """Sequence ids (``Request.seq_id``) preempted while building this plan."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    """``(src, dst)`` device blocks to copy (copy-on-write), after the swaps."""
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    """``(device, cpu)`` blocks of sequences preempted by swap: copy first (their device
+    blocks may be handed to others in this very step)."""
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    """``(cpu, device)`` blocks of swapped sequences resuming: copy after ``swap_out``."""
     finished_seq_ids: list[Hashable] = field(default_factory=list)
     """Sequences that ended since the previous plan; the executor drops their state."""
     num_batched_tokens: int = 0
@@ -202,6 +208,12 @@ class EngineStats:
     """Blocks in the prefix cache, held or not (a subset of used + free)."""
     kv_blocks_evictable: int = 0
     """Cached blocks nobody holds: free, but kept until a new block is needed."""
+    num_swapped_out: int = 0
+    """Preemptions that copied the victim's blocks to the swap space."""
+    num_recomputed: int = 0
+    """Preemptions that dropped the victim's K/V, to be recomputed."""
+    swap_blocks_used: int = 0
+    swap_blocks_total: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:

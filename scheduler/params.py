@@ -8,6 +8,7 @@ Ranges follow vLLM's so that code written for it behaves the same here.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
@@ -117,6 +118,23 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     enable_prefix_caching: bool = True
     """Share the K/V of full blocks between requests with the same prefix (paged.prefix)."""
+    enable_chunked_prefill: bool = True
+    """Prefill long prompts in chunks beside running decodes. Off: vLLM v0's policy, where
+    a step either prefills whole prompts or decodes (needs a token budget >= max_model_len)."""
+    preemption_mode: Literal["recompute", "swap"] = "recompute"
+    """What a preempted sequence loses: its K/V (recomputed when it resumes) or nothing
+    (its blocks are copied to the CPU swap space and back; recompute when that is full)."""
+    swap_space_bytes: int = Field(256 * 2**20, ge=0)
+    """CPU memory for swapped-out blocks (used only with ``preemption_mode="swap"``)."""
+    kv_watermark: float = Field(0.01, ge=0.0, lt=1.0)
+    """Fraction of the pool that admitting a request must leave free, so that admission
+    does not at once force the running requests to preempt each other."""
+    priority_aging_s: float = Field(10.0, gt=0.0)
+    """Seconds of waiting that make up for one level of priority: requests are ranked by
+    ``arrival_time + priority * priority_aging_s``, so no request starves."""
+    head_of_line_patience: int = Field(32, ge=0)
+    """Steps for which requests behind a waiting request that does not fit may be
+    admitted before it; after that admission waits for it."""
 
     @model_validator(mode="after")
     def _one_pool_size(self) -> EngineConfig:

@@ -62,6 +62,12 @@ class Request:
     finish_time: float | None = None
     num_preemptions: int = 0
     index: int = 0
+    priority: int = 0
+    """Lower is more urgent (vLLM's convention)."""
+    swapped: bool = False
+    """Preempted by swap: waiting with its K/V in the swap space and its progress kept."""
+    rank: tuple[float, int] = (0.0, 0)
+    """The scheduler's ordering key (smaller first), set when the request is added."""
 
     num_prompt_tokens: int = field(init=False)
     seq_id: Hashable = field(init=False)

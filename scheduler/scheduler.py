@@ -1,20 +1,37 @@
 """The continuous-batching scheduler: every step, who computes how many tokens.
 
-Policy (first-come, first-served, recompute preemption):
+Ranking. Every request gets a rank when it arrives: ``arrival_time + priority *
+priority_aging_s`` (lower priority values are more urgent), ties broken by arrival order.
+Both queues are kept sorted by rank, so with equal priorities everything is first come,
+first served, and a request that waited ``priority_aging_s`` seconds per level outranks a
+more urgent newcomer: aging, so nothing starves. A preempted request keeps its rank.
 
-1. Running requests go first, in admission order, each asking for every token it has not
-   computed yet, cut to what is left of the step's token budget. Decodes therefore never
-   wait behind a prefill, and a long prompt is prefilled in chunks across steps.
-2. When a running request cannot get the blocks it needs, the most recently admitted
-   request is preempted: its blocks are freed, its progress counter drops to zero, and it
-   goes back to the *front* of the waiting queue, keeping its place in line. A request
-   may have to preempt itself when it is the newest one.
-3. If nobody was preempted, waiting requests are admitted in arrival order while the
-   budget, ``max_num_seqs`` and the free blocks allow. The first that does not fit stops
-   admission (strict FCFS).
+Each step (``enable_chunked_prefill``, the default):
 
-Every request that is accepted fits in the pool on its own (checked at ``add_request``),
-so with nothing running the head of the queue can always be admitted: no deadlock.
+1. If the best waiting request is more urgent (strictly lower priority value) than the
+   worst running one and cannot be admitted for lack of ``max_num_seqs`` seats or blocks,
+   running requests of lower priority are preempted, worst first, until it could be.
+2. Running requests go first, best rank first, each asking for every token it has not
+   computed, cut to what is left of the token budget: decodes never wait behind a
+   prefill (stall-free batching) and long prompts are prefilled in chunks, which may end
+   mid-block.
+3. When a running request cannot get a block, the worst-ranked running request is
+   preempted (possibly itself): by swap (its blocks are copied to the CPU swap space and
+   it keeps its progress) when ``preemption_mode="swap"`` and the swap space has room,
+   else by recompute (its blocks are freed and it starts over). Either way it goes back
+   to the waiting queue at its rank.
+4. Unless this step had to preempt for memory, waiting requests are admitted in rank
+   order while seats and budget last, each leaving ``kv_watermark`` of the pool free
+   (unless nothing is running). A request whose blocks cannot be had is passed over, so
+   that one long prompt does not block short ones behind it, but only for
+   ``head_of_line_patience`` steps while it is at the head; then admission waits for it.
+
+Without chunked prefill a step either prefills whole prompts (admission only) or, when
+no waiting request can be admitted, decodes every running request (vLLM v0's policy).
+
+Progress: every accepted request fits the pool alone (checked when it is added), the
+watermark is waived when nothing runs, and a running request only preempts others before
+itself, so some request is scheduled in every step while any is unfinished.
 
 Parallel sampling (``n > 1``): the scheduler runs a request as one sequence until the
 step that computes the last prompt token, which samples n tokens from its logits; then
@@ -23,20 +40,27 @@ filled one is copied on write by each sequence that writes into it while it is s
 From then on each sequence is scheduled, preempted and finished on its own; the request
 ends when all of them have. An unforked request holds n of the ``max_num_seqs`` seats,
 so that forking never exceeds it.
+
 Pure Python and torch-free, so the simulator drives this very class.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections import deque
+from bisect import insort
 from collections.abc import Callable
+from operator import attrgetter
 
 from paged.kv_manager import KVCacheManager
 from paged.prefix import NO_HIT
 from scheduler.outputs import EngineStats, SchedulerOutput
 from scheduler.params import EngineConfig
 from scheduler.request import FinishReason, InvalidRequestError, Request, RequestStatus
+
+_rank = attrgetter("rank")
+MAX_PASSED_OVER = 16
+"""Waiting requests admission looks past in one step when earlier ones do not fit."""
 
 
 class Scheduler:
@@ -48,17 +72,28 @@ class Scheduler:
         eos_token_id: int | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= max_model_len ({max_model_len}) "
+                "when enable_chunked_prefill is False: every prompt is prefilled in one step"
+            )
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id
         self.clock = clock
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.waiting: list[Request] = []  # sorted by rank
+        self.running: list[Request] = []  # sorted by rank
         self.requests: dict[str, Request] = {}  # every unfinished request (its first sequence), by id
         self._finished_ids: list = []  # sequence ids
         self._fork_seats = 0  # seats held for the future forks of running, unforked requests
+        self._order = itertools.count()
+        self._watermark = int(config.kv_watermark * kv.num_blocks)
+        self._head: Request | None = None  # the waiting request at the head in the last step
+        self._head_passed_over = 0  # steps in which requests behind it were admitted
         self.num_preemptions = 0
+        self.num_swapped_out = 0
+        self.num_recomputed = 0
         self.num_steps = 0
         self.num_tokens_computed = 0
         self.num_generated_tokens = 0
@@ -92,8 +127,9 @@ class Scheduler:
                 f"n ({request.params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): its sequences could never run together"
             )
         self.check_fits(request.request_id, request.num_prompt_tokens, request.params.max_tokens)
+        request.rank = (request.arrival_time + request.priority * self.config.priority_aging_s, next(self._order))
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        insort(self.waiting, request, key=_rank)
 
     def abort(self, request_id: str) -> Request | None:
         """End every sequence of a request, in any state, and free their blocks;
@@ -117,52 +153,109 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def num_seats_taken(self) -> int:
+        """Running sequences, and the forks that running, unforked requests will make."""
+        return len(self.running) + self._fork_seats
+
     # ---- one step ------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         plan = SchedulerOutput(finished_seq_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill:
+            budget = self._admit(plan, budget, whole=True)
+            if not plan.scheduled:
+                self._run(plan, budget)
+        else:
+            if self.waiting and self.running:
+                self._preempt_for_priority(plan)
+            preempted = len(plan.preempted)
+            budget = self._run(plan, budget)
+            if len(plan.preempted) == preempted:  # admitting now would only thrash
+                self._admit(plan, budget, whole=False)
+        self.peak_blocks_used = max(self.peak_blocks_used, self.kv.num_used_blocks)
+        return plan
 
+    def _run(self, plan: SchedulerOutput, budget: int) -> int:
+        """Schedule the running sequences, best rank first, preempting the worst when
+        memory runs out; return the budget left."""
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._try_schedule(request, budget, plan)
-            while not n and self._preempt_newest(plan) is not request:
+            while not n and self._preempt_lowest(plan) is not request:
                 n = self._try_schedule(request, budget, plan)
             if not n:
-                break  # the request was the newest and preempted itself
+                break  # the request was the lowest-ranked and preempted itself
             budget -= n
             i += 1
+        return budget
 
-        while self._admission_open(plan) and self.waiting and budget > 0:
-            request = self.waiting[0]
-            if len(self.running) + self._fork_seats + request.params.n > self.config.max_num_seqs:
+    def _admit(self, plan: SchedulerOutput, budget: int, whole: bool) -> int:
+        """Admit waiting requests in rank order (whole prompts only when ``whole``);
+        return the budget left. See the module docstring for the head-of-line rule."""
+        if not self._admission_open(plan):
+            return budget
+        i = passed_over = 0
+        while i < len(self.waiting) and budget > 0:
+            request = self.waiting[i]
+            if self.num_seats_taken + request.params.n > self.config.max_num_seqs:
                 break
-            n = self._try_schedule(request, budget, plan)
-            if not n:
+            reserve = self._watermark if self.running else 0
+            n = self._try_schedule(request, budget, plan, reserve, whole)
+            if n:
+                del self.waiting[i]
+                if request is self._head:
+                    self._head = None
+                request.status = RequestStatus.RUNNING
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = self.clock()
+                    self.num_prompt_tokens += request.num_prompt_tokens
+                insort(self.running, request, key=_rank)
+                self._fork_seats += request.params.n - 1
+                budget -= n
+                continue
+            if whole and request.num_tokens - request.num_computed_tokens > budget:
+                break  # no room left in this step's budget; not a memory problem
+            if i == 0 and not self._may_pass(request) or passed_over == MAX_PASSED_OVER:
                 break
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = self.clock()
-                self.num_prompt_tokens += request.num_prompt_tokens
-            self.running.append(request)
-            self._fork_seats += request.params.n - 1
-            budget -= n
+            i += 1
+            passed_over += 1
+        return budget
 
-        self.peak_blocks_used = max(self.peak_blocks_used, self.kv.num_used_blocks)
-        return plan
+    def _may_pass(self, head: Request) -> bool:
+        """Whether requests behind ``head`` (which cannot get its blocks) may go first
+        in this step: yes for ``head_of_line_patience`` steps of it being at the head."""
+        if head is not self._head:
+            self._head, self._head_passed_over = head, 0
+        self._head_passed_over += 1
+        return self._head_passed_over <= self.config.head_of_line_patience
 
     def _admission_open(self, plan: SchedulerOutput) -> bool:
-        """Whether waiting requests may be admitted now: not in a step that had to preempt
-        (it would only thrash). Baseline policies in the simulator narrow this further."""
-        return not plan.preempted
+        """Whether waiting requests may be admitted now. Baseline policies in the
+        simulator narrow this further."""
+        return True
 
-    def _try_schedule(self, request: Request, budget: int, plan: SchedulerOutput) -> int:
-        """Give ``request`` its next chunk (all it has left, cut to ``budget``) if the blocks
-        for it can be had; return the chunk's size, or 0 when memory says no. A chunk
-        that reaches the end samples ``params.n`` tokens (n > 1 only before the fork)."""
+    def _preempt_for_priority(self, plan: SchedulerOutput) -> None:
+        """Make room for the best waiting request by preempting less urgent running ones."""
+        head = self.waiting[0]
+        first_chunk = min(head.num_tokens, head.num_computed_tokens + self.config.max_num_batched_tokens)
+        need = self.kv.blocks_for(first_chunk) + self._watermark
+        while self.running and self.running[-1].priority > head.priority:
+            short_of_seats = self.num_seats_taken + head.params.n > self.config.max_num_seqs
+            if not short_of_seats and need <= self.kv.num_free_blocks:
+                return
+            self._preempt_lowest(plan)
+
+    def _try_schedule(
+        self, request: Request, budget: int, plan: SchedulerOutput, reserve: int = 0, whole: bool = False
+    ) -> int:
+        """Give ``request`` its next chunk (all it has left, cut to ``budget``; all or
+        nothing when ``whole``) if the blocks for it can be had with ``reserve`` blocks
+        to spare; return the chunk's size, or 0. A chunk that reaches the end samples
+        ``params.n`` tokens (n > 1 only before the fork)."""
         start, total = request.num_computed_tokens, len(request.token_ids)
         seq_id = request.seq_id
         prefix = NO_HIT
@@ -170,20 +263,30 @@ class Scheduler:
             prefix = self.kv.find_prefix(request.token_ids)
             start = len(prefix.blocks) * self.kv.block_size
         n = total - start if total - start < budget else budget
-        allocation = self.kv.allocate_slots(seq_id, start + n, prefix)
-        if allocation is None:
+        if whole and start + n < total:
             return 0
-        if prefix.blocks:
-            request.num_computed_tokens = start
-            if not request.num_preemptions:  # the hit rate is over prompts, each counted once
-                self.num_prefix_hit_tokens += start
-        if allocation.copies:
-            plan.block_copies.extend(allocation.copies)
-        if (start + n) % self.kv.block_size < n and self.kv.prefix_caching:
-            # Blocks this chunk fills are registered now, before they are computed, so that
-            # requests admitted later in this same step share them: the forward pass writes
-            # every new K/V of a layer before any attention of that layer reads the cache.
-            self.kv.cache_full_blocks(seq_id, request.token_ids, start + n)
+        if request.swapped:
+            swap_in = self.kv.swap_in(seq_id, start + n, reserve)
+            if swap_in is None:
+                return 0
+            request.swapped = False
+            plan.swap_in.extend(swap_in)
+            self.kv.cache_full_blocks(seq_id, request.token_ids, start + n)  # fresh blocks: re-register
+        else:
+            allocation = self.kv.allocate_slots(seq_id, start + n, prefix, reserve)
+            if allocation is None:
+                return 0
+            if prefix.blocks:
+                request.num_computed_tokens = start
+                if not request.num_preemptions:  # the hit rate is over prompts, each counted once
+                    self.num_prefix_hit_tokens += start
+            if allocation.copies:
+                plan.block_copies.extend(allocation.copies)
+            if (start + n) % self.kv.block_size < n and self.kv.prefix_caching:
+                # Blocks this chunk fills are registered now, before they are computed, so that
+                # requests admitted later in this same step share them: the forward pass writes
+                # every new K/V of a layer before any attention of that layer reads the cache.
+                self.kv.cache_full_blocks(seq_id, request.token_ids, start + n)
         plan.add(request, start, n, self.kv.block_ids(seq_id), request.params.n if start + n == total else 0)
         return n
 
@@ -238,6 +341,10 @@ class Scheduler:
             num_prefix_hit_tokens=self.num_prefix_hit_tokens,
             kv_blocks_cached=kv.num_cached_blocks,
             kv_blocks_evictable=kv.num_evictable_blocks,
+            num_swapped_out=self.num_swapped_out,
+            num_recomputed=self.num_recomputed,
+            swap_blocks_used=kv.swap.num_used,
+            swap_blocks_total=kv.swap.num_blocks,
         )
 
     # ---- internals -----------------------------------------------------------------
@@ -269,17 +376,25 @@ class Scheduler:
             self.running.append(child)
         return parent.group
 
-    def _preempt_newest(self, plan: SchedulerOutput) -> Request:
-        """Preempt the most recently admitted running sequence; return it."""
+    def _preempt_lowest(self, plan: SchedulerOutput) -> Request:
+        """Preempt the worst-ranked running sequence, by swap if configured and there is
+        room, else by recompute; return it."""
         request = self.running.pop()
         self._fork_seats -= request.params.n - 1
         plan.preempted.append(request.seq_id)
-        self.kv.free(request.seq_id)
+        swap_out = self.kv.swap_out(request.seq_id) if self.config.preemption_mode == "swap" else None
+        if swap_out is not None:
+            plan.swap_out.extend(swap_out)
+            request.swapped = True
+            self.num_swapped_out += 1
+        else:
+            self.kv.free(request.seq_id)
+            request.num_computed_tokens = 0
+            self.num_recomputed += 1
         request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        insort(self.waiting, request, key=_rank)
         return request
 
     def _finish(self, request: Request, reason: FinishReason, now: float) -> None:

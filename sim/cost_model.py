@@ -76,6 +76,9 @@ class CostModel(BaseModel):
     per_prefill_attended_pair_s: float = Field(ge=0)
     kv_bytes_per_token: int = Field(ge=1)
     max_model_len: int = Field(ge=1)
+    swap_bytes_per_s: float = Field(
+        10e9, gt=0, description="copy rate between the pool and the swap space (assumed, not fitted: memcpy or PCIe)"
+    )
     fit_note: str = ""
 
     @model_validator(mode="after")

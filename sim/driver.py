@@ -66,7 +66,8 @@ def run_workload(
     block_size = config.block_size
     if policy != "paged":  # reservations are counted in slots: 1-token blocks
         num_blocks, block_size = num_blocks * block_size, 1
-    kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching and policy == "paged")
+    kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching and policy == "paged",
+                        num_swap_blocks=getattr(executor, "num_swap_blocks", 0) if policy == "paged" else 0)
     scheduler = build_scheduler(policy, config, kv, max_model_len, clock)
     result = RunResult(policy, block_size, num_blocks * block_size)
     params: dict[int, SamplingParams] = {}
@@ -78,7 +79,7 @@ def run_workload(
         )
         prompt = list(spec.prompt_token_ids) if spec.prompt_token_ids is not None else [1] * spec.prompt_len
         try:
-            scheduler.add_request(Request(str(next(ids)), prompt, sp, arrival_time=at))
+            scheduler.add_request(Request(str(next(ids)), prompt, sp, arrival_time=at, priority=spec.priority))
         except InvalidRequestError:
             result.rejected += 1
 

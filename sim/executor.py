@@ -59,9 +59,14 @@ class SimulatedExecutor:
         self.clock = clock
         self.max_model_len = cost.max_model_len
         self.busy_seconds = 0.0
+        self.num_swap_blocks = 0
+        self._block_bytes = 0
 
     def initialize_cache(self, config: EngineConfig) -> int:
         """As many blocks as the engine would get for this config on the profiled model."""
+        self._block_bytes = self.cost.kv_bytes_per_token * config.block_size
+        if config.preemption_mode == "swap":
+            self.num_swap_blocks = config.swap_space_bytes // self._block_bytes
         if config.num_blocks is not None:
             return config.num_blocks
         if config.pool_memory_bytes is None:
@@ -72,9 +77,12 @@ class SimulatedExecutor:
         return blocks
 
     def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
-        if plan.is_empty:
+        swapped = len(plan.swap_out) + len(plan.swap_in)
+        if plan.is_empty and not swapped:
             return []
-        seconds = self.cost.step_time(plan)
+        seconds = self.cost.step_time(plan) if not plan.is_empty else 0.0
+        if swapped:
+            seconds += swapped * self._block_bytes / self.cost.swap_bytes_per_s
         self.busy_seconds += seconds
         self.clock.advance(seconds)
         return [_ONE * s.samples for s in plan.scheduled]

@@ -51,7 +51,7 @@ class ReservingScheduler(Scheduler):
         if need > self.capacity:
             raise InvalidRequestError(f"a reservation of {need} slots can never fit a pool of {self.capacity}")
 
-    def _try_schedule(self, request: Request, budget: int, plan: SchedulerOutput) -> int:
+    def _try_schedule(self, request: Request, budget: int, plan: SchedulerOutput, *args) -> int:
         rid = request.seq_id
         if rid not in self._holdings:
             need = self.reservation(request.num_prompt_tokens, request.params.max_tokens)
@@ -59,7 +59,7 @@ class ReservingScheduler(Scheduler):
                 return 0
             self._holdings[rid] = need
             self.reserved_slots += need
-        n = super()._try_schedule(request, budget, plan)
+        n = super()._try_schedule(request, budget, plan, *args)
         if not n and not self.kv.has(rid):  # a fresh admission that failed: give the reservation back
             self.reserved_slots -= self._holdings.pop(rid)
         return n
@@ -68,8 +68,8 @@ class ReservingScheduler(Scheduler):
         self.reserved_slots -= self._holdings.pop(request.seq_id, 0)
         super()._finish(request, reason, now)
 
-    def _preempt_newest(self, plan: SchedulerOutput) -> Request:
-        request = super()._preempt_newest(plan)
+    def _preempt_lowest(self, plan: SchedulerOutput) -> Request:
+        request = super()._preempt_lowest(plan)
         self.reserved_slots -= self._holdings.pop(request.seq_id, 0)
         return request
 
