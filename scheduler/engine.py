@@ -150,19 +150,24 @@ class LLMEngine:
         prompts: Sequence[str | Sequence[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Run ``prompts`` to completion, batched continuously; return their final outputs
-        in prompt order. ``on_output`` sees every streamed output as it happens."""
+        in prompt order. ``on_output`` sees every streamed output as it happens;
+        ``priority`` gives each prompt's priority (lower is more urgent)."""
         if self.has_unfinished_requests():
             raise RuntimeError("generate() runs the engine to completion; finish or abort the requests in flight first")
         if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise InvalidRequestError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+        priority = [0] * len(prompts) if priority is None else list(priority)
+        if len(priority) != len(prompts):
+            raise InvalidRequestError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         ids = [f"generate-{next(self._generate_ids)}" for _ in prompts]
         try:
-            for rid, prompt, params in zip(ids, prompts, sampling_params):
-                self.add_request(rid, prompt, params)
+            for rid, prompt, params, p in zip(ids, prompts, sampling_params, priority):
+                self.add_request(rid, prompt, params, priority=p)
         except Exception:
             for rid in ids:
                 self.abort(rid)

@@ -370,10 +370,11 @@ class Scheduler:
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = RequestStatus.RUNNING
             child.first_scheduled_time = parent.first_scheduled_time
+            child.priority, child.rank = parent.priority, parent.rank
             child.group = parent.group
             parent.group.append(child)
             self.kv.fork(parent.seq_id, child.seq_id)
-            self.running.append(child)
+            insort(self.running, child, key=_rank)  # after its equals: the parent and older siblings
         return parent.group
 
     def _preempt_lowest(self, plan: SchedulerOutput) -> Request:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models import GPT, ModelRunner
-from scheduler import EngineConfig, LLMEngine
+from scheduler import EngineConfig, LLMEngine, SchedulerOutput
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +62,46 @@ def make_engine(tiny_model):
 def random_prompts(seed: int, n: int, vocab: int, min_len: int = 1, max_len: int = 40) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
+
+
+class RecordingExecutor:
+    """Returns token 1 for every sequence that samples, and remembers every plan."""
+
+    vocab_size = 100
+    max_model_len = 1000
+    eos_token_id = None
+
+    def __init__(self) -> None:
+        self.plans: list[SchedulerOutput] = []
+
+    def initialize_cache(self, config: EngineConfig) -> int:
+        """Its blocks count as 1 KiB each for the swap space."""
+        self.num_swap_blocks = config.swap_space_bytes // 1024 if config.preemption_mode == "swap" else 0
+        return config.num_blocks
+
+    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+        self.plans.append(plan)
+        return [(1,) * s.samples for s in plan.scheduled]
+
+
+@pytest.fixture
+def engine_with():
+    """Engines on the recording executor, each drain-checked after its test."""
+    engines = []
+
+    def make(clock=None, **config) -> tuple[LLMEngine, RecordingExecutor]:
+        executor = RecordingExecutor()
+        engines.append(LLMEngine(executor, EngineConfig(**config), **({"clock": clock} if clock else {})))
+        return engines[-1], executor
+
+    yield make
+    for engine in engines:
+        assert_drained(engine)
+
+
+def drain(engine: LLMEngine, max_steps: int = 1000) -> None:
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")

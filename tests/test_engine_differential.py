@@ -65,3 +65,26 @@ def test_streamed_tokens_add_up_to_the_final_output(make_engine, workload):
     streamed: dict[str, list[int]] = {}
     outputs = engine.generate(prompts, params, on_output=lambda o: streamed.setdefault(o.request_id, []).extend(o.new_token_ids))
     assert [streamed[o.request_id] for o in outputs] == expected
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("budget", [1024, 9, 3, None])  # 3 < block size; None: no chunked prefill
+@pytest.mark.parametrize("priorities", [False, True])
+def test_pressure_matches_reference(make_engine, tiny_model, workload, mode, budget, priorities):
+    """Swap or recompute preemption, chunk budgets down to less than a block (or whole
+    prompts only), random priorities, on the smallest pool: the same greedy tokens."""
+    prompts, params, expected = workload
+    block_size = 4
+    swap_blocks = 2 * smallest_pool(workload, block_size)  # room for some victims, not all at once
+    engine = make_engine(
+        block_size=block_size, num_blocks=smallest_pool(workload, block_size), kv_watermark=0.0,
+        max_num_batched_tokens=budget or tiny_model.max_model_len, enable_chunked_prefill=budget is not None,
+        preemption_mode=mode, swap_space_bytes=swap_blocks * tiny_model.kv_cache_spec().bytes_per_block(block_size),
+    )
+    priority = [random.Random(i).randrange(3) for i in range(len(prompts))] if priorities else None
+    outputs = engine.generate(prompts, params, priority=priority)
+    assert [o.output_token_ids for o in outputs] == expected
+    stats = engine.stats()
+    assert stats.num_preemptions > 0
+    assert (stats.num_swapped_out > 0) == (mode == "swap")
+    assert engine.kv_manager.swap.num_used == 0

@@ -7,52 +7,11 @@ import sys
 
 import pytest
 
-from scheduler import EngineConfig, LLMEngine, SamplingParams, SchedulerOutput
+from scheduler import SamplingParams
 
-from .conftest import assert_drained
+from .conftest import drain
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-
-
-class RecordingExecutor:
-    """Returns token 1 for every sequence that samples, and remembers every plan."""
-
-    vocab_size = 100
-    max_model_len = 1000
-    eos_token_id = None
-
-    def __init__(self) -> None:
-        self.plans: list[SchedulerOutput] = []
-
-    def initialize_cache(self, config: EngineConfig) -> int:
-        return config.num_blocks
-
-    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
-        self.plans.append(plan)
-        return [(1,) * s.samples for s in plan.scheduled]
-
-
-@pytest.fixture
-def engine_with():
-    """Engines on the recording executor, each drain-checked after its test."""
-    engines = []
-
-    def make(**config) -> tuple[LLMEngine, RecordingExecutor]:
-        executor = RecordingExecutor()
-        engines.append(LLMEngine(executor, EngineConfig(**config)))
-        return engines[-1], executor
-
-    yield make
-    for engine in engines:
-        assert_drained(engine)
-
-
-def drain(engine: LLMEngine, max_steps: int = 1000) -> None:
-    for _ in range(max_steps):
-        if not engine.has_unfinished_requests():
-            return
-        engine.step()
-    raise AssertionError("engine did not finish")
 
 
 def test_budget_and_max_num_seqs_are_never_exceeded(engine_with):

@@ -1,0 +1,116 @@
+"""A stand-in for the model that checks the memory bookkeeping token by token, and a soak
+run built on it (used by the tests and by ``benchmarks/soak.py``).
+
+:class:`ContentExecutor` keeps, for every device and swap block, which token each slot
+holds. Each step it performs the plan's swap-outs, swap-ins and copies, writes every
+scheduled token into its slot, and then checks that every scheduled sequence reads its own
+tokens back from its whole context. Any mistake in swapping, copy-on-write, prefix
+caching, preemption or block tables shows up as a wrong token in some slot.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from scheduler import EngineConfig, LLMEngine, SamplingParams, SchedulerOutput
+from scheduler.request import FinishReason
+
+
+class ContentExecutor:
+    vocab_size = 64
+    eos_token_id = None
+
+    def __init__(self, max_model_len: int = 64, seed: int = 0) -> None:
+        self.max_model_len = max_model_len
+        self.rng = random.Random(seed)
+        self.block_size = 0
+        self.num_swap_blocks = 0
+        self.device: dict[int, list[int | None]] = {}
+        self.host: dict[int, list[int | None]] = {}
+        self.num_checked_tokens = 0
+        self.plans = 0
+        self.empty_plans = 0
+        self.max_batched_tokens = 0
+        self.max_scheduled = 0
+
+    def initialize_cache(self, config: EngineConfig) -> int:
+        """Blocks count as 1 KiB each for the swap space."""
+        self.block_size = config.block_size
+        self.num_swap_blocks = config.swap_space_bytes // 1024 if config.preemption_mode == "swap" else 0
+        return config.num_blocks
+
+    def _block(self, b: int) -> list[int | None]:
+        return self.device.setdefault(b, [None] * self.block_size)
+
+    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+        self.plans += 1
+        self.empty_plans += plan.is_empty
+        self.max_batched_tokens = max(self.max_batched_tokens, plan.num_batched_tokens)
+        self.max_scheduled = max(self.max_scheduled, len(plan.scheduled))
+        for d, c in plan.swap_out:
+            self.host[c] = list(self._block(d))
+        for c, d in plan.swap_in:
+            self.device[d] = list(self.host[c])
+        for s, d in plan.block_copies:
+            self.device[d] = list(self._block(s))
+        bs = self.block_size
+        for s in plan.scheduled:  # every write of the step first, as each layer of a model does
+            for i in range(s.start, s.start + s.num_new_tokens):
+                self._block(s.block_ids[i // bs])[i % bs] = s.request.token_ids[i]
+        for s in plan.scheduled:
+            context = [self._block(s.block_ids[i // bs])[i % bs] for i in range(s.start + s.num_new_tokens)]
+            if context != s.request.token_ids[: s.start + s.num_new_tokens]:
+                raise AssertionError(f"sequence {s.request.seq_id!r} reads {context}, not its tokens {s.request.token_ids}")
+            self.num_checked_tokens += len(context)
+        return [tuple(self.rng.randrange(self.vocab_size) for _ in range(s.samples)) for s in plan.scheduled]
+
+
+@dataclass
+class SoakResult:
+    steps: int = 0
+    finished: dict[str, FinishReason] = field(default_factory=dict)
+    aborted: set[str] = field(default_factory=set)
+    submitted: list[str] = field(default_factory=list)
+    max_seats: int = 0
+
+
+def soak(num_requests: int, config: EngineConfig, seed: int = 0, abort_rate: float = 0.1) -> tuple[LLMEngine, SoakResult]:
+    """Feed ``num_requests`` random requests (prompts sharing prefixes, random lengths,
+    priorities, n, arrival gaps) to an engine on a :class:`ContentExecutor`, abort some at
+    random moments, and run until everything has ended."""
+    rng = random.Random(seed)
+    executor = ContentExecutor(seed=seed)
+    engine = LLMEngine(executor, config)
+    prefixes = [[rng.randrange(64) for _ in range(rng.randint(1, 20))] for _ in range(4)]
+    result = SoakResult()
+    pending = num_requests
+    while pending or engine.has_unfinished_requests():
+        for _ in range(min(pending, rng.choice([0, 0, 1, 1, 2, 3]))):
+            rid = f"r{len(result.submitted)}"
+            prompt = rng.choice(prefixes)[: rng.randint(0, 20)] + [rng.randrange(64) for _ in range(rng.randint(1, 12))]
+            params = SamplingParams(
+                temperature=1.0, max_tokens=rng.randint(1, 16), n=rng.choice([1, 1, 1, 2, 3]), ignore_eos=True,
+                stop_token_ids=[rng.randrange(64)] if rng.random() < 0.3 else [],
+            )
+            engine.add_request(rid, prompt, params, priority=rng.choice([0, 0, 1, 2]))
+            result.submitted.append(rid)
+            pending -= 1
+        if result.submitted and rng.random() < abort_rate:
+            rid = rng.choice(result.submitted)
+            if rid in engine.scheduler.requests:
+                result.aborted.add(rid)
+            engine.abort(rid)
+        busy, empty = engine.has_unfinished_requests(), executor.empty_plans
+        outputs = engine.step()
+        if busy and executor.empty_plans > empty:
+            raise AssertionError(f"step {result.steps} scheduled nothing while requests waited")
+        for out in outputs:
+            if out.finished:
+                if out.request_id in result.finished:
+                    raise AssertionError(f"{out.request_id} finished twice")
+                reasons = {s.finish_reason for s in out.outputs}
+                result.finished[out.request_id] = FinishReason.ABORT if FinishReason.ABORT in reasons else reasons.pop()
+        result.max_seats = max(result.max_seats, engine.scheduler.num_seats_taken)
+        result.steps += 1
+    return engine, result
