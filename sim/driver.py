@@ -77,9 +77,12 @@ def run_workload(
         sp = params.get(spec.output_len) or params.setdefault(
             spec.output_len, SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True)
         )
-        prompt = list(spec.prompt_token_ids) if spec.prompt_token_ids is not None else [1] * spec.prompt_len
+        i = next(ids)
+        # Without token ids a prompt is its own token repeated: it shares no prefix with
+        # any other request (so the prefix cache serves only its own preemptions).
+        prompt = list(spec.prompt_token_ids) if spec.prompt_token_ids is not None else [i + 1] * spec.prompt_len
         try:
-            scheduler.add_request(Request(str(next(ids)), prompt, sp, arrival_time=at, priority=spec.priority))
+            scheduler.add_request(Request(str(i), prompt, sp, arrival_time=at, priority=spec.priority))
         except InvalidRequestError:
             result.rejected += 1
 
