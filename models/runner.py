@@ -124,8 +124,11 @@ class ModelRunner:
                 seq_ids += [sequence_id(r.request_id, i) for i in range(s.samples)]
                 params += [r.params.for_sequence(i) for i in range(s.samples)]
         tokens = self.sampler(logits, seq_ids, params)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         out, i = [], 0
         for s in plan.scheduled:
-            out.append(tuple(tokens[i : i + s.samples]))
+            rows = slice(i, i + s.samples)
+            # A row with NaN or inf logits fails its request alone (see Scheduler.update).
+            out.append(tuple(tokens[rows]) if all(finite[rows]) else FloatingPointError("non-finite logits"))
             i += s.samples
         return out

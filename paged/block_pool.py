@@ -133,6 +133,14 @@ class BlockPool:
                 del self._free[b]
             self.ref_counts[b] += 1
 
+    def forget(self, block_ids: Iterable[int]) -> None:
+        """Drop these blocks' prefix-cache entries, if any: their contents are not to be
+        trusted (the step that was to compute them failed)."""
+        for b in block_ids:
+            key = self._keys.pop(b, None)
+            if key is not None:
+                del self._cached[key[0]]
+
     def _evict(self, block_id: int) -> None:
         key = self._keys.pop(block_id, None)
         if key is not None:

@@ -245,6 +245,14 @@ class KVCacheManager:
         self._stored += num_tokens
         return list(zip(swapped.blocks, granted))
 
+    def forget_cached(self, seq_id: Hashable) -> None:
+        """Take ``seq_id``'s blocks out of the prefix cache (before freeing it after a
+        failed step: what they hold may be garbage)."""
+        table = self._tables.get(seq_id)
+        if table is not None:
+            self.pool.forget(table.blocks)
+            table.hashes = ()
+
     def free(self, seq_id: Hashable) -> int:
         """Release ``seq_id``'s blocks (tail first) and drop its table, or its swap space
         if it is swapped out; idempotent.

@@ -17,7 +17,7 @@ from typing import Protocol
 from paged.kv_manager import KVCacheManager
 from scheduler.outputs import EngineStats, RequestOutput, SchedulerOutput
 from scheduler.params import EngineConfig, SamplingParams
-from scheduler.request import InvalidRequestError, Request
+from scheduler.request import FinishReason, InvalidRequestError, Request
 from scheduler.scheduler import Scheduler
 
 
@@ -120,12 +120,20 @@ class LLMEngine:
         """Run one scheduled step. Returns the outputs of requests that got a new token, and
         the final output (``finish_reason`` abort) of each request aborted since the last step."""
         plan = self.scheduler.schedule()
-        sampled = self.executor.execute(plan)
-        advanced: dict[str, set[int]] = {}  # request id -> indices of its sequences that got a token
-        for seq in self.scheduler.update(plan, sampled):
-            advanced.setdefault(seq.request_id, set()).add(seq.index)
-        groups = {s.request.request_id: s.request.group for s in plan.scheduled}
-        outputs = [self._with_text(RequestOutput.of(groups[rid], indices)) for rid, indices in advanced.items()]
+        try:
+            sampled = self.executor.execute(plan)
+        except Exception as error:  # the step failed: fail its requests, keep serving the others
+            failed = self.scheduler.fail_step(plan, error)
+            outputs = [self._with_text(RequestOutput.of(r.group)) for r in failed]
+        else:
+            advanced: dict[str, set[int]] = {}  # request id -> indices of its sequences that got a token
+            for seq in self.scheduler.update(plan, sampled):
+                advanced.setdefault(seq.request_id, set()).add(seq.index)
+            groups = {s.request.request_id: s.request.group for s in plan.scheduled}
+            for s in plan.scheduled:  # failed rows: their requests end with no new token
+                if s.request.finish_reason is FinishReason.ERROR:
+                    advanced.setdefault(s.request.request_id, set())
+            outputs = [self._with_text(RequestOutput.of(groups[rid], indices)) for rid, indices in advanced.items()]
         if self._aborted:
             outputs, self._aborted = self._aborted + outputs, []
         if not self.has_unfinished_requests():

@@ -122,6 +122,8 @@ class SequenceOutput:
     multi-byte character is still incomplete."""
     text: str = ""
     """All the output text so far."""
+    error: str | None = None
+    """What went wrong, when ``finish_reason`` is error."""
 
     @property
     def finished(self) -> bool:
@@ -151,7 +153,8 @@ class RequestOutput:
         return cls(
             request_id=group[0].request_id,
             outputs=tuple(
-                SequenceOutput(s.index, s.token_ids[-1:] if s.index in advanced else [], s.output_token_ids, s.finish_reason)
+                SequenceOutput(s.index, s.token_ids[-1:] if s.index in advanced else [], s.output_token_ids,
+                               s.finish_reason, error=s.error)
                 for s in group
             ),
             finished=all(s.finished for s in group),
@@ -164,6 +167,11 @@ class RequestOutput:
         if len(self.outputs) != 1:
             raise ValueError(f"request {self.request_id!r} has {len(self.outputs)} sequences; read them from .outputs")
         return self.outputs[0]
+
+    @property
+    def error(self) -> str | None:
+        """The first failed sequence's error: a request fails as a whole."""
+        return next((s.error for s in self.outputs if s.error), None)
 
     @property
     def new_token_ids(self) -> list[int]:

@@ -25,6 +25,8 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+    ERROR = "error"
+    """The engine failed this request (its step raised, or its logits were not finite)."""
 
 
 def sequence_id(request_id: str, index: int) -> Hashable:
@@ -57,6 +59,8 @@ class Request:
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
+    error: str | None = None
+    """Why the engine failed the request (``finish_reason`` error)."""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -9,7 +9,7 @@ more urgent newcomer: aging, so nothing starves. A preempted request keeps its r
 Each step (``enable_chunked_prefill``, the default):
 
 1. If the best waiting request is more urgent (strictly lower priority value) than the
-   worst running one and cannot be admitted for lack of ``max_num_seqs`` seats or blocks,
+   worst running one, outranks it, and cannot be admitted for lack of ``max_num_seqs`` seats or blocks,
    running requests of lower priority are preempted, worst first, until it could be.
 2. Running requests go first, best rank first, each asking for every token it has not
    computed, cut to what is left of the token budget: decodes never wait behind a
@@ -243,7 +243,8 @@ class Scheduler:
         head = self.waiting[0]
         first_chunk = min(head.num_tokens, head.num_computed_tokens + self.config.max_num_batched_tokens)
         need = self.kv.blocks_for(first_chunk) + self._watermark
-        while self.running and self.running[-1].priority > head.priority:
+        # Only victims the head outranks too: an aged victim would win its seat straight back.
+        while self.running and self.running[-1].priority > head.priority and self.running[-1].rank > head.rank:
             short_of_seats = self.num_seats_taken + head.params.n > self.config.max_num_seqs
             if not short_of_seats and need <= self.kv.num_free_blocks:
                 return
@@ -308,6 +309,10 @@ class Scheduler:
             request.num_computed_tokens += n
             if not tokens:
                 continue
+            if tokens.__class__ is not tuple:  # the executor failed this row: an exception
+                self.fail(request, tokens, now)
+                finished = True
+                continue
             for seq, token in zip(self._fork(request, len(tokens)) if len(tokens) > 1 else (request,), tokens):
                 seq.token_ids.append(token)
                 if seq.first_token_time is None:
@@ -348,6 +353,33 @@ class Scheduler:
         )
 
     # ---- internals -----------------------------------------------------------------
+
+    def fail(self, request: Request, error: BaseException, now: float | None = None) -> None:
+        """End every unfinished sequence of ``request``'s group because the engine failed
+        it. Their blocks leave the prefix cache first: what they hold cannot be trusted."""
+        now = self.clock() if now is None else now
+        for seq in request.group:
+            if seq.status is RequestStatus.FINISHED:
+                continue
+            if seq.status is RequestStatus.RUNNING:
+                self.running.remove(seq)
+                self._fork_seats -= seq.params.n - 1
+            else:
+                self.waiting.remove(seq)
+            self.kv.forget_cached(seq.seq_id)
+            seq.error = f"{type(error).__name__}: {error}"
+            self._finish(seq, FinishReason.ERROR, now)
+
+    def fail_step(self, plan: SchedulerOutput, error: BaseException) -> list[Request]:
+        """The executor raised on ``plan``: fail every request it scheduled, and those it
+        swapped out (their copies may not have happened). Returns the failed requests."""
+        swapped_out = set(plan.preempted)
+        victims = [s.request for s in plan.scheduled]
+        victims += [r for r in self.waiting if r.swapped and r.seq_id in swapped_out]
+        for request in victims:
+            self.fail(request, error)
+        self.num_steps += 1
+        return list({id(r.group[0]): r.group[0] for r in victims}.values())
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
         params = request.params

@@ -17,6 +17,11 @@ from scheduler import EngineConfig, LLMEngine, SamplingParams, SchedulerOutput
 from scheduler.request import FinishReason
 
 
+class WrongContext(BaseException):
+    """A bookkeeping bug. A BaseException, so that the engine's handling of failed steps
+    (which catches Exception) does not turn it into a failed request."""
+
+
 class ContentExecutor:
     vocab_size = 64
     eos_token_id = None
@@ -61,7 +66,7 @@ class ContentExecutor:
         for s in plan.scheduled:
             context = [self._block(s.block_ids[i // bs])[i % bs] for i in range(s.start + s.num_new_tokens)]
             if context != s.request.token_ids[: s.start + s.num_new_tokens]:
-                raise AssertionError(f"sequence {s.request.seq_id!r} reads {context}, not its tokens {s.request.token_ids}")
+                raise WrongContext(f"sequence {s.request.seq_id!r} reads {context}, not its tokens {s.request.token_ids}")
             self.num_checked_tokens += len(context)
         return [tuple(self.rng.randrange(self.vocab_size) for _ in range(s.samples)) for s in plan.scheduled]
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from scheduler import EngineConfig, FinishReason, LLMEngine, RequestStatus, SamplingParams
 
-from .conftest import random_prompts
+from .conftest import assert_drained, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -198,3 +199,77 @@ def test_request_id_can_be_reused_after_it_finishes(make_engine):
         outs = [o for _ in range(20) for o in engine.step() if o.finished]
         runs.append(outs[0].output_token_ids)
     assert runs[0] == runs[1] and len(runs[0]) == 8
+
+
+class FailingRunner:
+    """Wraps a ModelRunner: raises in the forward of chosen steps, or makes one request's
+    logits NaN (through a hook on the model's output)."""
+
+    def __init__(self, runner, fail_steps=(), nan_request=None):
+        self.runner, self.fail_steps, self.nan_request, self.steps = runner, set(fail_steps), nan_request, 0
+        for name in ("vocab_size", "max_model_len", "eos_token_id", "cache_salt", "initialize_cache"):
+            setattr(self, name, getattr(runner, name))
+
+    @property
+    def num_swap_blocks(self):
+        return self.runner.num_swap_blocks
+
+    def execute(self, plan):
+        self.steps += 1
+        if self.steps in self.fail_steps and not plan.is_empty:
+            raise RuntimeError("injected failure")
+        sampling = [s for s in plan.scheduled for _ in range(s.samples)]  # the logits rows, in order
+        rows = [i for i, s in enumerate(sampling) if s.request.request_id == self.nan_request]
+        if not rows:
+            return self.runner.execute(plan)
+        model = self.runner.model
+        handle = model.register_forward_hook(lambda m, args, out: out.index_fill(0, torch.tensor(rows), float("nan")))
+        try:
+            return self.runner.execute(plan)
+        finally:
+            handle.remove()
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_failed_step_fails_its_requests_once_and_the_engine_keeps_serving(tiny_model, caching):
+    from models import ModelRunner, generate_no_cache
+
+    runner = FailingRunner(ModelRunner(tiny_model), fail_steps={3})
+    engine = LLMEngine(runner, EngineConfig(block_size=4, num_blocks=64, max_num_seqs=2, enable_prefix_caching=caching))
+    prompts = {f"r{i}": [i + 1] * 9 + [7, 8] for i in range(4)}
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finals, "exactly one terminal output"
+                finals[out.request_id] = out
+    failed = {rid for rid, o in finals.items() if o.finish_reason is FinishReason.ERROR}
+    assert failed == {"r0", "r1"}, "the two requests of step 3 fail, the others complete"
+    assert all("injected failure" in finals[rid].error for rid in failed)
+    for rid in set(prompts) - failed:
+        assert finals[rid].output_token_ids == generate_no_cache(tiny_model, prompts[rid], 5)
+    assert_drained(engine)
+    assert engine.kv_manager.num_cached_blocks == 0 or caching
+    again = engine.generate([prompts["r0"]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    assert again[0].output_token_ids == generate_no_cache(tiny_model, prompts["r0"], 5), "no garbage served from the cache"
+    assert_drained(engine)
+
+
+def test_nan_logits_fail_that_request_alone(tiny_model):
+    from models import ModelRunner, generate_no_cache
+
+    engine = LLMEngine(FailingRunner(ModelRunner(tiny_model), nan_request="bad"), EngineConfig(block_size=4, num_blocks=64))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    engine.add_request("good", [1, 2, 3], params)
+    engine.add_request("bad", [4, 5, 6], params)
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finals
+                finals[out.request_id] = out
+    assert finals["bad"].finish_reason is FinishReason.ERROR and "non-finite logits" in finals["bad"].error
+    assert finals["good"].output_token_ids == generate_no_cache(tiny_model, [1, 2, 3], 4)
+    assert_drained(engine)
