@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     _sampling_args(chat, max_tokens=256)
 
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the [serve] extra)")
+    _engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-waiting", type=int, default=256, help="refuse new requests (503) beyond this many waiting")
+
     sim = commands.add_parser("sim", help="the workload simulator: run, sweep, calibrate")
     sim_cli.add_arguments(sim)
     return parser
@@ -60,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sim":
             sim_cli.main(args)
             return 0
+        if args.command == "serve":
+            serve(args)
+            return 0
         if args.command == "demo":
             demo.run_demo(args.model, args.max_tokens, args.block_size, args.seed)
             return 0
@@ -75,6 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pagedkv: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from server.api import build_app
+        from server.async_engine import AsyncLLMEngine
+    except ImportError as e:
+        raise ValueError(f"pagedkv serve needs FastAPI and uvicorn: pip install -e '.[serve]' ({e})") from e
+    from sim.demo import open_engine
+
+    engine = AsyncLLMEngine(open_engine(args.model, args.block_size, seed=0), max_waiting=args.max_waiting)
+    uvicorn.run(build_app(engine, args.model), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

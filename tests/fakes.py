@@ -1,5 +1,6 @@
-"""A stand-in for the model that checks the memory bookkeeping token by token, and a soak
-run built on it (used by the tests and by ``benchmarks/soak.py``).
+"""Stand-ins for the model: one that checks the memory bookkeeping token by token (and a
+soak run built on it, used by the tests and by ``benchmarks/soak.py``), and one that
+injects failures into a real runner.
 
 :class:`ContentExecutor` keeps, for every device and swap block, which token each slot
 holds. Each step it performs the plan's swap-outs, swap-ins and copies, writes every
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+
+import torch
 
 from scheduler import EngineConfig, LLMEngine, SamplingParams, SchedulerOutput
 from scheduler.request import FinishReason
@@ -119,3 +122,32 @@ def soak(num_requests: int, config: EngineConfig, seed: int = 0, abort_rate: flo
         result.max_seats = max(result.max_seats, engine.scheduler.num_seats_taken)
         result.steps += 1
     return engine, result
+
+
+class FailingRunner:
+    """Wraps a ModelRunner: raises in the forward of chosen steps, or makes one request's
+    logits NaN (through a hook on the model's output)."""
+
+    def __init__(self, runner, fail_steps=(), nan_request=None):
+        self.runner, self.fail_steps, self.nan_request, self.steps = runner, set(fail_steps), nan_request, 0
+        for name in ("vocab_size", "max_model_len", "eos_token_id", "cache_salt", "initialize_cache"):
+            setattr(self, name, getattr(runner, name))
+
+    @property
+    def num_swap_blocks(self):
+        return self.runner.num_swap_blocks
+
+    def execute(self, plan):
+        self.steps += 1
+        if self.steps in self.fail_steps and not plan.is_empty:
+            raise RuntimeError("injected failure")
+        sampling = [s for s in plan.scheduled for _ in range(s.samples)]  # the logits rows, in order
+        rows = [i for i, s in enumerate(sampling) if s.request.request_id == self.nan_request]
+        if not rows:
+            return self.runner.execute(plan)
+        model = self.runner.model
+        handle = model.register_forward_hook(lambda m, args, out: out.index_fill(0, torch.tensor(rows), float("nan")))
+        try:
+            return self.runner.execute(plan)
+        finally:
+            handle.remove()

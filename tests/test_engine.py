@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from scheduler import EngineConfig, FinishReason, LLMEngine, RequestStatus, SamplingParams
 
 from .conftest import assert_drained, random_prompts
+from .fakes import FailingRunner
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -199,35 +199,6 @@ def test_request_id_can_be_reused_after_it_finishes(make_engine):
         outs = [o for _ in range(20) for o in engine.step() if o.finished]
         runs.append(outs[0].output_token_ids)
     assert runs[0] == runs[1] and len(runs[0]) == 8
-
-
-class FailingRunner:
-    """Wraps a ModelRunner: raises in the forward of chosen steps, or makes one request's
-    logits NaN (through a hook on the model's output)."""
-
-    def __init__(self, runner, fail_steps=(), nan_request=None):
-        self.runner, self.fail_steps, self.nan_request, self.steps = runner, set(fail_steps), nan_request, 0
-        for name in ("vocab_size", "max_model_len", "eos_token_id", "cache_salt", "initialize_cache"):
-            setattr(self, name, getattr(runner, name))
-
-    @property
-    def num_swap_blocks(self):
-        return self.runner.num_swap_blocks
-
-    def execute(self, plan):
-        self.steps += 1
-        if self.steps in self.fail_steps and not plan.is_empty:
-            raise RuntimeError("injected failure")
-        sampling = [s for s in plan.scheduled for _ in range(s.samples)]  # the logits rows, in order
-        rows = [i for i, s in enumerate(sampling) if s.request.request_id == self.nan_request]
-        if not rows:
-            return self.runner.execute(plan)
-        model = self.runner.model
-        handle = model.register_forward_hook(lambda m, args, out: out.index_fill(0, torch.tensor(rows), float("nan")))
-        try:
-            return self.runner.execute(plan)
-        finally:
-            handle.remove()
 
 
 @pytest.mark.parametrize("caching", [True, False])

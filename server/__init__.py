@@ -1,0 +1,1 @@
+"""Serving: the asyncio engine, and the OpenAI-compatible HTTP server (``pagedkv serve``)."""

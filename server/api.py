@@ -1,0 +1,205 @@
+"""The OpenAI-compatible HTTP server: ``/v1/completions`` and ``/v1/chat/completions``
+(streamed as server-sent events, or whole), ``/v1/models``, ``/health`` and ``/metrics``.
+
+Every error is a JSON body in OpenAI's shape, ``{"error": {"message", "type", "param",
+"code"}}``: 400 for a bad body (naming the field), an unknown model or a prompt too long;
+503 when too many requests wait; 500 when the engine failed the request. Each choice also
+carries its ``token_ids`` (an extension, like vLLM's), so that clients of models without a
+tokenizer get their output too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from scheduler import InvalidRequestError, RequestOutput, SamplingParams
+from server.async_engine import AsyncLLMEngine, EngineBusyError, EngineDeadError, RequestFailedError
+from server.metrics import render
+
+
+class _Generation(BaseModel):
+    """The fields both endpoints share. Unknown fields are ignored, as OpenAI clients send
+    some we do not use; known ones are strictly typed."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    seed: int | None = None
+    stream: bool = False
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    priority: int = 0
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=self.max_tokens, n=self.n,
+            seed=self.seed, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+        )
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+def _validation_error(e: ValidationError | RequestValidationError) -> JSONResponse:
+    first = e.errors()[0]
+    loc = [str(p) for p in first["loc"] if p != "body"]
+    field = ".".join(loc) or None
+    message = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}"
+                        for err in e.errors())
+    return _error(400, message, field)
+
+
+def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
+    """The FastAPI application serving ``engine`` under the name ``model_name``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="pagedkv", lifespan=lifespan)
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _validation_error(e)
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_running:
+            return _error(503, "the engine has stopped", kind="server_error")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "pagedkv"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(render(engine.engine.stats(), [engine.ttft, engine.itl]),
+                                 media_type="text/plain; version=0.0.4")
+
+    async def serve(body: _Generation, prompt: str | list[int], chat: bool):
+        if body.model != model_name:
+            return _error(400, f"unknown model {body.model!r}; this server serves {model_name!r}", "model")
+        kind = "chat.completion" if chat else "text_completion"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        try:
+            stream = engine.generate(prompt, body.sampling_params(), request_id=rid, priority=body.priority)
+            first = await anext(stream)  # raises here, before any byte is sent, if the request is refused
+        except ValidationError as e:
+            return _validation_error(e)
+        except InvalidRequestError as e:
+            return _error(400, str(e), "prompt" if "prompt" in str(e) else None)
+        except (EngineBusyError, EngineDeadError) as e:
+            return _error(503, str(e), kind="server_error")
+        except RequestFailedError as e:
+            return _error(500, str(e), kind="server_error")
+        if body.stream:
+            return StreamingResponse(_events(first, stream, rid, kind, model_name, chat), media_type="text/event-stream")
+        final = first
+        try:
+            async for final in stream:
+                pass
+        except RequestFailedError as e:
+            return _error(500, str(e), kind="server_error")
+        return _whole(final, rid, kind, model_name, created, chat)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await serve(body, body.prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        tokenizer = engine.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            return _error(400, f"{model_name} has no chat template; use /v1/completions", "messages")
+        prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        return await serve(body, prompt, chat=True)
+
+    return app
+
+
+def _usage(out: RequestOutput) -> dict:
+    completion = sum(len(s.output_token_ids) for s in out.outputs)
+    prompt = out.metrics.num_prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _whole(out: RequestOutput, rid: str, kind: str, model: str, created: int, chat: bool) -> dict:
+    choices = []
+    for s in out.outputs:
+        choice = {"index": s.index, "finish_reason": s.finish_reason.value, "token_ids": s.output_token_ids}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": s.text}
+        else:
+            choice |= {"text": s.text, "logprobs": None}
+        choices.append(choice)
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, "usage": _usage(out)}
+
+
+async def _events(first: RequestOutput, stream: AsyncIterator[RequestOutput], rid: str, kind: str, model: str,
+                  chat: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per output with the news of every sequence, then
+    ``[DONE]``. A client that disconnects closes this generator, which aborts the request."""
+    created, chunk_kind = int(time.time()), f"{kind}.chunk" if chat else kind
+    started: set[int] = set()
+
+    def chunk(out: RequestOutput) -> str:
+        choices = []
+        for s in out.outputs:
+            if not s.new_token_ids and not s.finished:
+                continue
+            reason = s.finish_reason.value if s.finish_reason else None
+            if chat:
+                delta = {"content": s.new_text} | ({"role": "assistant"} if s.index not in started else {})
+                choices.append({"index": s.index, "delta": delta, "token_ids": s.new_token_ids, "finish_reason": reason})
+            else:
+                choices.append({"index": s.index, "text": s.new_text, "token_ids": s.new_token_ids, "logprobs": None,
+                                "finish_reason": reason})
+            started.add(s.index)
+        body = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": choices}
+        if out.finished:
+            body["usage"] = _usage(out)
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield chunk(first)
+        async for out in stream:
+            yield chunk(out)
+    except RequestFailedError as e:
+        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+    finally:
+        await stream.aclose()  # aborts the request if it has not finished
+    yield "data: [DONE]\n\n"

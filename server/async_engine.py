@@ -1,0 +1,170 @@
+"""The engine for asyncio programs: a background task steps it while there is work, and
+each request streams its outputs to its own consumer.
+
+    engine = AsyncLLMEngine(load_engine("smollm2-135m"))
+    async for out in engine.generate(prompt, SamplingParams(max_tokens=64), request_id="r1"):
+        print(out.new_text, end="")
+    await engine.shutdown()
+
+The model step runs in a worker thread, so the event loop stays responsive. The
+``LLMEngine`` is touched only under one asyncio lock: adds happen between steps, and
+aborts (a consumer that stops listening) are queued and applied before the next step,
+never between a step's schedule and its update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from scheduler import LLMEngine, RequestOutput, SamplingParams
+from server.metrics import Histogram
+
+
+class EngineBusyError(RuntimeError):
+    """Too many requests are waiting; this one was refused and nothing else changed."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's background loop stopped (shut down, or an unexpected error)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (its step raised, or its logits were not finite)."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._to_abort: set[str] = set()
+        self._lock: asyncio.Lock | None = None
+        self._work: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self._last_token: dict[str, float] = {}
+        self._ids = itertools.count()
+        self.ttft = Histogram("pagedkv_time_to_first_token_seconds", "Arrival to first token.")
+        self.itl = Histogram("pagedkv_inter_token_latency_seconds", "Time between two outputs of a request.")
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    @property
+    def is_running(self) -> bool:
+        return self._dead is None
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | dict | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream ``prompt``'s outputs as they are produced, ending with the finished one.
+        Invalid input raises before anything is queued (``InvalidRequestError`` or
+        pydantic's ``ValidationError``), a full queue raises :class:`EngineBusyError`, a
+        request the engine failed raises :class:`RequestFailedError`. Stopping the
+        iteration early (``break``, cancellation) aborts the request."""
+        self._start()
+        request_id = request_id or f"async-{next(self._ids)}"
+        queue: asyncio.Queue = asyncio.Queue()
+        async with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine has stopped: {self._dead!r}")
+            if len(self.engine.scheduler.waiting) >= self.max_waiting:
+                raise EngineBusyError(f"{self.max_waiting} requests are already waiting; try again later")
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already streaming")
+            self.engine.add_request(request_id, prompt, sampling_params, priority=priority)
+            self._streams[request_id] = queue
+            self._work.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                if item.finished and item.error:
+                    raise RequestFailedError(f"request {request_id!r} failed: {item.error}")
+                yield item
+        finally:
+            if not finished:  # the consumer went away: abort before the next step
+                self._streams.pop(request_id, None)
+                self._to_abort.add(request_id)
+                self._work.set()
+
+    async def shutdown(self) -> None:
+        """Stop the background loop, abort what is in flight and end every stream with
+        :class:`EngineDeadError`."""
+        if self._task is None or self._task.done():
+            return
+        self._stopping = True  # the loop ends after the step in progress, never inside it
+        self._work.set()
+        await self._task
+        self._fail_all(EngineDeadError("the engine was shut down"))
+
+    # ---- the background loop -----------------------------------------------------
+
+    def _start(self) -> None:
+        if self._task is None:
+            self._lock, self._work = asyncio.Lock(), asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="pagedkv-engine")
+
+    async def _loop(self) -> None:
+        try:
+            while True:
+                await self._work.wait()
+                if self._stopping:
+                    return
+                async with self._lock:
+                    for rid in self._to_abort:
+                        self.engine.abort(rid)
+                        self._last_token.pop(rid, None)
+                    self._to_abort.clear()
+                    if not self.engine.has_unfinished_requests():
+                        self.engine.step()  # hands back the final outputs of the aborts; nobody listens
+                        self._work.clear()
+                        continue
+                    outputs = await asyncio.to_thread(self.engine.step)
+                self._deliver(outputs)
+        except Exception as e:  # a bug, not a failed step (those fail their requests)
+            self._fail_all(e)
+            raise
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            rid = out.request_id
+            if any(s.new_token_ids for s in out.outputs):
+                last = self._last_token.get(rid)
+                if last is None:
+                    ttft = out.metrics.ttft
+                    if ttft is not None:
+                        self.ttft.observe(ttft)
+                else:
+                    self.itl.observe(now - last)
+                self._last_token[rid] = now
+            queue = self._streams.get(rid)
+            if out.finished:
+                self._streams.pop(rid, None)
+                self._last_token.pop(rid, None)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._dead = error
+        for rid in list(self._streams):
+            self.engine.abort(rid)
+            self._streams.pop(rid).put_nowait(error)
