@@ -46,6 +46,7 @@ class AsyncLLMEngine:
         self._task: asyncio.Task | None = None
         self._dead: BaseException | None = None
         self._stopping = False
+        self.num_cancelled = 0  # requests whose consumer stopped listening before the end
         self._last_token: dict[str, float] = {}
         self._ids = itertools.count()
         self.ttft = Histogram("pagedkv_time_to_first_token_seconds", "Arrival to first token.")
@@ -101,6 +102,7 @@ class AsyncLLMEngine:
                 yield item
         finally:
             if not finished:  # the consumer went away: abort before the next step
+                self.num_cancelled += 1
                 self._streams.pop(request_id, None)
                 self._to_abort.add(request_id)
                 self._work.set()
