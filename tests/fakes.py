@@ -125,8 +125,8 @@ def soak(num_requests: int, config: EngineConfig, seed: int = 0, abort_rate: flo
 
 
 class FailingRunner:
-    """Wraps a ModelRunner: raises in the forward of chosen steps, or makes one request's
-    logits NaN (through a hook on the model's output)."""
+    """Wraps a ModelRunner: raises in the forward of chosen steps, or makes NaN the logits
+    of a request (by id, or any request a predicate picks), through a hook on the model."""
 
     def __init__(self, runner, fail_steps=(), nan_request=None):
         self.runner, self.fail_steps, self.nan_request, self.steps = runner, set(fail_steps), nan_request, 0
@@ -142,7 +142,8 @@ class FailingRunner:
         if self.steps in self.fail_steps and not plan.is_empty:
             raise RuntimeError("injected failure")
         sampling = [s for s in plan.scheduled for _ in range(s.samples)]  # the logits rows, in order
-        rows = [i for i, s in enumerate(sampling) if s.request.request_id == self.nan_request]
+        poisoned = self.nan_request if callable(self.nan_request) else lambda r: r.request_id == self.nan_request
+        rows = [i for i, s in enumerate(sampling) if self.nan_request is not None and poisoned(s.request)]
         if not rows:
             return self.runner.execute(plan)
         model = self.runner.model

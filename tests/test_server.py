@@ -37,6 +37,7 @@ def serve(tiny_model):
     yield start
     for s in servers:
         s.stop()
+        assert not s.async_engine.is_running, "the server's shutdown stopped the engine's task"
         assert s.async_engine.num_in_flight == 0
         assert_drained(s.async_engine.engine)
 
@@ -172,7 +173,9 @@ def test_64_streaming_clients_with_early_disconnects(serve, tiny_model):
 
 
 def test_injected_failures_end_only_their_requests(serve, tiny_model):
-    server = serve(FailingRunner(ModelRunner(tiny_model), fail_steps={4}))
+    nan_prompt = [42] * 5  # this request's logits turn NaN
+    server = serve(FailingRunner(ModelRunner(tiny_model), fail_steps={4},
+                                 nan_request=lambda r: r.prompt_token_ids == nan_prompt))
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -185,9 +188,12 @@ def test_injected_failures_end_only_their_requests(serve, tiny_model):
                 async with client.stream("POST", "/v1/completions", json=body) as r:
                     lines = [json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: {")]
                     return r.status_code, lines
-            return await asyncio.gather(*(one([i + 1] * 5, i % 2 == 0) for i in range(6)))
+            results = await asyncio.gather(*(one([i + 1] * 5, i % 2 == 0) for i in range(6)))
+            return results, await one(nan_prompt, False), await one(nan_prompt, True)
 
-    results = asyncio.run(main())
+    results, nan_whole, nan_streamed = asyncio.run(main())
+    assert nan_whole[0] == 500 and "non-finite logits" in nan_whole[1]["error"]["message"]
+    assert nan_streamed[0] == 500, "its first token never came: the error precedes the stream"
     errors = 0
     for i, (status, body) in enumerate(results):
         want = offline(tiny_model, [i + 1] * 5, temperature=0.0, max_tokens=6, ignore_eos=True)[0]
