@@ -128,7 +128,10 @@ class ModelRunner:
         out, i = [], 0
         for s in plan.scheduled:
             rows = slice(i, i + s.samples)
-            # A row with NaN or inf logits fails its request alone (see Scheduler.update).
-            out.append(tuple(tokens[rows]) if all(finite[rows]) else FloatingPointError("non-finite logits"))
+            if all(finite[rows]):
+                out.append(tuple(tokens[rows]))
+            else:  # NaN or inf logits fail this request alone (see Scheduler.update)
+                out.append(FloatingPointError("non-finite logits"))
+                self.sampler.release(seq_ids[rows])  # forks that will never exist keep no generator
             i += s.samples
         return out

@@ -60,7 +60,8 @@ def resolve_num_blocks(
 class KVCache:
     """Per layer, K and V tensors shaped ``[num_blocks, block_size, num_kv_heads, head_dim]``,
     and the same in CPU memory for ``num_swap_blocks`` swapped-out blocks (pinned when the
-    cache is on CUDA, so that copies both ways are DMA transfers).
+    cache is on CUDA). The copies gather the blocks into a temporary first, so today they
+    are synchronous; pinning is what a future asynchronous copy needs.
 
     Zero-initialised on purpose: attention over a padded block table reads slots that
     hold no token; their weights are zero, but ``0 * NaN`` from uninitialised memory

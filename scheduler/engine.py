@@ -34,7 +34,8 @@ class Executor(Protocol):
 
     def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
         """Run one step; return, per scheduled sequence, the tokens it samples (as many
-        as its ``samples``: none when its chunk stops short of the end, n when it forks).
+        as its ``samples``: none when its chunk stops short of the end, n when it forks),
+        or an exception instance for a row that failed alone (non-finite logits).
         Also drop any per-sequence state of ``plan.finished_seq_ids``, even when nothing
         is scheduled."""
 

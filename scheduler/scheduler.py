@@ -90,7 +90,7 @@ class Scheduler:
         self._order = itertools.count()
         self._watermark = int(config.kv_watermark * kv.num_blocks)
         self._head: Request | None = None  # the waiting request at the head in the last step
-        self._head_passed_over = 0  # steps in which requests behind it were admitted
+        self._head_passed_over = 0  # steps in which it did not fit at the head
         self.num_preemptions = 0
         self.num_swapped_out = 0
         self.num_recomputed = 0
@@ -295,7 +295,8 @@ class Scheduler:
         """Advance every scheduled sequence by its chunk; append sampled tokens; fork the
         requests that sampled n > 1; stop the sequences that are done and free their
         blocks. ``sampled`` is aligned with ``plan.scheduled``: each row's tokens (as many
-        as it ``samples``, none for chunks that do not reach the end).
+        as it ``samples``, none for chunks that do not reach the end), or an exception when
+        the executor failed that row alone (its request fails, see :meth:`fail`).
 
         Returns the sequences that received a token (their last one). Building
         user-facing outputs is the engine's job; the simulator needs none, and skipping
@@ -305,13 +306,14 @@ class Scheduler:
         now = self.clock()
         advanced = []
         finished = False
+        failed = False
         for (request, _, n, _, _), tokens in zip(plan.scheduled, sampled):
             request.num_computed_tokens += n
-            if not tokens:
-                continue
+            if not tokens or failed and request.status is not RequestStatus.RUNNING:
+                continue  # (a sibling's failure ended this sequence earlier in the loop)
             if tokens.__class__ is not tuple:  # the executor failed this row: an exception
                 self.fail(request, tokens, now)
-                finished = True
+                finished = failed = True
                 continue
             for seq, token in zip(self._fork(request, len(tokens)) if len(tokens) > 1 else (request,), tokens):
                 seq.token_ids.append(token)

@@ -10,6 +10,8 @@ tokenizer get their output too.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -42,6 +44,7 @@ class _Generation(BaseModel):
     seed: int | None = None
     stream: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    stop: str | list[str] | None = None  # OpenAI's stop strings: refused (400) rather than ignored
     ignore_eos: bool = False
     priority: int = 0
 
@@ -107,17 +110,23 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render(engine.engine.stats(), [engine.ttft, engine.itl]),
+        return PlainTextResponse(render(await engine.stats(), [engine.ttft, engine.itl]),
                                  media_type="text/plain; version=0.0.4")
 
-    async def serve(body: _Generation, prompt: str | list[int], chat: bool):
+    async def serve(request: Request, body: _Generation, prompt: str | list[int], chat: bool):
         if body.model != model_name:
             return _error(400, f"unknown model {body.model!r}; this server serves {model_name!r}", "model")
+        if body.stop:
+            return _error(400, "stop strings are not supported; give stop_token_ids", "stop")
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             stream = engine.generate(prompt, body.sampling_params(), request_id=rid, priority=body.priority)
-            first = await anext(stream)  # raises here, before any byte is sent, if the request is refused
+            # Raises here, before any byte is sent, if the request is refused.
+            first = await _unless_disconnected(request, anext(stream))
+            if first is None:
+                await stream.aclose()  # the client left while it waited: abort
+                return _error(499, "client disconnected")
         except ValidationError as e:
             return _validation_error(e)
         except InvalidRequestError as e:
@@ -128,28 +137,52 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
             return _error(500, str(e), kind="server_error")
         if body.stream:
             return StreamingResponse(_events(first, stream, rid, kind, model_name, chat), media_type="text/event-stream")
-        final = first
         try:
-            async for final in stream:
-                pass
+            final = await _unless_disconnected(request, _last(stream, first))
         except RequestFailedError as e:
             return _error(500, str(e), kind="server_error")
+        if final is None:
+            await stream.aclose()
+            return _error(499, "client disconnected")
         return _whole(final, rid, kind, model_name, created, chat)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await serve(body, body.prompt, chat=False)
+    async def completions(request: Request, body: CompletionRequest):
+        return await serve(request, body, body.prompt, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
         tokenizer = engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             return _error(400, f"{model_name} has no chat template; use /v1/completions", "messages")
-        prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
-        return await serve(body, prompt, chat=True)
+        try:
+            prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        except Exception as e:  # the template refused these messages (e.g. roles out of order)
+            return _error(400, f"the chat template cannot render these messages: {e}", "messages")
+        return await serve(request, body, prompt, chat=True)
 
     return app
 
+
+async def _last(stream: AsyncIterator[RequestOutput], first: RequestOutput) -> RequestOutput:
+    async for first in stream:
+        pass
+    return first
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await ``work``, or return ``None`` (cancelling it) if the client hangs up first:
+    a plain endpoint is not cancelled on disconnect, so the request would run on."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()  # raises inside the stream, whose cleanup aborts the request
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
 
 def _usage(out: RequestOutput) -> dict:
     completion = sum(len(s.output_token_ids) for s in out.outputs)
@@ -175,12 +208,15 @@ async def _events(first: RequestOutput, stream: AsyncIterator[RequestOutput], ri
     ``[DONE]``. A client that disconnects closes this generator, which aborts the request."""
     created, chunk_kind = int(time.time()), f"{kind}.chunk" if chat else kind
     started: set[int] = set()
+    ended: set[int] = set()
 
     def chunk(out: RequestOutput) -> str:
         choices = []
         for s in out.outputs:
-            if not s.new_token_ids and not s.finished:
-                continue
+            if s.index in ended or not s.new_token_ids and not s.finished:
+                continue  # nothing new, or its finish_reason was already sent
+            if s.finished:
+                ended.add(s.index)
             reason = s.finish_reason.value if s.finish_reason else None
             if chat:
                 delta = {"content": s.new_text} | ({"role": "assistant"} if s.index not in started else {})

@@ -2,8 +2,9 @@
 each request streams its outputs to its own consumer.
 
     engine = AsyncLLMEngine(load_engine("smollm2-135m"))
-    async for out in engine.generate(prompt, SamplingParams(max_tokens=64), request_id="r1"):
-        print(out.new_text, end="")
+    async with contextlib.aclosing(engine.generate(prompt, SamplingParams(max_tokens=64))) as stream:
+        async for out in stream:
+            print(out.new_text, end="")
     await engine.shutdown()
 
 The model step runs in a worker thread, so the event loop stays responsive. The
@@ -46,6 +47,7 @@ class AsyncLLMEngine:
         self._task: asyncio.Task | None = None
         self._dead: BaseException | None = None
         self._stopping = False
+        self._stepping = False  # a step is running in the worker thread
         self.num_cancelled = 0  # requests whose consumer stopped listening before the end
         self._last_token: dict[str, float] = {}
         self._ids = itertools.count()
@@ -74,8 +76,10 @@ class AsyncLLMEngine:
         """Stream ``prompt``'s outputs as they are produced, ending with the finished one.
         Invalid input raises before anything is queued (``InvalidRequestError`` or
         pydantic's ``ValidationError``), a full queue raises :class:`EngineBusyError`, a
-        request the engine failed raises :class:`RequestFailedError`. Stopping the
-        iteration early (``break``, cancellation) aborts the request."""
+        request the engine failed raises :class:`RequestFailedError`. Closing the stream
+        early aborts the request: leaving ``async with contextlib.aclosing(...)``, the
+        consuming task being cancelled, or the generator being garbage-collected (a plain
+        ``break`` closes it only then)."""
         self._start()
         request_id = request_id or f"async-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
@@ -87,6 +91,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already streaming")
             self.engine.add_request(request_id, prompt, sampling_params, priority=priority)
+            self._to_abort.discard(request_id)  # an earlier stream's pending abort is not for this one
             self._streams[request_id] = queue
             self._work.set()
         finished = False
@@ -139,10 +144,12 @@ class AsyncLLMEngine:
                         self.engine.step()  # hands back the final outputs of the aborts; nobody listens
                         self._work.clear()
                         continue
+                    self._stepping = True
                     outputs = await asyncio.to_thread(self.engine.step)
+                    self._stepping = False
                 self._deliver(outputs)
-        except Exception as e:  # a bug, not a failed step (those fail their requests)
-            self._fail_all(e)
+        except BaseException as e:  # a bug (failed steps fail only their requests), or cancellation
+            self._fail_all(e if isinstance(e, Exception) else EngineDeadError("the engine loop was cancelled"))
             raise
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -166,7 +173,22 @@ class AsyncLLMEngine:
                 queue.put_nowait(out)
 
     def _fail_all(self, error: BaseException) -> None:
+        """End every stream with ``error`` first, then try to free their requests."""
         self._dead = error
-        for rid in list(self._streams):
-            self.engine.abort(rid)
-            self._streams.pop(rid).put_nowait(error)
+        streams, self._streams = self._streams, {}
+        for queue in streams.values():
+            queue.put_nowait(error)
+        if self._stepping:  # cancelled while a step still runs in its thread: leave the engine alone
+            return
+        for rid in streams:
+            try:
+                self.engine.abort(rid)
+            except Exception:  # the engine may be inconsistent after an unexpected error
+                pass
+
+    async def stats(self):
+        """The engine's stats, read between steps (never while a step mutates it)."""
+        if self._lock is None:
+            return self.engine.stats()
+        async with self._lock:
+            return self.engine.stats()

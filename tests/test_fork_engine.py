@@ -195,3 +195,23 @@ def test_bad_n_is_refused_and_changes_nothing(make_engine):
     assert (engine.stats(), list(engine.scheduler.requests)) == before
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_a_failed_row_of_a_fork_fails_the_whole_request_once(engine_with):
+    """One sequence's row fails (NaN logits) in the very step its sibling finishes: the
+    request ends once, with the error, and nothing is left behind."""
+    engine, executor = engine_with(block_size=4, num_blocks=16)
+    execute = executor.execute
+
+    def failing(plan):
+        tokens = execute(plan)
+        if len(executor.plans) == 2:  # the first decode step after the fork
+            tokens[0] = FloatingPointError("non-finite logits")
+        return tokens
+
+    executor.execute = failing
+    engine.add_request("r", [1, 2, 3], SamplingParams(n=2, max_tokens=2, ignore_eos=True))
+    finals = [o for _ in range(3) for o in engine.step() if o.finished]
+    assert len(finals) == 1 and finals[0].request_id == "r"
+    assert [s.finish_reason for s in finals[0].outputs] == [FinishReason.ERROR] * 2
+    assert "non-finite logits" in finals[0].error

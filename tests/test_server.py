@@ -77,8 +77,14 @@ def test_completions_whole_and_streamed_equal_offline(serve, tiny_model):
         # n = 2 with a seed: each sample as offline.
         body = {"model": MODEL, "prompt": [3, 4], "max_tokens": 6, "n": 2, "seed": 11, "ignore_eos": True}
         data = client.post("/v1/completions", json=body).json()
-        assert [c["token_ids"] for c in data["choices"]] == offline(tiny_model, [3, 4], n=2, seed=11, max_tokens=6,
-                                                                      ignore_eos=True)
+        want = offline(tiny_model, [3, 4], n=2, seed=11, max_tokens=6, ignore_eos=True)
+        assert [c["token_ids"] for c in data["choices"]] == want
+        # Streamed, with sample 0 stopping early: each sample's finish_reason is sent once.
+        stop = want[0][1]
+        with client.stream("POST", "/v1/completions", json=body | {"stream": True, "stop_token_ids": [stop]}) as r:
+            chunks = sse_chunks(r)
+        ends = [(c["index"], c["finish_reason"]) for ch in chunks for c in ch["choices"] if c["finish_reason"]]
+        assert sorted(i for i, _ in ends) == [0, 1] and dict(ends)[0] == "stop"
         assert client.get("/health").json() == {"status": "ok"}
         assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
         metrics = client.get("/metrics").text
@@ -117,6 +123,7 @@ def test_the_openai_client_package_works(serve, tiny_model):
     ({"model": MODEL, "prompt": [1] * 600}, "max_model_len"),
     ({"model": MODEL, "prompt": [10**9]}, "vocabulary"),
     ({"model": "gpt-4", "prompt": [1]}, "unknown model"),
+    ({"model": MODEL, "prompt": [1], "stop": ["\n"]}, "stop"),
 ])
 def test_bad_bodies_get_a_400_that_says_what_is_wrong(serve, tiny_model, body, field):
     server = serve()
