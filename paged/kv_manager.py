@@ -107,25 +107,29 @@ class KVCacheManager:
     def num_tables(self) -> int:
         return len(self._tables)
 
-    def find_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
+    def find_prefix(self, token_ids: Sequence[int], keys: list[bytes] | None = None) -> PrefixHit:
         """The longest run of cached blocks holding ``token_ids``' leading full blocks.
 
-        Read-only. At least one token is always left over, even when the whole sequence is
-        cached: the step must compute the last token to get the logits to sample from.
+        Read-only for the pool. ``keys``, if given, memoizes the chained keys of the
+        sequence's blocks across calls (the scheduler keeps one per request, so a request
+        that retries admission step after step hashes its prompt once). At least one token
+        is always left over, even when the whole sequence is cached: the step must compute
+        the last token to get the logits to sample from.
         """
         if not self.prefix_caching:
             return NO_HIT
-        bs, parent = self.block_size, self._root
-        blocks, hashes = [], []
+        bs = self.block_size
+        keys = [] if keys is None else keys
+        blocks = []
         for i in range((len(token_ids) - 1) // bs):
             chunk = token_ids[i * bs:(i + 1) * bs]
-            parent = block_hash(parent, chunk)
-            b = self.pool.lookup(parent, chunk)
+            if i == len(keys):
+                keys.append(block_hash(keys[-1] if keys else self._root, chunk))
+            b = self.pool.lookup(keys[i], chunk)
             if b is None:
                 break
             blocks.append(b)
-            hashes.append(parent)
-        return PrefixHit(tuple(blocks), tuple(hashes))
+        return PrefixHit(tuple(blocks), tuple(keys[: len(blocks)]))
 
     def allocate_slots(
         self, seq_id: Hashable, num_tokens: int, prefix: PrefixHit = NO_HIT, reserve: int = 0

@@ -72,6 +72,8 @@ class Request:
     """Preempted by swap: waiting with its K/V in the swap space and its progress kept."""
     rank: tuple[float, int] = (0.0, 0)
     """The scheduler's ordering key (smaller first), set when the request is added."""
+    block_keys: list[bytes] = field(default_factory=list, repr=False)
+    """Prefix-cache keys of its leading full blocks, computed once (``find_prefix``)."""
 
     num_prompt_tokens: int = field(init=False)
     seq_id: Hashable = field(init=False)

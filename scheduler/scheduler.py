@@ -261,7 +261,7 @@ class Scheduler:
         seq_id = request.seq_id
         prefix = NO_HIT
         if start == 0 and self.kv.prefix_caching and not self.kv.has(seq_id):
-            prefix = self.kv.find_prefix(request.token_ids)
+            prefix = self.kv.find_prefix(request.token_ids, request.block_keys)
             start = len(prefix.blocks) * self.kv.block_size
         n = total - start if total - start < budget else budget
         if whole and start + n < total:
