@@ -1,0 +1,247 @@
+"""The requests a scheduler holds and how each one lives: added (checked to fit), given its
+sampled tokens after every step (forking, stopping), finished, aborted or failed; and the
+counters behind ``stats()``. :class:`scheduler.scheduler.Scheduler` extends this with the
+policy that decides each step.
+
+Parallel sampling (``n > 1``): the scheduler runs a request as one sequence until the
+step that computes the last prompt token, which samples n tokens from its logits; then
+the request forks into n sequences that share the prompt's blocks (the last, partly
+filled one is copied on write by each sequence that writes into it while it is shared).
+From then on each sequence is scheduled, preempted and finished on its own; the request
+ends when all of them have. An unforked request holds n of the ``max_num_seqs`` seats,
+so that forking never exceeds it.
+
+Pure Python and torch-free.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from bisect import insort
+from collections.abc import Callable
+from operator import attrgetter
+
+from paged.kv_manager import KVCacheManager
+from scheduler.outputs import EngineStats, SchedulerOutput
+from scheduler.params import EngineConfig
+from scheduler.request import FinishReason, InvalidRequestError, Request, RequestStatus
+
+by_rank = attrgetter("rank")  # the sort key of both queues
+
+
+class RequestLifecycle:
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        eos_token_id: int | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.eos_token_id = eos_token_id
+        self.clock = clock
+        self.waiting: list[Request] = []  # sorted by rank
+        self.running: list[Request] = []  # sorted by rank
+        self.requests: dict[str, Request] = {}  # every unfinished request (its first sequence), by id
+        self._finished_ids: list = []  # sequence ids
+        self._fork_seats = 0  # seats held for the future forks of running, unforked requests
+        self._order = itertools.count()
+        self.num_preemptions = 0
+        self.num_swapped_out = 0
+        self.num_recomputed = 0
+        self.num_steps = 0
+        self.num_tokens_computed = 0
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+        self.num_prefix_hit_tokens = 0
+        self.peak_blocks_used = 0
+
+    def check_fits(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise :class:`InvalidRequestError` if a request of this size could never run."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use by an unfinished request")
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+                f"exceeds max_model_len ({self.max_model_len})"
+            )
+        # The last sampled token is never fed back, so it needs no slot.
+        blocks = self.kv.blocks_for(total - 1)
+        if blocks > self.kv.num_blocks:
+            raise InvalidRequestError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {blocks} KV blocks "
+                f"at its longest but the pool has only {self.kv.num_blocks}"
+            )
+
+    def add_request(self, request: Request) -> None:
+        if request.params.n > self.config.max_num_seqs:
+            raise InvalidRequestError(
+                f"n ({request.params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): its sequences could never run together"
+            )
+        self.check_fits(request.request_id, request.num_prompt_tokens, request.params.max_tokens)
+        request.rank = (request.arrival_time + request.priority * self.config.priority_aging_s, next(self._order))
+        self.requests[request.request_id] = request
+        insort(self.waiting, request, key=by_rank)
+
+    def abort(self, request_id: str) -> Request | None:
+        """End every sequence of a request, in any state, and free their blocks;
+        idempotent. Returns the request's first sequence (its ``group`` holds them all),
+        or ``None`` if the request was already over or unknown."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        now = self.clock()
+        for seq in list(request.group):
+            if seq.status is RequestStatus.WAITING:
+                self.waiting.remove(seq)
+            elif seq.status is RequestStatus.RUNNING:
+                self.running.remove(seq)
+                self._fork_seats -= seq.params.n - 1
+            else:
+                continue
+            self._finish(seq, FinishReason.ABORT, now)
+        return request
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_seats_taken(self) -> int:
+        """Running sequences, and the forks that running, unforked requests will make."""
+        return len(self.running) + self._fork_seats
+
+    def update(self, plan: SchedulerOutput, sampled: list[tuple[int, ...]]) -> list[Request]:
+        """Advance every scheduled sequence by its chunk; append sampled tokens; fork the
+        requests that sampled n > 1; stop the sequences that are done and free their
+        blocks. ``sampled`` is aligned with ``plan.scheduled``: each row's tokens (as many
+        as it ``samples``, none for chunks that do not reach the end), or an exception when
+        the executor failed that row alone (its request fails, see :meth:`fail`).
+
+        Returns the sequences that received a token (their last one). Building
+        user-facing outputs is the engine's job; the simulator needs none, and skipping
+        them keeps a simulated step cheap."""
+        if len(sampled) != len(plan.scheduled):
+            raise ValueError(f"got {len(sampled)} sampled tokens for {len(plan.scheduled)} scheduled requests")
+        now = self.clock()
+        advanced = []
+        finished = False
+        failed = False
+        for (request, _, n, _, _), tokens in zip(plan.scheduled, sampled):
+            request.num_computed_tokens += n
+            if not tokens or failed and request.status is not RequestStatus.RUNNING:
+                continue  # (a sibling's failure ended this sequence earlier in the loop)
+            if tokens.__class__ is not tuple:  # the executor failed this row: an exception
+                self.fail(request, tokens, now)
+                finished = failed = True
+                continue
+            for seq, token in zip(self._fork(request, len(tokens)) if len(tokens) > 1 else (request,), tokens):
+                seq.token_ids.append(token)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                reason = self._stop_reason(seq, token)
+                if reason is not None:
+                    self._finish(seq, reason, now)
+                    finished = True
+                advanced.append(seq)
+        if finished:
+            self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+        self.num_tokens_computed += plan.num_batched_tokens
+        self.num_generated_tokens += len(advanced)
+        self.num_steps += 1
+        return advanced
+
+    def stats(self) -> EngineStats:
+        kv = self.kv
+        return EngineStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_blocks_used=kv.num_used_blocks,
+            kv_blocks_free=kv.num_free_blocks,
+            kv_blocks_total=kv.num_blocks,
+            kv_blocks_peak=self.peak_blocks_used,
+            num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+            num_tokens_computed=self.num_tokens_computed,
+            num_generated_tokens=self.num_generated_tokens,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_prefix_hit_tokens=self.num_prefix_hit_tokens,
+            kv_blocks_cached=kv.num_cached_blocks,
+            kv_blocks_evictable=kv.num_evictable_blocks,
+            num_swapped_out=self.num_swapped_out,
+            num_recomputed=self.num_recomputed,
+            swap_blocks_used=kv.swap.num_used,
+            swap_blocks_total=kv.swap.num_blocks,
+        )
+
+    # ---- internals -----------------------------------------------------------------
+
+    def fail(self, request: Request, error: BaseException, now: float | None = None) -> None:
+        """End every unfinished sequence of ``request``'s group because the engine failed
+        it. Their blocks leave the prefix cache first: what they hold cannot be trusted."""
+        now = self.clock() if now is None else now
+        for seq in request.group:
+            if seq.status is RequestStatus.FINISHED:
+                continue
+            if seq.status is RequestStatus.RUNNING:
+                self.running.remove(seq)
+                self._fork_seats -= seq.params.n - 1
+            else:
+                self.waiting.remove(seq)
+            self.kv.forget_cached(seq.seq_id)
+            seq.error = f"{type(error).__name__}: {error}"
+            self._finish(seq, FinishReason.ERROR, now)
+
+    def fail_step(self, plan: SchedulerOutput, error: BaseException) -> list[Request]:
+        """The executor raised on ``plan``: fail every request it scheduled, and those it
+        swapped out (their copies may not have happened). Returns the failed requests."""
+        swapped_out = set(plan.preempted)
+        victims = [s.request for s in plan.scheduled]
+        victims += [r for r in self.waiting if r.swapped and r.seq_id in swapped_out]
+        for request in victims:
+            self.fail(request, error)
+        self.num_steps += 1
+        return list({id(r.group[0]): r.group[0] for r in victims}.values())
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if token == self.eos_token_id and not params.ignore_eos:
+            return FinishReason.STOP
+        if params.stop_token_ids and token in params.stop_token_ids:
+            return FinishReason.STOP
+        if len(request.token_ids) - request.num_prompt_tokens >= params.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _fork(self, parent: Request, n: int) -> list[Request]:
+        """Split ``parent``, whose prompt is now computed, into its ``n`` sequences; the
+        new ones share every block of its table. Returns all n, ``parent`` first."""
+        params = parent.params
+        parent.params = params.for_sequence(0)
+        self._fork_seats -= n - 1
+        for i in range(1, n):
+            child = Request(parent.request_id, parent.prompt_token_ids, params.for_sequence(i), parent.arrival_time, index=i)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = RequestStatus.RUNNING
+            child.first_scheduled_time = parent.first_scheduled_time
+            child.priority, child.rank = parent.priority, parent.rank
+            child.group = parent.group
+            parent.group.append(child)
+            self.kv.fork(parent.seq_id, child.seq_id)
+            insort(self.running, child, key=by_rank)  # after its equals: the parent and older siblings
+        return parent.group
+
+    def _finish(self, request: Request, reason: FinishReason, now: float) -> None:
+        """End one sequence; the request is over when its last sequence is."""
+        self.kv.free(request.seq_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.finish_time = now
+        self._finished_ids.append(request.seq_id)
+        group = request.group
+        if len(group) == 1 or all(s.status is RequestStatus.FINISHED for s in group):
+            del self.requests[request.request_id]
