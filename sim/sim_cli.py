@@ -66,6 +66,10 @@ def add_arguments(sim: argparse.ArgumentParser) -> None:
         e.add_argument("--max-num-seqs", type=int, default=256)
         e.add_argument("--max-num-batched-tokens", type=int, default=2048)
         e.add_argument("--max-model-len", type=int, default=2048)
+        e.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
+        e.add_argument("--swap-space", type=parse_bytes, default=parse_bytes("256MiB"), help="CPU swap space for --preemption-mode swap")
+        e.add_argument("--no-chunked-prefill", action="store_true", help="a step prefills whole prompts or decodes (vLLM v0)")
+        e.add_argument("--no-prefix-caching", action="store_true")
         e.add_argument("--profile", type=Path, help="cost-model JSON (default: the shipped SmolLM2 CPU profile)")
         o = parser.add_argument_group("output")
         o.add_argument("--slo-ttft", type=float, default=10.0, help="goodput SLO on time to first token (s)")
@@ -99,6 +103,8 @@ def engine_from(args) -> EngineConfig:
     return EngineConfig(
         block_size=args.block_size, kv_cache_memory_bytes=args.kv_memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        preemption_mode=args.preemption_mode, swap_space_bytes=args.swap_space,
+        enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
     )
 
 

@@ -87,3 +87,14 @@ def test_bad_arguments_exit_2_with_a_message(engines, capsys, argv, message):
 def test_unknown_model_is_named(capsys):
     assert cli.main(["generate", "--model", "nope", "hi"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_sim_engine_flags_reach_the_engine_config():
+    from sim.cli import build_parser
+    from sim.sim_cli import engine_from
+
+    args = build_parser().parse_args(["sim", "run", "--preemption-mode", "swap", "--swap-space", "64MiB",
+                                      "--no-chunked-prefill", "--no-prefix-caching"])
+    config = engine_from(args)
+    assert (config.preemption_mode, config.swap_space_bytes) == ("swap", 64 * 2**20)
+    assert not config.enable_chunked_prefill and not config.enable_prefix_caching
