@@ -4,7 +4,14 @@ Torch-free: the engine reaches the model only through the :class:`Executor` prot
 """
 
 from scheduler.engine import Executor, LLMEngine
-from scheduler.outputs import EngineStats, RequestMetrics, RequestOutput, ScheduledRequest, SchedulerOutput
+from scheduler.outputs import (
+    EngineStats,
+    RequestMetrics,
+    RequestOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+    SequenceOutput,
+)
 from scheduler.params import EngineConfig, SamplingParams
 from scheduler.request import FinishReason, InvalidRequestError, Request, RequestStatus
 from scheduler.scheduler import Scheduler
@@ -24,4 +31,5 @@ __all__ = [
     "ScheduledRequest",
     "Scheduler",
     "SchedulerOutput",
+    "SequenceOutput",
 ]

@@ -31,6 +31,9 @@ by_rank = attrgetter("rank")  # the sort key of both queues
 
 
 class RequestLifecycle:
+    """The waiting and running queues (sequences, sorted by rank), every unfinished
+    request by id, and the counters; everything here but the policy."""
+
     def __init__(
         self,
         config: EngineConfig,
