@@ -52,6 +52,7 @@ class Summary(BaseModel):
     kv_waste: float  # 1 - kv_utilization
     kv_occupancy: float  # slots held back / pool capacity, time-weighted
     preemptions: int
+    preempted_by_swap: int = 0  # of those, how many kept their K/V in the swap space
     prefix_hit_rate: float
     goodput_requests_per_s: float
     slo: SLO
@@ -89,6 +90,7 @@ def summarize(result: RunResult, slo: SLO | None = None) -> Summary:
         kv_waste=1.0 - utilization,
         kv_occupancy=occupancy,
         preemptions=int(preemptions.sum()),
+        preempted_by_swap=result.stats.num_swapped_out,
         prefix_hit_rate=result.stats.prefix_hit_rate,
         goodput_requests_per_s=float(good.sum()) / duration if duration else 0.0,
         slo=slo,

@@ -25,7 +25,7 @@ ROWS = [
     ("KV slots holding K/V / held back", lambda s: f"{s.kv_utilization:.1%}"),
     ("KV memory waste", lambda s: f"{s.kv_waste:.1%}"),
     ("KV pool occupancy", lambda s: f"{s.kv_occupancy:.1%}"),
-    ("preemptions", lambda s: str(s.preemptions)),
+    ("preemptions (by swap)", lambda s: f"{s.preemptions} ({s.preempted_by_swap})"),
     ("prefix hit rate", lambda s: f"{s.prefix_hit_rate:.1%}"),
     ("goodput (req/s in SLO)", lambda s: f"{s.goodput_requests_per_s:.3f}"),
 ]
