@@ -41,6 +41,17 @@ def prefill_computed(stats, outputs) -> int:
     return stats.num_tokens_computed - sum(len(s.output_token_ids) - 1 for o in outputs for s in o.outputs)
 
 
+def timed(model, config: EngineConfig, prompts, params):
+    """Generate on a fresh engine; return the outputs, the seconds taken, the stats and the
+    prefill tokens computed."""
+    engine = LLMEngine(ModelRunner(model), config)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    stats = engine.stats()
+    return outputs, seconds, stats, prefill_computed(stats, outputs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
@@ -56,12 +67,7 @@ def main() -> None:
     print(f"{'prefix caching':<15} {'prefill computed':>16} {'hit rate':>9} {'time (s)':>9} {'tok/s':>7}")
     results = {}
     for caching in (False, True):
-        engine = LLMEngine(ModelRunner(model), EngineConfig(enable_prefix_caching=caching))
-        start = time.perf_counter()
-        outputs = engine.generate(prompts, params)
-        seconds = time.perf_counter() - start
-        stats = engine.stats()
-        prefill = prefill_computed(stats, outputs)
+        outputs, seconds, stats, prefill = timed(model, EngineConfig(enable_prefix_caching=caching), prompts, params)
         results[caching] = [o.output_token_ids for o in outputs], seconds
         print(f"{'on' if caching else 'off':<15} {prefill:>16} {stats.prefix_hit_rate:>9.1%} {seconds:>9.2f} "
               f"{stats.num_generated_tokens / seconds:>7.1f}")
@@ -79,12 +85,7 @@ def parallel_sampling(model, prompt: list[int], n: int, max_tokens: int) -> None
         (f"{n} separate requests", [prompt] * n, [params.for_sequence(i) for i in range(n)]),
         (f"one request, n={n}", [prompt], [params]),
     ):
-        engine = LLMEngine(ModelRunner(model), EngineConfig(enable_prefix_caching=False))
-        start = time.perf_counter()
-        outputs = engine.generate(prompts, sps)
-        seconds = time.perf_counter() - start
-        stats = engine.stats()
-        prefill = prefill_computed(stats, outputs)
+        outputs, seconds, stats, prefill = timed(model, EngineConfig(enable_prefix_caching=False), prompts, sps)
         samples[label] = [s.output_token_ids for o in outputs for s in o.outputs]
         print(f"{label:<24} {prefill:>16} {stats.kv_blocks_peak:>15} {seconds:>9.2f}")
     a, b = samples.values()

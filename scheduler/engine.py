@@ -127,14 +127,14 @@ class LLMEngine:
             failed = self.scheduler.fail_step(plan, error)
             outputs = [self._with_text(RequestOutput.of(r.group)) for r in failed]
         else:
-            advanced: dict[str, set[int]] = {}  # request id -> indices of its sequences that got a token
+            # request id -> (its sequences, indices of those that got a token)
+            news: dict[str, tuple[list[Request], set[int]]] = {}
             for seq in self.scheduler.update(plan, sampled):
-                advanced.setdefault(seq.request_id, set()).add(seq.index)
-            groups = {s.request.request_id: s.request.group for s in plan.scheduled}
+                news.setdefault(seq.request_id, (seq.group, set()))[1].add(seq.index)
             for s in plan.scheduled:  # failed rows: their requests end with no new token
                 if s.request.finish_reason is FinishReason.ERROR:
-                    advanced.setdefault(s.request.request_id, set())
-            outputs = [self._with_text(RequestOutput.of(groups[rid], indices)) for rid, indices in advanced.items()]
+                    news.setdefault(s.request.request_id, (s.request.group, set()))
+            outputs = [self._with_text(RequestOutput.of(group, indices)) for group, indices in news.values()]
         if self._aborted:
             outputs, self._aborted = self._aborted + outputs, []
         if not self.has_unfinished_requests():

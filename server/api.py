@@ -31,28 +31,27 @@ from server.metrics import render
 
 class _Generation(BaseModel):
     """The fields both endpoints share. Unknown fields are ignored, as OpenAI clients send
-    some we do not use; known ones are strictly typed."""
+    some we do not use; known ones are strictly typed. Sampling fields left out (or null)
+    take :class:`SamplingParams`' defaults; it also checks their ranges."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    seed: int | None = None
     stream: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list)
     stop: str | list[str] | None = None  # OpenAI's stop strings: refused (400) rather than ignored
-    ignore_eos: bool = False
     priority: int = 0
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int | None = None
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=self.max_tokens, n=self.n,
-            seed=self.seed, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-        )
+        given = self.model_dump(include=set(SamplingParams.model_fields))
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None})  # null: the default
 
 
 class CompletionRequest(_Generation):
