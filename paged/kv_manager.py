@@ -104,6 +104,11 @@ class KVCacheManager:
     def block_ids(self, seq_id: Hashable) -> tuple[int, ...]:
         return self._tables[seq_id].blocks
 
+    def needs_copy_on_write(self, seq_id: Hashable) -> bool:
+        """Whether the next token's slot is in a block that others hold too."""
+        table = self._tables[seq_id]
+        return table.last_block_partial and self.pool.is_shared(table.blocks[-1])
+
     def num_tables(self) -> int:
         return len(self._tables)
 
@@ -187,9 +192,10 @@ class KVCacheManager:
         """Register ``seq_id``'s full blocks in the prefix cache: those holding its first
         ``num_computed`` tokens, ``token_ids[:num_computed]``, whose K/V is computed or
         will be by the step being scheduled."""
-        if not self.prefix_caching:
-            return
-        table = self._tables[seq_id]
+        if self.prefix_caching:
+            self._register_full_blocks(self._tables[seq_id], token_ids, num_computed)
+
+    def _register_full_blocks(self, table: BlockTable, token_ids: Sequence[int], num_computed: int) -> None:
         full, known = num_computed // self.block_size, len(table.hashes)
         if full <= known:
             return
@@ -202,6 +208,26 @@ class KVCacheManager:
             self.pool.register(table.blocks[i], parent, chunk)
             hashes.append(parent)
         table.hashes = tuple(hashes)
+
+    def append_slot_each(self, tables: Sequence[BlockTable], token_ids: Sequence[Sequence[int]]) -> None:
+        """One more slot for each of these tables, in order: a step that decodes one token
+        of each sequence (``token_ids[i]`` is sequence i's tokens, the one being computed
+        last). The same effect as ``allocate_slots(seq, num_tokens + 1)`` followed by
+        ``cache_full_blocks`` for each sequence in turn (the same blocks, taken and
+        registered in the same order), without their general cases, for the simulator's
+        bulk decode steps (``scheduler.decode_run``). The caller guarantees what makes
+        that exact: every last block with room is held by its sequence alone, and the
+        free blocks cover the tables whose last block is full.
+        """
+        bs, caching, pool = self.block_size, self.prefix_caching, self.pool
+        for table, tokens in zip(tables, token_ids):
+            n = table.num_tokens + 1
+            if n > len(table.blocks) * bs:
+                table.blocks = (*table.blocks, *pool.allocate(1))
+            table.num_tokens = n
+            if caching and n % bs == 0:
+                self._register_full_blocks(table, tokens, n)
+        self._stored += len(tables)
 
     @property
     def num_cached_blocks(self) -> int:

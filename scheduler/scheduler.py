@@ -44,6 +44,7 @@ from __future__ import annotations
 from bisect import insort
 
 from paged.prefix import NO_HIT
+from scheduler.decode_run import DecodeRun
 from scheduler.lifecycle import RequestLifecycle, by_rank
 from scheduler.outputs import SchedulerOutput
 from scheduler.request import Request, RequestStatus
@@ -86,6 +87,13 @@ class Scheduler(RequestLifecycle):
                 self._admit(plan, budget, whole=False)
         self.peak_blocks_used = max(self.peak_blocks_used, self.kv.num_used_blocks)
         return plan
+
+    def decode_run(self, token: int) -> DecodeRun | None:
+        """Bulk decode steps (:mod:`scheduler.decode_run`), if the next step decodes one
+        token of every running sequence, sampling ``token`` for each, and admits nothing."""
+        if self.waiting or not self.running or len(self.running) > self.config.max_num_batched_tokens:
+            return None
+        return DecodeRun.start(self, token)
 
     def _run(self, plan: SchedulerOutput, budget: int) -> int:
         """Schedule the running sequences, best rank first, preempting the worst when

@@ -99,7 +99,10 @@ class CostModel(BaseModel):
         return max(costs[i] + t * (costs[i + 1] - costs[i]), 0.0)
 
     def step_time(self, plan: SchedulerOutput) -> float:
-        tokens, context, pairs = step_features(plan)
+        return self.time_of(*step_features(plan))
+
+    def time_of(self, tokens: int, context: int, pairs: int) -> float:
+        """A step's seconds from its :func:`step_features`."""
         return (self.tokens_time(tokens) + self.per_decode_context_token_s * context
                 + self.per_prefill_attended_pair_s * pairs)
 

@@ -59,8 +59,13 @@ def run_workload(
     policy: Policy = "paged",
     concurrency: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fast_forward: bool = True,
 ) -> RunResult:
-    """Run ``specs`` (in arrival order) to completion; ``concurrency`` makes it closed-loop."""
+    """Run ``specs`` (in arrival order) to completion; ``concurrency`` makes it closed-loop.
+
+    With ``fast_forward`` (and the simulated executor), runs of pure decode steps are
+    taken in bulk (``scheduler.decode_run``), with the same result to the last bit:
+    ``False`` is there to check that."""
     max_model_len = config.resolve_max_model_len(executor.max_model_len)
     num_blocks = executor.initialize_cache(config)
     block_size = config.block_size
@@ -91,6 +96,9 @@ def run_workload(
         for _ in range(min(concurrency, len(pending))):
             arrive(pending.popleft(), clock())
     total = len(specs)
+    # Bulk decode steps need an executor that prices a decode step from its size alone.
+    bulk = fast_forward and hasattr(executor, "execute_decode")
+
     while pending or scheduler.has_unfinished_requests():
         now = clock()
         while concurrency is None and pending and pending[0].arrival_time <= now:
@@ -103,6 +111,9 @@ def run_workload(
                 arrive(pending.popleft(), now)
             else:
                 clock.wait_until(pending[0].arrival_time)
+            continue
+        arrival = pending[0].arrival_time if concurrency is None and pending else float("inf")
+        if bulk and _decode_run(scheduler, executor, clock, result, arrival):
             continue
         plan = scheduler.schedule()
         if plan.is_empty:
@@ -121,6 +132,22 @@ def run_workload(
     result.stats = scheduler.stats()
     kv.check()
     return result
+
+
+def _decode_run(scheduler, executor, clock, result: RunResult, arrival: float) -> bool:
+    """Take pure decode steps in bulk until one would not be one, or a request arrives
+    (at ``arrival``), recording them as the step loop would; return whether any was taken."""
+    run = scheduler.decode_run(executor.decode_token)
+    if run is None:
+        return False
+    kv = scheduler.kv
+    while (start := clock()) < arrival and (context := run.step()) is not None:
+        result.stored_slots.append(kv.num_stored_tokens)
+        result.reserved_slots.append(reserved_slots(scheduler))
+        executor.execute_decode(run.num_seqs, context)
+        result.step_times.append(clock())
+        result.step_durations.append(result.step_times[-1] - start)
+    return run.steps > 0
 
 
 def record(request: Request) -> RequestRecord:

@@ -83,6 +83,18 @@ class SimulatedExecutor:
         seconds = self.cost.step_time(plan) if not plan.is_empty else 0.0
         if swapped:
             seconds += swapped * self._block_bytes / self.cost.swap_bytes_per_s
+        self._spend(seconds)
+        return [_ONE * s.samples for s in plan.scheduled]
+
+    decode_token = DUMMY_TOKEN
+    """What :meth:`execute` samples for every row: the token of bulk decode steps."""
+
+    def execute_decode(self, num_seqs: int, context: int) -> None:
+        """Price a step that decodes one token of each of ``num_seqs`` sequences attending
+        ``context`` keys in all (a ``scheduler.DecodeRun`` step): the same seconds as
+        :meth:`execute` of that step's plan."""
+        self._spend(self.cost.time_of(num_seqs, context, 0))
+
+    def _spend(self, seconds: float) -> None:
         self.busy_seconds += seconds
         self.clock.advance(seconds)
-        return [_ONE * s.samples for s in plan.scheduled]

@@ -92,6 +92,9 @@ class StaticBatchScheduler(ReservingScheduler):
         plan.num_single_token_seqs += padding
         return plan
 
+    def decode_run(self, token: int) -> None:
+        return None  # its steps also compute the finished rows of the batch (padding)
+
     def _admission_open(self, plan: SchedulerOutput) -> bool:
         return self._batch_open and super()._admission_open(plan)
 
