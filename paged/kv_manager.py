@@ -209,25 +209,66 @@ class KVCacheManager:
             hashes.append(parent)
         table.hashes = tuple(hashes)
 
-    def append_slot_each(self, tables: Sequence[BlockTable], token_ids: Sequence[Sequence[int]]) -> None:
-        """One more slot for each of these tables, in order: a step that decodes one token
-        of each sequence (``token_ids[i]`` is sequence i's tokens, the one being computed
-        last). The same effect as ``allocate_slots(seq, num_tokens + 1)`` followed by
-        ``cache_full_blocks`` for each sequence in turn (the same blocks, taken and
-        registered in the same order), without their general cases, for the simulator's
-        bulk decode steps (``scheduler.decode_run``). The caller guarantees what makes
-        that exact: every last block with room is held by its sequence alone, and the
-        free blocks cover the tables whose last block is full.
+    def decode_steps_affordable(self, seq_ids: Sequence[Hashable]) -> int:
+        """How many :meth:`decode_steps` of these sequences the free blocks cover."""
+        needs = self._new_blocks_by_step(seq_ids)
+        cycles, left = divmod(self.pool.num_free, len(seq_ids))  # each needs one block per block_size steps
+        steps = cycles * self.block_size
+        for need in needs:
+            if need > left:
+                break
+            left -= need
+            steps += 1
+        return steps
+
+    def _new_blocks_by_step(self, seq_ids: Sequence[Hashable]) -> list[int]:
+        """How many of these sequences need a new block at step s of a run of decode
+        steps, by s modulo the block size: those whose last block is full then."""
+        bs = self.block_size
+        needs = [0] * bs
+        for seq_id in seq_ids:
+            needs[-self._tables[seq_id].num_tokens % bs] += 1
+        return needs
+
+    def decode_steps(self, seq_ids: Sequence[Hashable], token_ids: Sequence[Sequence[int]], steps: int) -> list[int]:
+        """``steps`` steps that each decode one token of every one of these sequences
+        (``token_ids[i]`` holds sequence i's tokens through the last step's). The same
+        effect as ``steps`` rounds of ``allocate_slots(seq, num_tokens + 1)`` then
+        ``cache_full_blocks`` over the sequences in order (the same blocks, taken and
+        registered in the same order), but with work only where a block is taken or
+        filled. For the simulator's bulk decode steps (``scheduler.decode_run``). The
+        caller guarantees what makes that exact: no sequence's last block with room is
+        shared, and :meth:`decode_steps_affordable` covers ``steps``. Returns the blocks in
+        use during each step.
         """
         bs, caching, pool = self.block_size, self.prefix_caching, self.pool
+        tables = [self._tables[s] for s in seq_ids]
+        # Per step modulo bs, in order: (table, tokens, takes a block, fills its last block).
+        events: list[list[tuple[BlockTable, Sequence[int], bool, bool]]] = [[] for _ in range(bs)]
         for table, tokens in zip(tables, token_ids):
-            n = table.num_tokens + 1
-            if n > len(table.blocks) * bs:
-                table.blocks = (*table.blocks, *pool.allocate(1))
-            table.num_tokens = n
-            if caching and n % bs == 0:
-                self._register_full_blocks(table, tokens, n)
-        self._stored += len(tables)
+            takes, fills = -table.num_tokens % bs, (-table.num_tokens - 1) % bs
+            if takes == fills:  # block_size 1
+                events[takes].append((table, tokens, True, caching))
+            else:
+                events[takes].append((table, tokens, True, False))
+                if caching:
+                    events[fills].append((table, tokens, False, True))
+        used = []
+        for step in range(steps):
+            for table, tokens, takes, fills in events[step % bs]:
+                n = table.num_tokens + step + 1
+                if takes:
+                    granted = pool.allocate(1)
+                    if granted is None:
+                        raise BlockPoolError("decode_steps ran out of blocks: more steps than were affordable")
+                    table.blocks = (*table.blocks, *granted)
+                if fills:
+                    self._register_full_blocks(table, tokens, n)
+            used.append(pool.num_used)
+        for table in tables:
+            table.num_tokens += steps
+        self._stored += steps * len(tables)
+        return used
 
     @property
     def num_cached_blocks(self) -> int:

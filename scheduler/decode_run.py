@@ -1,61 +1,58 @@
 """Runs of pure decode steps, taken in bulk: what lets the simulator reach 10^5 requests.
 
 Most steps of a simulated workload are alike: nothing waits, every running sequence
-decodes one token, none finishes. Through ``schedule()`` and ``update()`` such a step
-costs microseconds per sequence (a plan row, a block-table check, a stop check), and a
-100,000-request run has tens of millions of them. A :class:`DecodeRun` takes those steps
-with exactly the effects that ``schedule()`` then ``update()``, with the same token
-sampled for every sequence, would have on the scheduler and the KV manager: the same
+decodes one token. Through ``schedule()`` and ``update()`` such a step costs microseconds
+per sequence (a plan row, a block-table check, a stop check), and a 100,000-request run
+has tens of millions of them. A :class:`DecodeRun` takes k such steps at once with
+exactly the effects that k rounds of ``schedule()`` then ``update()``, sampling the same
+token for every sequence, would have on the scheduler and the KV manager: the same
 blocks taken in the same order (so the same block ids and the same evictions), the same
-blocks registered in the prefix cache, the same tokens, counters and peak. It builds no
-plan: the simulator's executor prices a decode step from its size alone.
+blocks registered in the prefix cache, the same tokens, counters, peak and finishes. It
+builds no plan: the simulator's executor prices a decode step from its size alone.
 
-:meth:`scheduler.Scheduler.decode_run` starts one only when the next step is such a step;
-:meth:`DecodeRun.step` refuses the first step at which one would need a block that is not
-free (the scheduler would preempt) or would finish (``update`` would stop it). Anything
-else that would change the next step comes from outside, and the caller stops for it: an
-arrival. The differential tests run every workload both ways and compare every record.
+:meth:`scheduler.Scheduler.decode_run` offers a run only when the next step is such a
+step. The run is as long as nothing changes the batch from inside: up to the step in
+which the first sequences sample their last token (they finish, and the run ends), and
+short of the first step that would need more blocks than are free (the scheduler would
+preempt). The caller cuts it shorter for what comes from outside: an arrival. The
+differential tests take every run both ways and compare all state after every step.
 """
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import TYPE_CHECKING
 
-from scheduler.request import Request
+from scheduler.request import FinishReason, Request, RequestStatus
 
 if TYPE_CHECKING:
     from scheduler.scheduler import Scheduler
 
 
 class DecodeRun:
-    """Consecutive decode steps of one unchanging set of running sequences."""
+    """Up to ``max_steps`` decode steps of the running sequences, as they stand."""
 
-    def __init__(self, scheduler: Scheduler, token: int, max_steps: int) -> None:
-        kv = scheduler.kv
+    def __init__(self, scheduler: Scheduler, token: int, steps_to_finish: int) -> None:
         self.scheduler = scheduler
         self.token = token
-        self.max_steps = max_steps
         self.seqs: list[Request] = list(scheduler.running)  # rank order, as the scheduler goes
         self.num_seqs = len(self.seqs)
-        self.steps = 0
-        self._tables = [kv.table(s.seq_id) for s in self.seqs]
-        self._token_ids = [s.token_ids for s in self.seqs]
-        self._context = sum(s.num_computed_tokens + 1 for s in self.seqs)  # keys the next step attends
-        # A sequence needs a new block at the steps where its table is full: how many do,
-        # by step number modulo the block size.
-        bs = kv.block_size
-        self._new_blocks = [0] * bs
-        for s in self.seqs:
-            self._new_blocks[-s.num_computed_tokens % bs] += 1
+        self.context = sum(s.num_computed_tokens + 1 for s in self.seqs)
+        """Keys the first step attends (its plan's ``num_single_token_context``); each
+        step after it attends ``num_seqs`` more."""
+        self._steps_to_finish = steps_to_finish
+        self.max_steps = min(steps_to_finish, scheduler.kv.decode_steps_affordable([s.seq_id for s in self.seqs]))
+        self.blocks_used: list[int] = []
+        """The pool's blocks in use during each step taken (after its allocations)."""
 
     @classmethod
     def start(cls, scheduler: Scheduler, token: int) -> DecodeRun | None:
         """A run if the next step decodes one token of every running sequence, each
-        sampling one (``token``) that does not finish it, with no copy on write; else
-        ``None``. The caller has checked that nothing waits."""
+        sampling one (``token``) that stops none early, with no copy on write; else
+        ``None``. The caller has checked that nothing waits and the budget covers all."""
         kv = scheduler.kv
         eos = scheduler.eos_token_id
-        max_steps = None
+        steps_to_finish = None
         for seq in scheduler.running:
             params = seq.params
             computed = seq.num_computed_tokens
@@ -65,31 +62,32 @@ class DecodeRun:
                 return None
             if kv.needs_copy_on_write(seq.seq_id):
                 return None
-            left = params.max_tokens - (computed + 1 - seq.num_prompt_tokens) - 1  # steps before its last
-            max_steps = left if max_steps is None or left < max_steps else max_steps
-        if not max_steps:
-            return None
-        return cls(scheduler, token, max_steps)
+            left = params.max_tokens - (computed + 1 - seq.num_prompt_tokens)  # the step that samples its last
+            steps_to_finish = left if steps_to_finish is None or left < steps_to_finish else steps_to_finish
+        run = cls(scheduler, token, steps_to_finish)
+        return run if run.max_steps else None
 
-    def step(self) -> int | None:
-        """Take the next step; return the keys it attended (the plan's
-        ``num_single_token_context``), or ``None``, changing nothing, if the step would
-        not be a plain decode step."""
+    def advance(self, steps: int) -> list[Request]:
+        """Take the first ``steps`` (1 to ``max_steps``) steps; return the sequences that
+        finished in the last one (none unless it is the run's last possible step)."""
+        if not 1 <= steps <= self.max_steps:
+            raise ValueError(f"a run of {self.max_steps} steps cannot take {steps}")
         scheduler, kv = self.scheduler, self.scheduler.kv
-        if self.steps == self.max_steps or self._new_blocks[self.steps % kv.block_size] > kv.num_free_blocks:
-            return None
-        if self.steps == 0:
-            scheduler._finished_ids = []  # schedule() hands these to the executor, which has none to drop
-        kv.append_slot_each(self._tables, self._token_ids)
-        token = self.token
-        for seq in self.seqs:
-            seq.num_computed_tokens += 1
-            seq.token_ids.append(token)
-        m = self.num_seqs
-        scheduler.peak_blocks_used = max(scheduler.peak_blocks_used, kv.num_used_blocks)
-        scheduler.num_tokens_computed += m
-        scheduler.num_generated_tokens += m
-        scheduler.num_steps += 1
-        self.steps += 1
-        context, self._context = self._context, self._context + m
-        return context
+        scheduler._finished_ids = []  # schedule() hands these to the executor, which has none to drop
+        for seq in self.seqs:  # the tokens first: a block's prefix-cache key needs all of them
+            seq.token_ids.extend(repeat(self.token, steps))
+            seq.num_computed_tokens += steps
+        self.blocks_used = kv.decode_steps([s.seq_id for s in self.seqs], [s.token_ids for s in self.seqs], steps)
+        tokens = steps * self.num_seqs
+        scheduler.peak_blocks_used = max(scheduler.peak_blocks_used, self.blocks_used[-1])
+        scheduler.num_tokens_computed += tokens
+        scheduler.num_generated_tokens += tokens
+        scheduler.num_steps += steps
+        if steps < self._steps_to_finish:
+            return []
+        now = scheduler.clock()
+        done = [s for s in self.seqs if len(s.token_ids) - s.num_prompt_tokens >= s.params.max_tokens]
+        for seq in done:
+            scheduler._finish(seq, FinishReason.LENGTH, now)
+        scheduler.running = [s for s in scheduler.running if s.status is RequestStatus.RUNNING]
+        return done

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +104,18 @@ class CostModel(BaseModel):
 
     def time_of(self, tokens: int, context: int, pairs: int) -> float:
         """A step's seconds from its :func:`step_features`."""
-        return (self.tokens_time(tokens) + self.per_decode_context_token_s * context
-                + self.per_prefill_attended_pair_s * pairs)
+        return self._priced(self.tokens_time(tokens), context, pairs)
+
+    def decode_times(self, num_seqs: int, context: int, steps: int) -> Iterator[float]:
+        """The seconds of consecutive steps that each decode one token of ``num_seqs``
+        sequences, the first attending ``context`` keys: each exactly :meth:`time_of`
+        its features, with the curve looked up once."""
+        curve = self.tokens_time(num_seqs)
+        for context in range(context, context + steps * num_seqs, num_seqs):
+            yield self._priced(curve, context, 0)
+
+    def _priced(self, curve: float, context: int, pairs: int) -> float:
+        return curve + self.per_decode_context_token_s * context + self.per_prefill_attended_pair_s * pairs
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PROFILE) -> CostModel:

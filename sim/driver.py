@@ -23,7 +23,7 @@ from scheduler.engine import Executor
 from scheduler.outputs import EngineStats
 from scheduler.params import EngineConfig, SamplingParams
 from scheduler.request import InvalidRequestError, Request
-from sim.policies import Policy, build_scheduler, reserved_slots
+from sim.policies import Policy, build_scheduler, reserved_slots, reserved_slots_during
 from sim.workload import RequestSpec
 
 
@@ -97,7 +97,7 @@ def run_workload(
             arrive(pending.popleft(), clock())
     total = len(specs)
     # Bulk decode steps need an executor that prices a decode step from its size alone.
-    bulk = fast_forward and hasattr(executor, "execute_decode")
+    bulk = fast_forward and hasattr(executor, "execute_decodes")
 
     while pending or scheduler.has_unfinished_requests():
         now = clock()
@@ -113,41 +113,45 @@ def run_workload(
                 clock.wait_until(pending[0].arrival_time)
             continue
         arrival = pending[0].arrival_time if concurrency is None and pending else float("inf")
-        if bulk and _decode_run(scheduler, executor, clock, result, arrival):
-            continue
-        plan = scheduler.schedule()
-        if plan.is_empty:
-            raise RuntimeError("the scheduler scheduled nothing while requests wait")  # no policy should
-        result.stored_slots.append(kv.num_stored_tokens)  # memory while this step runs
-        result.reserved_slots.append(reserved_slots(scheduler))
-        for request in scheduler.update(plan, executor.execute(plan)):
-            if request.finish_time is not None:
-                result.records.append(record(request))
-                if concurrency is not None and pending:
-                    arrive(pending.popleft(), request.finish_time)
-                if progress is not None:
-                    progress(len(result.records) + result.rejected, total)
-        result.step_times.append(clock())
-        result.step_durations.append(result.step_times[-1] - now)
+        finished = _decode_run(scheduler, executor, clock, result, arrival) if bulk else None
+        if finished is None:
+            plan = scheduler.schedule()
+            if plan.is_empty:
+                raise RuntimeError("the scheduler scheduled nothing while requests wait")  # no policy should
+            result.stored_slots.append(kv.num_stored_tokens)  # memory while this step runs
+            result.reserved_slots.append(reserved_slots(scheduler))
+            finished = [r for r in scheduler.update(plan, executor.execute(plan)) if r.finish_time is not None]
+            result.step_times.append(clock())
+            result.step_durations.append(result.step_times[-1] - now)
+        for request in finished:
+            result.records.append(record(request))
+            if concurrency is not None and pending:
+                arrive(pending.popleft(), request.finish_time)
+            if progress is not None:
+                progress(len(result.records) + result.rejected, total)
     result.stats = scheduler.stats()
     kv.check()
     return result
 
 
-def _decode_run(scheduler, executor, clock, result: RunResult, arrival: float) -> bool:
-    """Take pure decode steps in bulk until one would not be one, or a request arrives
-    (at ``arrival``), recording them as the step loop would; return whether any was taken."""
+def _decode_run(scheduler, executor, clock, result: RunResult, arrival: float) -> list[Request] | None:
+    """Take pure decode steps in bulk, up to the first that would not be one or would start
+    at or after ``arrival``, recording them as the step loop would. Returns the requests
+    that finished, or ``None`` if no step was taken."""
     run = scheduler.decode_run(executor.decode_token)
     if run is None:
-        return False
-    kv = scheduler.kv
-    while (start := clock()) < arrival and (context := run.step()) is not None:
-        result.stored_slots.append(kv.num_stored_tokens)
-        result.reserved_slots.append(reserved_slots(scheduler))
-        executor.execute_decode(run.num_seqs, context)
-        result.step_times.append(clock())
-        result.step_durations.append(result.step_times[-1] - start)
-    return run.steps > 0
+        return None
+    start, stored, reserved = clock(), scheduler.kv.num_stored_tokens, reserved_slots(scheduler)
+    ends = executor.execute_decodes(run.num_seqs, run.context, run.max_steps, arrival)
+    if not ends:
+        return None
+    finished = run.advance(len(ends))
+    m = run.num_seqs
+    result.stored_slots.extend(range(stored + m, stored + (len(ends) + 1) * m, m))
+    result.reserved_slots.extend(reserved_slots_during(scheduler, reserved, run.blocks_used))
+    result.step_durations.extend(end - begin for begin, end in zip([start, *ends], ends))
+    result.step_times.extend(ends)
+    return finished
 
 
 def record(request: Request) -> RequestRecord:

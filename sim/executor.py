@@ -89,11 +89,19 @@ class SimulatedExecutor:
     decode_token = DUMMY_TOKEN
     """What :meth:`execute` samples for every row: the token of bulk decode steps."""
 
-    def execute_decode(self, num_seqs: int, context: int) -> None:
-        """Price a step that decodes one token of each of ``num_seqs`` sequences attending
-        ``context`` keys in all (a ``scheduler.DecodeRun`` step): the same seconds as
-        :meth:`execute` of that step's plan."""
-        self._spend(self.cost.time_of(num_seqs, context, 0))
+    def execute_decodes(self, num_seqs: int, context: int, max_steps: int, until: float) -> list[float]:
+        """Price up to ``max_steps`` consecutive steps that each decode one token of
+        ``num_seqs`` sequences (a ``scheduler.DecodeRun``; the first attends ``context``
+        keys), stopping before the first that would start at or after ``until``; advance
+        the clock by each, as :meth:`execute` of their plans would. Returns the clock at
+        the end of each step taken."""
+        ends = []
+        for seconds in self.cost.decode_times(num_seqs, context, max_steps):
+            if self.clock.now >= until:
+                break
+            self._spend(seconds)
+            ends.append(self.clock.now)
+        return ends
 
     def _spend(self, seconds: float) -> None:
         self.busy_seconds += seconds

@@ -113,3 +113,12 @@ def reserved_slots(scheduler: Scheduler) -> int:
     if isinstance(scheduler, ReservingScheduler):
         return scheduler.reserved_slots
     return scheduler.kv.num_reserved_slots
+
+
+def reserved_slots_during(scheduler: Scheduler, before: int, blocks_used: list[int]) -> list[int]:
+    """:func:`reserved_slots` during each step of a ``scheduler.DecodeRun`` that started
+    with ``before``, given the blocks in use during each: reservations stay as they are
+    (a request hands its back when it finishes, after the step); blocks are taken."""
+    if isinstance(scheduler, ReservingScheduler):
+        return [before] * len(blocks_used)
+    return [b * scheduler.kv.block_size for b in blocks_used]

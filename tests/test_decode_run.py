@@ -28,7 +28,8 @@ MAX_LEN = 48
 
 
 class Pair:
-    """Two schedulers on the same config, one stepping plainly, one taking bulk steps."""
+    """Two schedulers on the same config, one stepping plainly, one taking bulk steps.
+    Each has a clock that its steps advance by one, as an executor's would."""
 
     def __init__(self, config: EngineConfig, eos: int | None) -> None:
         self.plain, self.bulk = (self._scheduler(config, eos) for _ in range(2))
@@ -39,14 +40,13 @@ class Pair:
     def _scheduler(config: EngineConfig, eos: int | None) -> Scheduler:
         kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching,
                             num_swap_blocks=config.swap_space_bytes // 1024)
-        holder: list[Scheduler] = []
-        scheduler = Scheduler(config, kv, MAX_LEN, eos, clock=lambda: float(holder[0].num_steps))
-        holder.append(scheduler)
+        scheduler = Scheduler(config, kv, MAX_LEN, eos, clock=lambda: scheduler.time)
+        scheduler.time = 0.0
         return scheduler
 
     def add(self, rid: str, prompt: list[int], params: SamplingParams, priority: int) -> None:
         for scheduler, requests in zip((self.plain, self.bulk), self.requests):
-            request = Request(rid, prompt, params, arrival_time=float(scheduler.num_steps), priority=priority)
+            request = Request(rid, prompt, params, arrival_time=scheduler.time, priority=priority)
             try:
                 scheduler.add_request(request)
             except InvalidRequestError:
@@ -54,26 +54,25 @@ class Pair:
             requests.append(request)
 
     def step(self, max_bulk: int) -> None:
-        """Up to ``max_bulk`` bulk steps when offered, else one plain step, on both."""
+        """A bulk run of up to ``max_bulk`` steps when offered, else one plain step, on
+        both; then compare."""
         run = self.bulk.decode_run(TOKEN)
-        taken = 0
-        while run is not None and taken < max_bulk and run.step() is not None:
-            taken += 1
+        steps = 1 if run is None else min(max_bulk, run.max_steps)
+        for _ in range(steps):
             _plain_step(self.plain)
-            self.check()
-        self.bulk_steps += taken
-        if not taken:
-            _plain_step(self.plain)
+        if run is None:
             _plain_step(self.bulk)
-            self.check()
-
-    def check(self) -> None:
+        else:
+            self.bulk.time += steps
+            run.advance(steps)
+            self.bulk_steps += steps
         assert _state(self.plain, self.requests[0]) == _state(self.bulk, self.requests[1])
         self.bulk.kv.check()
 
 
 def _plain_step(scheduler: Scheduler) -> None:
     plan = scheduler.schedule()
+    scheduler.time += 1
     scheduler.update(plan, [(TOKEN,) * s.samples for s in plan.scheduled])
 
 
@@ -130,18 +129,30 @@ def test_bulk_decode_steps_leave_every_state_as_the_step_loop_does(
     assert pair.bulk.kv.num_used_blocks == pair.plain.kv.num_used_blocks == 0
 
 
-def test_bulk_steps_happen_and_stop_where_the_step_loop_would_differ():
-    """A decode-only batch runs in bulk up to the step before a sequence's last token, and
-    not across a block that cannot be had, a fork's shared block, or an EOS."""
+def test_a_run_goes_through_the_first_finish_and_not_past_the_free_blocks():
     config = EngineConfig(block_size=4, num_blocks=6, max_num_batched_tokens=64, enable_prefix_caching=False)
     pair = Pair(config, eos=None)
     pair.add("a", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=10), 0)
     pair.add("b", [1, 2], SamplingParams(temperature=0.0, max_tokens=20), 0)
     pair.step(1)  # prefill both: one token each
     run = pair.bulk.decode_run(TOKEN)
-    assert run is not None and run.max_steps == 8  # a's 10th token finishes it: the plain loop does that step
+    assert run is not None and run.max_steps == 9  # the 9th samples a's last token: a finishes
     pair.step(1000)
-    assert pair.bulk_steps == 8 and pair.bulk.decode_run(TOKEN) is None
+    assert pair.bulk_steps == 9 and [r.request_id for r in pair.bulk.running] == ["b"]
+    # Tighter: with a third sequence holding blocks, the run stops short of the step
+    # that would need a block that is not free (the plain loop preempts there).
+    tight = Pair(EngineConfig(block_size=2, num_blocks=7, max_num_batched_tokens=64, enable_prefix_caching=False), eos=None)
+    for rid in "xyz":
+        tight.add(rid, [1, 2], SamplingParams(temperature=0.0, max_tokens=12), 0)
+    tight.step(1)  # 3 blocks in use, 4 free; each sequence needs one more every other step
+    run = tight.bulk.decode_run(TOKEN)
+    assert run.max_steps == 2  # steps 0 and 2 take 3 blocks each: step 2 cannot
+    tight.step(1000)
+    tight.step(1000)  # the plain step that preempts
+    assert tight.plain.num_preemptions == tight.bulk.num_preemptions == 1
+
+
+def test_no_run_across_a_shared_block_or_a_stopping_token():
     # Forked sequences share a partly filled block until each copies it on write.
     fork = Pair(EngineConfig(block_size=4, num_blocks=20, max_num_batched_tokens=64), eos=None)
     fork.add("f", [1, 2, 3, 4, 5], SamplingParams(temperature=0.0, n=2, max_tokens=9), 0)
