@@ -21,6 +21,10 @@ enter the cache.
 Swap preemption: :meth:`swap_out` moves a sequence's table to the CPU :class:`SwapSpace`
 (freeing its device blocks) and :meth:`swap_in` brings it back into fresh device blocks;
 each returns the block pairs the executor must copy before the step's forward pass.
+
+Bulk decode steps: :meth:`decode_steps` grows many tables by many decode steps at once,
+with exactly the effect of the step-by-step calls and work only where a block is taken or
+filled; the simulator takes most of its steps so (``scheduler.decode_run``).
 """
 
 from __future__ import annotations

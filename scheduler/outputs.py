@@ -53,6 +53,8 @@ class SchedulerOutput:
     """Sequences computing exactly one token: decodes, mostly."""
     num_single_token_context: int = 0
     """Keys those sequences attend to (their context lengths, summed)."""
+    num_samples: int = 0
+    """Tokens to sample: rows of logits to compute."""
     num_chunk_attended: int = 0
     """Query-key pairs of the multi-token chunks (an upper bound: causal chunks see fewer)."""
 
@@ -62,6 +64,7 @@ class SchedulerOutput:
         # builds one of these per request per step, millions per run.
         self.scheduled.append(_new_scheduled(ScheduledRequest, (request, start, n, block_ids, samples)))
         self.num_batched_tokens += n
+        self.num_samples += samples
         if n == 1:
             self.num_single_token_seqs += 1
             self.num_single_token_context += start + 1

@@ -47,8 +47,11 @@ class TimedExecutor:
 def calibration_workloads(max_model_len: int, seed: int) -> list[tuple[WorkloadConfig, int | None]]:
     """(workload, closed-loop concurrency) pairs that vary batch size and context length
     independently, so that the fit can tell the cost of a sequence from that of its context:
-    big batches of short requests, big batches of long ones, a small closed loop, and short
-    prompts arriving one by one into running batches (what TTFT under light load is made of)."""
+    big batches of short requests, big batches of long ones, a small closed loop, short
+    prompts arriving one by one into running batches (what TTFT under light load is made
+    of), a stream of them fast enough that steps prefill several prompts at once, and a
+    burst of very short requests (full steps of many short prompts: many tokens, few
+    attended pairs, which tells the price of a token from that of a pair)."""
 
     def uniform(low: int, high: int) -> LengthDist:
         return LengthDist(kind="uniform", low=low, high=high)
@@ -61,6 +64,9 @@ def calibration_workloads(max_model_len: int, seed: int) -> list[tuple[WorkloadC
                         output=uniform(8, 160), **common), 3),
         (WorkloadConfig(num_requests=40, arrival="poisson", rate=1.5, prompt=uniform(8, 96),
                         output=uniform(16, 96), **common), None),
+        (WorkloadConfig(num_requests=96, arrival="poisson", rate=6.0, prompt=uniform(4, 160),
+                        output=uniform(1, 12), **common), None),
+        (WorkloadConfig(num_requests=192, arrival="offline", prompt=uniform(4, 40), output=uniform(1, 4), **common), None),
     ]
 
 
@@ -93,14 +99,15 @@ def calibrate(model_name: str, dtype: torch.dtype, block_size: int = 16, budget:
     model, _ = load_model(model_name, dtype=dtype, device="cpu")
     features, seconds = collect_samples(model, block_size, budget, seed)
     knots = power_of_two_knots(budget)
-    token_costs, per_context, per_pair, error = fit(features, seconds, knots)
+    result = fit(features, seconds, knots)
     return CostModel(
         name=f"{model_name} on {torch.get_num_threads()} CPU threads, {str(dtype).removeprefix('torch.')}",
         token_knots=knots,
-        token_costs_s=token_costs,
-        per_decode_context_token_s=per_context,
-        per_prefill_attended_pair_s=per_pair,
+        token_costs_s=result.token_costs_s,
+        per_decode_context_token_s=result.per_decode_context_token_s,
+        per_prefill_attended_pair_s=result.per_prefill_attended_pair_s,
+        per_sampled_token_s=result.per_sampled_token_s,
         kv_bytes_per_token=model.kv_cache_spec().bytes_per_block(1),
         max_model_len=model.max_model_len,
-        fit_note=f"fitted on {len(seconds)} timed steps; median relative error {error:.1%}",
+        fit_note=f"fitted on {len(seconds)} timed steps; median relative error {result.median_relative_error:.1%}",
     )

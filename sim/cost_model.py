@@ -1,6 +1,7 @@
 """How long one engine step takes, as a function of what the step computes.
 
     seconds = tokens_curve(batched_tokens) + c * decode_context_tokens + d * prefill_attended_pairs
+              + e * sampled_tokens
 
 - ``tokens_curve``: the time to push a batch of that many tokens (prefill chunk tokens plus
   one per decoding sequence) through every weight matrix, the vocabulary projection and
@@ -13,7 +14,12 @@
   short prompts twice too slow, whatever per-sequence or per-step terms were added.
 - ``decode_context_tokens``: the keys the decoding sequences attend to (gathering K/V from
   pages is memory-bound, and so priced per key);
-- ``prefill_attended_pairs``: query-key pairs of the prefill chunks (compute-bound).
+- ``prefill_attended_pairs``: query-key pairs of the prefill chunks (compute-bound);
+- ``sampled_tokens``: rows of logits (one per decoding sequence, one per prompt that
+  completes): the vocabulary projection (49152 x 576 for SmolLM2, about a millisecond a
+  row here) and the sampler run only for them, so a prefill token costs less than a
+  decode. Without this term the curve, fitted mostly on decode batches, priced a 20-token
+  prompt joining three decodes 25% too high.
 
 The knots' values and the two attention prices are fitted (:func:`fit`) to steps of the
 real engine timed by ``pagedkv sim calibrate`` and saved as a small JSON profile, with the
@@ -27,6 +33,7 @@ import bisect
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -37,10 +44,17 @@ PROFILES = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = PROFILES / "smollm2-135m-cpu-float32.json"
 
 
-def step_features(plan: SchedulerOutput) -> tuple[int, int, int]:
-    """(batched tokens, decode context tokens, prefill attended pairs), from the totals the
-    scheduler keeps (O(1))."""
-    return plan.num_batched_tokens, plan.num_single_token_context, plan.num_chunk_attended
+class Features(NamedTuple):
+    """What a step's cost depends on, from the totals the scheduler keeps (O(1))."""
+
+    tokens: int
+    decode_context: int
+    prefill_pairs: int
+    samples: int
+
+
+def step_features(plan: SchedulerOutput) -> Features:
+    return Features(plan.num_batched_tokens, plan.num_single_token_context, plan.num_chunk_attended, plan.num_samples)
 
 
 def power_of_two_knots(max_tokens: int) -> list[int]:
@@ -75,6 +89,7 @@ class CostModel(BaseModel):
     token_costs_s: list[float] = Field(min_length=2, description="step seconds at each knot, attention aside")
     per_decode_context_token_s: float = Field(ge=0)
     per_prefill_attended_pair_s: float = Field(ge=0)
+    per_sampled_token_s: float = Field(0.0, ge=0)
     kv_bytes_per_token: int = Field(ge=1)
     max_model_len: int = Field(ge=1)
     swap_bytes_per_s: float = Field(
@@ -102,9 +117,9 @@ class CostModel(BaseModel):
     def step_time(self, plan: SchedulerOutput) -> float:
         return self.time_of(*step_features(plan))
 
-    def time_of(self, tokens: int, context: int, pairs: int) -> float:
+    def time_of(self, tokens: int, context: int, pairs: int, samples: int) -> float:
         """A step's seconds from its :func:`step_features`."""
-        return self._priced(self.tokens_time(tokens), context, pairs)
+        return self._priced(self.tokens_time(tokens), context, pairs, samples)
 
     def decode_times(self, num_seqs: int, context: int, steps: int) -> Iterator[float]:
         """The seconds of consecutive steps that each decode one token of ``num_seqs``
@@ -112,10 +127,11 @@ class CostModel(BaseModel):
         its features, with the curve looked up once."""
         curve = self.tokens_time(num_seqs)
         for context in range(context, context + steps * num_seqs, num_seqs):
-            yield self._priced(curve, context, 0)
+            yield self._priced(curve, context, 0, num_seqs)
 
-    def _priced(self, curve: float, context: int, pairs: int) -> float:
-        return curve + self.per_decode_context_token_s * context + self.per_prefill_attended_pair_s * pairs
+    def _priced(self, curve: float, context: int, pairs: int, samples: int) -> float:
+        return (curve + self.per_decode_context_token_s * context + self.per_prefill_attended_pair_s * pairs
+                + self.per_sampled_token_s * samples)
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PROFILE) -> CostModel:
@@ -150,18 +166,25 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 1000) -> np.ndarray:
     return x
 
 
-def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int]) -> tuple[list[float], float, float, float]:
-    """Non-negative fit of the curve's values at ``knots`` and the two attention prices.
+class Fit(NamedTuple):
+    token_costs_s: list[float]
+    per_decode_context_token_s: float
+    per_prefill_attended_pair_s: float
+    per_sampled_token_s: float
+    median_relative_error: float
 
-    ``features`` is [n, 3] rows of :func:`step_features`. Residuals are weighted by
+
+def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int]) -> Fit:
+    """Non-negative fit of the curve's values at ``knots`` and the three other prices.
+
+    ``features`` is [n, 4] rows of :func:`step_features`. Residuals are weighted by
     1/sqrt(seconds), between an absolute fit (which serves the long steps that decide
     throughput) and a relative one (which serves the short steps that decide latency).
-    Returns (token costs, per decode context token, per prefill attended pair, median
-    relative error of the fitted step times).
     """
     features, seconds = np.asarray(features, dtype=float), np.asarray(seconds, dtype=float)
-    design = np.column_stack([hat_basis(features[:, 0], knots), features[:, 1], features[:, 2]])
+    design = np.column_stack([hat_basis(features[:, 0], knots), features[:, 1:]])
     weight = 1 / np.sqrt(seconds)
     coef = nnls(design * weight[:, None], seconds * weight)
     error = float(np.median(np.abs(design @ coef - seconds) / seconds))
-    return [float(c) for c in coef[: len(knots)]], float(coef[-2]), float(coef[-1]), error
+    k = len(knots)
+    return Fit([float(c) for c in coef[:k]], float(coef[k]), float(coef[k + 1]), float(coef[k + 2]), error)

@@ -90,6 +90,7 @@ class StaticBatchScheduler(ReservingScheduler):
         padding = self._batch_size - len(plan.scheduled) if self.running else 0
         plan.num_batched_tokens += padding  # finished rows are still computed
         plan.num_single_token_seqs += padding
+        plan.num_samples += padding
         return plan
 
     def decode_run(self, token: int) -> None:

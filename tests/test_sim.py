@@ -102,26 +102,27 @@ def test_bad_trace_lines_are_named(tmp_path, line, message):
 # ---- cost model ----------------------------------------------------------------------
 
 
-def test_fit_recovers_a_known_curve_and_attention_prices():
+def test_fit_recovers_a_known_curve_and_attention_and_sampling_prices():
     rng = np.random.default_rng(0)
     n, knots = 1500, power_of_two_knots(1024)
     curve = [0.03 + 0.01 * np.sqrt(k) + 0.001 * k for k in knots]  # concave then linear, like a CPU
     tokens = np.where(rng.random(n) < 0.7, rng.integers(1, 64, n), rng.integers(1, 1024, n))
     context = tokens * rng.integers(10, 600, n)
     pairs = np.where(rng.random(n) < 0.5, tokens * rng.integers(1, 600, n), 0)
-    seconds = (hat_basis(tokens, knots) @ curve + 2e-5 * context + 2e-6 * pairs) * rng.normal(1.0, 0.01, n)  # 1% noise
-    costs, per_context, per_pair, error = fit(np.column_stack([tokens, context, pairs]), seconds, knots)
-    assert costs == pytest.approx(curve, rel=0.05)
-    assert (per_context, per_pair) == pytest.approx((2e-5, 2e-6), rel=0.05)
-    assert error < 0.02
+    samples = np.minimum(tokens, rng.integers(1, 64, n))
+    seconds = (hat_basis(tokens, knots) @ curve + 2e-5 * context + 2e-6 * pairs + 1e-3 * samples) * rng.normal(1.0, 0.01, n)
+    result = fit(np.column_stack([tokens, context, pairs, samples]), seconds, knots)  # 1% noise above
+    assert result.token_costs_s == pytest.approx(curve, rel=0.05)
+    assert result[1:4] == pytest.approx((2e-5, 2e-6, 1e-3), rel=0.05)
+    assert result.median_relative_error < 0.02
 
 
 def test_fit_never_returns_negative_prices():
     rng = np.random.default_rng(1)
-    features = rng.integers(1, 100, (200, 3))
-    seconds = 0.05 + 0.001 * features[:, 0] - 0.0001 * features[:, 1] + rng.normal(0, 1e-4, 200)
-    costs, per_context, per_pair, _ = fit(features, seconds, power_of_two_knots(100))
-    assert min(costs) >= 0 and per_context >= 0 and per_pair >= 0
+    features = rng.integers(1, 100, (200, 4))
+    seconds = 0.05 + 0.001 * features[:, 0] - 0.0001 * features[:, 1] - 0.0002 * features[:, 3] + rng.normal(0, 1e-4, 200)
+    result = fit(features, seconds, power_of_two_knots(100))
+    assert min(result.token_costs_s) >= 0 and min(result[1:4]) >= 0
 
 
 def test_cost_curve_interpolates_between_knots_and_extends_the_last_segment():
