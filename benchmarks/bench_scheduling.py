@@ -65,7 +65,8 @@ class GapRecorder(SimulatedExecutor):
 def run(specs: list[RequestSpec], config: EngineConfig, cost: CostModel):
     clock = VirtualClock()
     executor = GapRecorder(cost, clock)
-    result = run_workload(specs, config, executor, clock, "paged")
+    # Every step must reach execute() to be seen: no bulk decode steps.
+    result = run_workload(specs, config, executor, clock, "paged", fast_forward=False)
     return result, summarize(result), executor.gaps
 
 
