@@ -37,11 +37,12 @@ class DecodeRun:
         self.token = token
         self.seqs: list[Request] = list(scheduler.running)  # rank order, as the scheduler goes
         self.num_seqs = len(self.seqs)
+        self._seq_ids = [s.seq_id for s in self.seqs]
         self.context = sum(s.num_computed_tokens + 1 for s in self.seqs)
         """Keys the first step attends (its plan's ``num_single_token_context``); each
         step after it attends ``num_seqs`` more."""
         self._steps_to_finish = steps_to_finish
-        self.max_steps = min(steps_to_finish, scheduler.kv.decode_steps_affordable([s.seq_id for s in self.seqs]))
+        self.max_steps = min(steps_to_finish, scheduler.kv.decode_steps_affordable(self._seq_ids))
         self.blocks_used: list[int] = []
         """The pool's blocks in use during each step taken (after its allocations)."""
 
@@ -77,7 +78,7 @@ class DecodeRun:
         for seq in self.seqs:  # the tokens first: a block's prefix-cache key needs all of them
             seq.token_ids.extend(repeat(self.token, steps))
             seq.num_computed_tokens += steps
-        self.blocks_used = kv.decode_steps([s.seq_id for s in self.seqs], [s.token_ids for s in self.seqs], steps)
+        self.blocks_used = kv.decode_steps(self._seq_ids, [s.token_ids for s in self.seqs], steps)
         tokens = steps * self.num_seqs
         scheduler.peak_blocks_used = max(scheduler.peak_blocks_used, self.blocks_used[-1])
         scheduler.num_tokens_computed += tokens
