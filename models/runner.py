@@ -13,6 +13,7 @@ from itertools import chain
 import torch
 
 from models.attention import PagedAttention, PagedMetadata
+from models.host_memory import keep_freed_memory
 from models.sampler import Sampler
 from paged.kv_cache import KVCache, resolve_num_blocks
 from scheduler.outputs import SchedulerOutput
@@ -76,6 +77,8 @@ class ModelRunner:
         self.max_model_len: int = model.max_model_len
         self.eos_token_id: int | None = model.eos_token_id
         self.device: torch.device = model.device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # activations are reused from step to step, not faulted in anew
         # What changes the K/V a token gets, folded into the prefix cache's keys.
         self.cache_salt = f"{type(model).__name__}/{next(model.parameters()).dtype}".encode()
         self.kv_cache: KVCache | None = None
