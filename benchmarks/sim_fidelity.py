@@ -9,15 +9,17 @@ the simulator's error.
   poisson       : 64 Alpaca-length requests at 1 req/s (queueing and TTFT under load)
 
     python benchmarks/sim_fidelity.py [--profile sim/profiles/...json]     # about 5 minutes
-    python benchmarks/sim_fidelity.py --calibrate [--save-profile P]      # about 11 minutes
+    python benchmarks/sim_fidelity.py --calibrate [--save-profile P]      # about 10 minutes
 
 Each real workload runs ``--repeats`` times (3) and the simulator is compared with the
 median run; the spread between the real runs is printed beside it, as the yardstick of
 what "within 10%" can mean on this machine.
 
 This VM's speed drifts: the same decode step takes 37 to 48 ms from one minute to the
-next, and a profile fitted minutes before a run can be 20% off for a whole run. Compare
-against a profile calibrated in the same sitting: ``--calibrate`` fits one first.
+next, and a profile fitted minutes before a run can be 20% off for a whole run. So
+``--calibrate`` fits a fresh profile on calibration runs taken in turns with the real
+ones (a third of the calibration before each repeat): the profile and the real runs see
+the same minutes.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import numpy as np
+
 import torch
 
 from scheduler import EngineConfig
 from sim import WorkloadConfig, run_real, simulate
-from sim.calibrate import calibrate
+from models.registry import load_model
+from sim.calibrate import collect_samples, fit_profile, profile_name
 from sim.cost_model import DEFAULT_PROFILE, CostModel
 
 WORKLOADS = {
@@ -49,22 +54,32 @@ METRICS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=str(DEFAULT_PROFILE))
-    parser.add_argument("--calibrate", action="store_true", help="fit a fresh profile first (and use it)")
+    parser.add_argument("--calibrate", action="store_true", help="fit a fresh profile in turns with the real runs (and use it)")
     parser.add_argument("--save-profile", help="where to write the fresh profile")
     parser.add_argument("--repeats", type=int, default=3, help="real runs per workload; the median is compared")
     args = parser.parse_args()
-    profile = calibrate("smollm2-135m", torch.float32) if args.calibrate else CostModel.load(args.profile)
+    engine = EngineConfig(block_size=16, kv_cache_memory_bytes=256 * 2**20, max_num_batched_tokens=1024, max_model_len=2048)
+    model, _ = load_model("smollm2-135m", dtype=torch.float32, device="cpu")
+    parts, reals = [], {name: [] for name in WORKLOADS}
+    for turn in range(args.repeats):
+        if args.calibrate:
+            parts.append(collect_samples(model, engine.block_size, engine.max_num_batched_tokens, turn, 1 / args.repeats))
+        for name, workload in WORKLOADS.items():
+            reals[name].append(run_real(workload, engine, model, progress=True)[1])
+    if args.calibrate:
+        features, seconds = (np.concatenate(p) for p in zip(*parts))
+        profile = fit_profile(model, profile_name("smollm2-135m", torch.float32), features, seconds)
+    else:
+        profile = CostModel.load(args.profile)
     if args.save_profile:
         profile.save(args.save_profile)
-    engine = EngineConfig(block_size=16, kv_cache_memory_bytes=256 * 2**20, max_num_batched_tokens=1024, max_model_len=2048)
     print(f"profile: {profile.name} ({profile.fit_note})\n")
     for name, workload in WORKLOADS.items():
-        reals = [run_real(workload, engine, "smollm2-135m", progress=True)[1] for _ in range(args.repeats)]
         _, simulated = simulate(workload, engine, "paged", profile)
         print(f"{name}: {workload.num_requests} requests; real: median of {args.repeats} runs (min to max)")
         print(f"  {'metric':<20} {'real':>8} {'(spread)':>17} {'simulated':>10} {'error':>7}")
         for label, get in METRICS:
-            runs = sorted(get(r) for r in reals)
+            runs = sorted(get(r) for r in reals[name])
             r, s = statistics.median(runs), get(simulated)
             print(f"  {label:<20} {r:8.3f} {f'({runs[0]:.3f} to {runs[-1]:.3f})':>17} {s:10.3f} {(s - r) / r:+7.1%}")
         print(flush=True)

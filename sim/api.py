@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +22,9 @@ from sim.metrics import SLO, Summary, summarize
 from sim.policies import Policy
 from sim.report import Progress
 from sim.workload import WorkloadConfig, generate
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _progress(label: str, show: bool) -> Progress | None:
@@ -49,25 +53,25 @@ def simulate(
 def run_real(
     workload: WorkloadConfig,
     engine: EngineConfig,
-    model: str = "smollm2-135m",
+    model: str | torch.nn.Module = "smollm2-135m",
     dtype: str = "float32",
     policy: Policy = "paged",
     slo: SLO | None = None,
     progress: bool = False,
 ) -> tuple[RunResult, Summary]:
-    """The same workload on the real engine and model, on the wall clock."""
+    """The same workload on the real engine and model (a name, or one already loaded), on the wall clock."""
     import torch
 
     from models.registry import load_model
     from models.runner import ModelRunner
     from sim.calibrate import warm_up
 
-    loaded, _ = load_model(model, dtype=getattr(torch, dtype), device="cpu")
+    loaded = load_model(model, dtype=getattr(torch, dtype), device="cpu")[0] if isinstance(model, str) else model
     warm_up(loaded, engine.block_size, engine.max_num_batched_tokens)
     result = run_workload(
         generate(workload), engine, ModelRunner(loaded), WallClock(), policy,
         concurrency=workload.concurrency if workload.closed_loop else None,
-        progress=_progress(f"running {model}", progress),
+        progress=_progress(f"running {model if isinstance(model, str) else type(model).__name__}", progress),
     )
     return result, summarize(result, slo)
 

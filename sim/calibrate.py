@@ -44,20 +44,24 @@ class TimedExecutor:
         return tokens
 
 
-def calibration_workloads(max_model_len: int, seed: int) -> list[tuple[WorkloadConfig, int | None]]:
+def calibration_workloads(max_model_len: int, seed: int, share: float = 1.0) -> list[tuple[WorkloadConfig, int | None]]:
     """(workload, closed-loop concurrency) pairs that vary batch size and context length
     independently, so that the fit can tell the cost of a sequence from that of its context:
     big batches of short requests, big batches of long ones, a small closed loop, short
     prompts arriving one by one into running batches (what TTFT under light load is made
     of), a stream of them fast enough that steps prefill several prompts at once, and a
     burst of very short requests (full steps of many short prompts: many tokens, few
-    attended pairs, which tells the price of a token from that of a pair)."""
+    attended pairs, which tells the price of a token from that of a pair).
+
+    ``share`` scales the request count of the streams (Poisson and closed loop), a part of
+    the calibration to be taken in turns with other work (see :func:`collect_samples`).
+    Bursts stay whole: their batch shapes are what they are there for."""
 
     def uniform(low: int, high: int) -> LengthDist:
         return LengthDist(kind="uniform", low=low, high=high)
 
     common = dict(preset=None, max_model_len=max_model_len, seed=seed)
-    return [
+    workloads = [
         (WorkloadConfig(num_requests=48, arrival="offline", prompt=uniform(8, 64), output=uniform(16, 128), **common), None),
         (WorkloadConfig(num_requests=32, arrival="offline", prompt=uniform(200, 600), output=uniform(16, 96), **common), None),
         (WorkloadConfig(num_requests=12, arrival="closed", concurrency=3, prompt=uniform(16, 400),
@@ -68,6 +72,8 @@ def calibration_workloads(max_model_len: int, seed: int) -> list[tuple[WorkloadC
                         output=uniform(1, 12), **common), None),
         (WorkloadConfig(num_requests=192, arrival="offline", prompt=uniform(4, 40), output=uniform(1, 4), **common), None),
     ]
+    return [(w if w.arrival == "offline" else w.model_copy(update={"num_requests": max(round(w.num_requests * share), 1)}), c)
+            for w, c in workloads]
 
 
 def warm_up(model, block_size: int, budget: int) -> None:
@@ -81,11 +87,19 @@ def warm_up(model, block_size: int, budget: int) -> None:
     run_workload(spec, config, ModelRunner(model), WallClock())
 
 
-def collect_samples(model, block_size: int = 16, budget: int = 1024, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Run the calibration workloads on ``model`` for real; return step features [n, k] and seconds [n]."""
+def collect_samples(
+    model, block_size: int = 16, budget: int = 1024, seed: int = 0, share: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the calibration workloads on ``model`` for real; return step features [n, k] and seconds [n].
+
+    This machine's speed drifts by 10-20% over minutes, so a profile fitted at one time
+    prices the steps of another. To compare a simulation with a real run, collect the
+    calibration in parts (``share=1/3`` with seeds 0, 1, 2) taken in turns with the real
+    runs, and fit on them all: both then see the same mix of fast and slow minutes.
+    """
     warm_up(model, block_size, budget)
     samples = []
-    for workload, concurrency in calibration_workloads(model.max_model_len, seed):
+    for workload, concurrency in calibration_workloads(model.max_model_len, seed, share):
         executor = TimedExecutor(ModelRunner(model))
         config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, seed=seed)
         specs = generate(workload)
@@ -95,13 +109,12 @@ def collect_samples(model, block_size: int = 16, budget: int = 1024, seed: int =
     return np.array([f for f, _ in samples], dtype=float), np.array([s for _, s in samples])
 
 
-def calibrate(model_name: str, dtype: torch.dtype, block_size: int = 16, budget: int = 1024, seed: int = 0) -> CostModel:
-    model, _ = load_model(model_name, dtype=dtype, device="cpu")
-    features, seconds = collect_samples(model, block_size, budget, seed)
+def fit_profile(model, name: str, features: np.ndarray, seconds: np.ndarray, budget: int = 1024) -> CostModel:
+    """The cost-model profile of ``model`` fitted to timed steps of it."""
     knots = power_of_two_knots(budget)
     result = fit(features, seconds, knots)
     return CostModel(
-        name=f"{model_name} on {torch.get_num_threads()} CPU threads, {str(dtype).removeprefix('torch.')}",
+        name=name,
         token_knots=knots,
         token_costs_s=result.token_costs_s,
         per_decode_context_token_s=result.per_decode_context_token_s,
@@ -111,3 +124,13 @@ def calibrate(model_name: str, dtype: torch.dtype, block_size: int = 16, budget:
         max_model_len=model.max_model_len,
         fit_note=f"fitted on {len(seconds)} timed steps; median relative error {result.median_relative_error:.1%}",
     )
+
+
+def profile_name(model_name: str, dtype: torch.dtype) -> str:
+    return f"{model_name} on {torch.get_num_threads()} CPU threads, {str(dtype).removeprefix('torch.')}"
+
+
+def calibrate(model_name: str, dtype: torch.dtype, block_size: int = 16, budget: int = 1024, seed: int = 0) -> CostModel:
+    model, _ = load_model(model_name, dtype=dtype, device="cpu")
+    features, seconds = collect_samples(model, block_size, budget, seed)
+    return fit_profile(model, profile_name(model_name, dtype), features, seconds, budget)

@@ -282,6 +282,17 @@ def test_cli_calibrate_writes_a_usable_profile(tmp_path, tiny_model):
     assert "timed steps" in profile.fit_note and profile.tokens_time(1) > 0
 
 
+def test_a_share_of_the_calibration_thins_the_streams_and_keeps_the_bursts_whole():
+    from sim.calibrate import calibration_workloads
+
+    whole, third = calibration_workloads(2048, seed=0), calibration_workloads(2048, seed=0, share=1 / 3)
+    assert len(whole) == len(third)
+    for (w, _), (t, _) in zip(whole, third):
+        expected = w.num_requests if w.arrival == "offline" else round(w.num_requests / 3)
+        assert t.num_requests == expected and t.model_copy(update={"num_requests": w.num_requests}) == w
+    assert any(w.arrival != "offline" for w, _ in whole)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sim", "run", "--policy", "fifo"], "unknown policy fifo"),
     (["sim", "run", "--prefix-groups", "2"], "prefix_groups needs prefix_len"),
