@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 
 from scheduler.params import EngineConfig
-from sim.cost_model import DEFAULT_PROFILE, CostModel
+from sim.cost_model import DEFAULT_PROFILE, CostModel, Features
 from sim.driver import RunResult, run_workload
 from sim.executor import SimulatedExecutor, VirtualClock, WallClock
 from sim.metrics import SLO, Summary, summarize
@@ -58,18 +58,21 @@ def run_real(
     policy: Policy = "paged",
     slo: SLO | None = None,
     progress: bool = False,
+    timings: list[tuple[Features, float]] | None = None,
 ) -> tuple[RunResult, Summary]:
-    """The same workload on the real engine and model (a name, or one already loaded), on the wall clock."""
+    """The same workload on the real engine and model (a name, or one already loaded), on the
+    wall clock. With ``timings``, every step's features and seconds are appended to it."""
     import torch
 
     from models.registry import load_model
     from models.runner import ModelRunner
-    from sim.calibrate import warm_up
+    from sim.calibrate import TimedExecutor, warm_up
 
     loaded = load_model(model, dtype=getattr(torch, dtype), device="cpu")[0] if isinstance(model, str) else model
     warm_up(loaded, engine.block_size, engine.max_num_batched_tokens)
+    runner = ModelRunner(loaded)
     result = run_workload(
-        generate(workload), engine, ModelRunner(loaded), WallClock(), policy,
+        generate(workload), engine, runner if timings is None else TimedExecutor(runner, timings), WallClock(), policy,
         concurrency=workload.concurrency if workload.closed_loop else None,
         progress=_progress(f"running {model if isinstance(model, str) else type(model).__name__}", progress),
     )

@@ -20,19 +20,19 @@ from models.registry import load_model
 from models.runner import ModelRunner
 from scheduler.outputs import SchedulerOutput
 from scheduler.params import EngineConfig
-from sim.cost_model import CostModel, fit, power_of_two_knots, step_features
+from sim.cost_model import CostModel, Features, fit, power_of_two_knots, step_features
 from sim.driver import run_workload
 from sim.executor import WallClock
 from sim.workload import LengthDist, WorkloadConfig, generate
 
 
 class TimedExecutor:
-    """Wraps a real executor; records each step's features and how long it took."""
+    """Wraps a real executor; appends each step's features and how long it took to ``samples``."""
 
-    def __init__(self, inner: ModelRunner) -> None:
+    def __init__(self, inner: ModelRunner, samples: list[tuple[Features, float]] | None = None) -> None:
         self.inner = inner
         self.vocab_size, self.max_model_len, self.eos_token_id = inner.vocab_size, inner.max_model_len, None
-        self.samples: list[tuple[tuple[int, ...], float]] = []
+        self.samples = [] if samples is None else samples
 
     def initialize_cache(self, config: EngineConfig) -> int:
         return self.inner.initialize_cache(config)
@@ -98,14 +98,17 @@ def collect_samples(
     runs, and fit on them all: both then see the same mix of fast and slow minutes.
     """
     warm_up(model, block_size, budget)
-    samples = []
+    samples: list[tuple[Features, float]] = []
     for workload, concurrency in calibration_workloads(model.max_model_len, seed, share):
-        executor = TimedExecutor(ModelRunner(model))
         config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, seed=seed)
         specs = generate(workload)
         print(f"calibrating on {len(specs)} requests ({workload.arrival}) ...", file=sys.stderr, flush=True)
-        run_workload(specs, config, executor, WallClock(), concurrency=concurrency)
-        samples += executor.samples
+        run_workload(specs, config, TimedExecutor(ModelRunner(model), samples), WallClock(), concurrency=concurrency)
+    return as_arrays(samples)
+
+
+def as_arrays(samples: list[tuple[Features, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Timed steps as the features [n, k] and seconds [n] that :func:`fit_profile` takes."""
     return np.array([f for f, _ in samples], dtype=float), np.array([s for _, s in samples])
 
 

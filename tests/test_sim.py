@@ -282,6 +282,21 @@ def test_cli_calibrate_writes_a_usable_profile(tmp_path, tiny_model):
     assert "timed steps" in profile.fit_note and profile.tokens_time(1) > 0
 
 
+def test_a_real_run_on_a_loaded_model_times_every_step_it_takes(tiny_model):
+    from sim import run_real
+    from sim.calibrate import as_arrays
+
+    workload = WorkloadConfig(num_requests=6, arrival="offline", preset=None, max_model_len=64, seed=1,
+                              prompt=LengthDist(kind="uniform", low=2, high=20), output=LengthDist(kind="fixed", value=5))
+    timings = []
+    result, summary = run_real(workload, EngineConfig(block_size=4, num_blocks=64, max_num_batched_tokens=32),
+                               tiny_model, timings=timings)
+    assert summary.completed == 6 and len(timings) == len(result.step_durations)
+    features, seconds = as_arrays(timings)
+    assert features[:, 0].sum() == sum(r.prompt_len for r in result.records) + 6 * (5 - 1)  # every token once
+    assert (seconds > 0).all() and (seconds <= np.array(result.step_durations)).all()
+
+
 def test_a_share_of_the_calibration_thins_the_streams_and_keeps_the_bursts_whole():
     from sim.calibrate import calibration_workloads
 
