@@ -22,8 +22,8 @@ model), not the calibration's.
 This VM's speed drifts: the same decode step takes 37 to 48 ms from one minute to the
 next, and a profile fitted minutes before a run can be 20% off for a whole run. So
 ``--calibrate`` fits a fresh profile on calibration runs taken in turns with the real
-ones (a third of the calibration before each repeat): the profile and the real runs see
-the same minutes.
+ones (a third of the calibration before each repeat: a third of each stream's requests
+and one of the three bursts): the profile and the real runs see the same minutes.
 """
 
 from __future__ import annotations
@@ -66,12 +66,13 @@ def main() -> None:
     parts, reals, timings = [], {name: [] for name in WORKLOADS}, {name: [] for name in WORKLOADS}
     for turn in range(args.repeats):
         if args.calibrate:
-            parts.append(collect_samples(model, engine.block_size, engine.max_num_batched_tokens, turn, 1 / args.repeats))
+            parts.append(collect_samples(model, engine.block_size, engine.max_num_batched_tokens, turn, turn, args.repeats))
         for name, workload in WORKLOADS.items():
             reals[name].append(run_real(workload, engine, model, progress=True, timings=timings[name])[1])
     if args.calibrate:
         features, seconds = (np.concatenate(p) for p in zip(*parts))
-        profile = fit_profile(model, profile_name("smollm2-135m", torch.float32), features, seconds)
+        name = profile_name("smollm2-135m", torch.float32)
+        profile = fit_profile(model, name, features, seconds, engine.max_num_batched_tokens)
     else:
         profile = CostModel.load(args.profile)
     if args.save_profile:
@@ -79,7 +80,7 @@ def main() -> None:
     print(f"profile: {profile.name} ({profile.fit_note})\n")
     for name, workload in WORKLOADS.items():
         _, simulated = simulate(workload, engine, "paged", profile)
-        own = fit_profile(model, f"{name}, in sample", *as_arrays(timings[name]))
+        own = fit_profile(model, f"{name}, in sample", *as_arrays(timings[name]), engine.max_num_batched_tokens)
         _, in_sample = simulate(workload, engine, "paged", own)
         print(f"{name}: {workload.num_requests} requests; real: median of {args.repeats} runs (min to max);")
         print(f"  in sample: priced by a profile fitted on the real runs' own steps ({own.fit_note})")

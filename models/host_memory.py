@@ -13,6 +13,11 @@ Decode steps, which allocate little, do not change.
 It is what preloading tcmalloc or jemalloc does for PyTorch on the CPU (vLLM's CPU
 backend recommends that), without touching the environment: glibc's ``mallopt``, called
 once per process. The price is that the process keeps its peak activation memory.
+
+Measured where the engine steps on the main thread (the simulator's real runs, the
+benchmarks). A server that steps it from a worker thread allocates from another glibc
+arena, whose sub-heaps are unmapped once wholly free whatever the trim threshold; that
+case is not measured.
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit systems: larger blocks are always mapped
+# glibc's ceiling (32 MiB on 64-bit systems, 16 on 32-bit): blocks this big or bigger are always mapped.
+_MMAP_THRESHOLD_MAX = 4 * 2**20 * ctypes.sizeof(ctypes.c_long)
 _TRIM_THRESHOLD = 2**30  # free heap top kept before any is given back
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """Tell glibc to serve blocks up to 32 MiB from its heap and to keep the heap's free top.
+    """Tell glibc to serve blocks below 32 MiB from its heap and to keep the heap's free top.
 
-    Returns whether it took the settings: False where the C library is not glibc (macOS,
-    musl, Windows), which then keeps its own policy.
+    Returns whether the C library accepted both settings: False where there is no
+    ``mallopt`` (macOS, musl, Windows), whose allocators keep their own policy.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -41,4 +47,5 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    accepted = [mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)]
+    return all(accepted)

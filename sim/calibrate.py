@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from models.base import PagedLM
 from models.registry import load_model
 from models.runner import ModelRunner
 from scheduler.outputs import SchedulerOutput
@@ -35,7 +36,9 @@ class TimedExecutor:
         self.samples = [] if samples is None else samples
 
     def initialize_cache(self, config: EngineConfig) -> int:
-        return self.inner.initialize_cache(config)
+        num_blocks = self.inner.initialize_cache(config)
+        self.num_swap_blocks = self.inner.num_swap_blocks  # the driver reads it: swap stays swap
+        return num_blocks
 
     def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
         start = time.perf_counter()
@@ -44,7 +47,9 @@ class TimedExecutor:
         return tokens
 
 
-def calibration_workloads(max_model_len: int, seed: int, share: float = 1.0) -> list[tuple[WorkloadConfig, int | None]]:
+def calibration_workloads(
+    max_model_len: int, seed: int, part: int = 0, parts: int = 1
+) -> list[tuple[WorkloadConfig, int | None]]:
     """(workload, closed-loop concurrency) pairs that vary batch size and context length
     independently, so that the fit can tell the cost of a sequence from that of its context:
     big batches of short requests, big batches of long ones, a small closed loop, short
@@ -53,9 +58,10 @@ def calibration_workloads(max_model_len: int, seed: int, share: float = 1.0) -> 
     burst of very short requests (full steps of many short prompts: many tokens, few
     attended pairs, which tells the price of a token from that of a pair).
 
-    ``share`` scales the request count of the streams (Poisson and closed loop), a part of
-    the calibration to be taken in turns with other work (see :func:`collect_samples`).
-    Bursts stay whole: their batch shapes are what they are there for."""
+    ``part`` of ``parts``: a share of the calibration, to be taken in turns with other work
+    (see :func:`collect_samples`). Each stream (Poisson, closed loop) runs with 1/parts of
+    its requests; each burst runs whole in one part (its batch shapes are what it is there
+    for). Over all parts, every workload runs once, as in a whole calibration."""
 
     def uniform(low: int, high: int) -> LengthDist:
         return LengthDist(kind="uniform", low=low, high=high)
@@ -72,8 +78,12 @@ def calibration_workloads(max_model_len: int, seed: int, share: float = 1.0) -> 
                         output=uniform(1, 12), **common), None),
         (WorkloadConfig(num_requests=192, arrival="offline", prompt=uniform(4, 40), output=uniform(1, 4), **common), None),
     ]
-    return [(w if w.arrival == "offline" else w.model_copy(update={"num_requests": max(round(w.num_requests * share), 1)}), c)
-            for w, c in workloads]
+    bursts = [i for i, (w, _) in enumerate(workloads) if w.arrival == "offline"]
+    return [
+        (w.model_copy(update={"num_requests": max(round(w.num_requests / parts), 1)}), c) if w.arrival != "offline" else (w, c)
+        for i, (w, c) in enumerate(workloads)
+        if w.arrival != "offline" or bursts.index(i) % parts == part
+    ]
 
 
 def warm_up(model, block_size: int, budget: int) -> None:
@@ -88,18 +98,18 @@ def warm_up(model, block_size: int, budget: int) -> None:
 
 
 def collect_samples(
-    model, block_size: int = 16, budget: int = 1024, seed: int = 0, share: float = 1.0
+    model: PagedLM, block_size: int = 16, budget: int = 1024, seed: int = 0, part: int = 0, parts: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run the calibration workloads on ``model`` for real; return step features [n, k] and seconds [n].
 
     This machine's speed drifts by 10-20% over minutes, so a profile fitted at one time
     prices the steps of another. To compare a simulation with a real run, collect the
-    calibration in parts (``share=1/3`` with seeds 0, 1, 2) taken in turns with the real
-    runs, and fit on them all: both then see the same mix of fast and slow minutes.
+    calibration in parts (``part=0, 1, 2`` of ``parts=3``, seed = part) taken in turns with
+    the real runs, and fit on them all: both then see the same mix of fast and slow minutes.
     """
     warm_up(model, block_size, budget)
     samples: list[tuple[Features, float]] = []
-    for workload, concurrency in calibration_workloads(model.max_model_len, seed, share):
+    for workload, concurrency in calibration_workloads(model.max_model_len, seed, part, parts):
         config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, seed=seed)
         specs = generate(workload)
         print(f"calibrating on {len(specs)} requests ({workload.arrival}) ...", file=sys.stderr, flush=True)
@@ -112,8 +122,8 @@ def as_arrays(samples: list[tuple[Features, float]]) -> tuple[np.ndarray, np.nda
     return np.array([f for f, _ in samples], dtype=float), np.array([s for _, s in samples])
 
 
-def fit_profile(model, name: str, features: np.ndarray, seconds: np.ndarray, budget: int = 1024) -> CostModel:
-    """The cost-model profile of ``model`` fitted to timed steps of it."""
+def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.ndarray, budget: int) -> CostModel:
+    """The cost-model profile of ``model`` fitted to timed steps of it (knots up to ``budget`` tokens)."""
     knots = power_of_two_knots(budget)
     result = fit(features, seconds, knots)
     return CostModel(
@@ -130,6 +140,7 @@ def fit_profile(model, name: str, features: np.ndarray, seconds: np.ndarray, bud
 
 
 def profile_name(model_name: str, dtype: torch.dtype) -> str:
+    """What a profile describes: the model, the threads and the precision it was timed with."""
     return f"{model_name} on {torch.get_num_threads()} CPU threads, {str(dtype).removeprefix('torch.')}"
 
 

@@ -297,15 +297,26 @@ def test_a_real_run_on_a_loaded_model_times_every_step_it_takes(tiny_model):
     assert (seconds > 0).all() and (seconds <= np.array(result.step_durations)).all()
 
 
-def test_a_share_of_the_calibration_thins_the_streams_and_keeps_the_bursts_whole():
+def test_the_calibration_in_parts_runs_every_workload_once_streams_thinned_bursts_whole():
     from sim.calibrate import calibration_workloads
 
-    whole, third = calibration_workloads(2048, seed=0), calibration_workloads(2048, seed=0, share=1 / 3)
-    assert len(whole) == len(third)
-    for (w, _), (t, _) in zip(whole, third):
-        expected = w.num_requests if w.arrival == "offline" else round(w.num_requests / 3)
-        assert t.num_requests == expected and t.model_copy(update={"num_requests": w.num_requests}) == w
-    assert any(w.arrival != "offline" for w, _ in whole)
+    whole = calibration_workloads(2048, seed=0)
+    parts = [calibration_workloads(2048, seed=0, part=p, parts=3) for p in range(3)]
+    for w, _ in whole:
+        taken = [t for part in parts for t, _ in part if t.model_copy(update={"num_requests": w.num_requests}) == w]
+        if w.arrival == "offline":
+            assert [t.num_requests for t in taken] == [w.num_requests]  # one part runs it whole
+        else:
+            assert [t.num_requests for t in taken] == [round(w.num_requests / 3)] * 3
+    assert {w.arrival for w, _ in whole} >= {"offline", "poisson", "closed"}
+
+
+def test_a_timed_runner_keeps_its_swap_space(tiny_model):
+    from sim.calibrate import TimedExecutor
+
+    timed = TimedExecutor(ModelRunner(tiny_model))
+    timed.initialize_cache(EngineConfig(block_size=4, num_blocks=16, preemption_mode="swap", swap_space_bytes=2**20))
+    assert timed.num_swap_blocks == timed.inner.num_swap_blocks > 0
 
 
 @pytest.mark.parametrize("argv, message", [
