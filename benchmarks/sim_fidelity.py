@@ -9,7 +9,7 @@ the simulator's error.
   poisson       : 64 Alpaca-length requests at 1 req/s (queueing and TTFT under load)
 
     python benchmarks/sim_fidelity.py [--profile sim/profiles/...json]     # about 5 minutes
-    python benchmarks/sim_fidelity.py --calibrate [--save-profile P]      # about 11 minutes
+    python benchmarks/sim_fidelity.py --calibrate [--save-profile P]      # about 8 minutes
 
 Each real workload runs ``--repeats`` times (3) and the simulator is compared with the
 median run; the spread between the real runs is printed beside it, as the yardstick of
