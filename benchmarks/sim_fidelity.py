@@ -71,8 +71,8 @@ def main() -> None:
             reals[name].append(run_real(workload, engine, model, progress=True, timings=timings[name])[1])
     if args.calibrate:
         features, seconds = (np.concatenate(p) for p in zip(*parts))
-        name = profile_name("smollm2-135m", torch.float32)
-        profile = fit_profile(model, name, features, seconds, engine.max_num_batched_tokens)
+        label = profile_name("smollm2-135m", torch.float32)
+        profile = fit_profile(model, label, features, seconds, engine.max_num_batched_tokens)
     else:
         profile = CostModel.load(args.profile)
     if args.save_profile:

@@ -24,7 +24,7 @@ from sim.report import Progress
 from sim.workload import WorkloadConfig, generate
 
 if TYPE_CHECKING:
-    import torch
+    from models.base import PagedLM
 
 
 def _progress(label: str, show: bool) -> Progress | None:
@@ -53,7 +53,7 @@ def simulate(
 def run_real(
     workload: WorkloadConfig,
     engine: EngineConfig,
-    model: str | torch.nn.Module = "smollm2-135m",
+    model: str | PagedLM = "smollm2-135m",
     dtype: str = "float32",
     policy: Policy = "paged",
     slo: SLO | None = None,

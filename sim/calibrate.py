@@ -78,12 +78,10 @@ def calibration_workloads(
                         output=uniform(1, 12), **common), None),
         (WorkloadConfig(num_requests=192, arrival="offline", prompt=uniform(4, 40), output=uniform(1, 4), **common), None),
     ]
-    bursts = [i for i, (w, _) in enumerate(workloads) if w.arrival == "offline"]
-    return [
-        (w.model_copy(update={"num_requests": max(round(w.num_requests / parts), 1)}), c) if w.arrival != "offline" else (w, c)
-        for i, (w, c) in enumerate(workloads)
-        if w.arrival != "offline" or bursts.index(i) % parts == part
-    ]
+    bursts = [(w, c) for w, c in workloads if w.arrival == "offline"]
+    streams = [(w.model_copy(update={"num_requests": max(round(w.num_requests / parts), 1)}), c)
+               for w, c in workloads if w.arrival != "offline"]
+    return bursts[part::parts] + streams
 
 
 def warm_up(model, block_size: int, budget: int) -> None:
