@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from models import GPT, GPT_PRESETS, ModelRunner, generate_contiguous_cache, generate_no_cache
-from models.registry import load_model
-from scheduler import EngineConfig, LLMEngine, SamplingParams
+from pagedkv.models import GPT, GPT_PRESETS, ModelRunner, generate_contiguous_cache, generate_no_cache
+from pagedkv.loader import load_model
+from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
 
 
 def cpu_name() -> str:
@@ -86,7 +86,7 @@ def load(args) -> tuple[torch.nn.Module, list[list[int]], str, object]:
     from bench_smollm2 import workload  # real chat prompts of mixed length
     from transformers import AutoModelForCausalLM
 
-    from models.gguf import smollm2_path
+    from pagedkv.models.gguf import smollm2_path
 
     model, tok = load_model(args.model, dtype=torch.float32, device="cpu")
     prompts, _ = workload(tok, args.requests, args.seed)

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from models.registry import load_model
-from models.runner import ModelRunner
-from scheduler import EngineConfig, LLMEngine, SamplingParams
+from pagedkv.loader import load_model
+from pagedkv.models.runner import ModelRunner
+from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
 
 SYSTEM = ("You are a careful assistant for a public library. Answer briefly and politely. "
           "The library opens at nine and closes at six on weekdays, and at four on Saturdays. ")

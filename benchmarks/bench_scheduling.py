@@ -17,12 +17,12 @@ import random
 
 import numpy as np
 
-from scheduler import EngineConfig
-from sim.cost_model import DEFAULT_PROFILE, CostModel
-from sim.driver import run_workload
-from sim.executor import SimulatedExecutor, VirtualClock
-from sim.metrics import summarize
-from sim.workload import RequestSpec, WorkloadConfig, generate
+from pagedkv.scheduler import EngineConfig
+from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel
+from pagedkv.sim.driver import run_workload
+from pagedkv.sim.executor import SimulatedExecutor, VirtualClock
+from pagedkv.sim.metrics import summarize
+from pagedkv.sim.workload import RequestSpec, WorkloadConfig, generate
 
 
 def mixed_workload(num_requests: int, rate: float, seed: int) -> list[RequestSpec]:

@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from models import ModelRunner
-from models.registry import load_model
-from scheduler import EngineConfig, LLMEngine, SamplingParams
+from pagedkv.models import ModelRunner
+from pagedkv.loader import load_model
+from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
 
 TOPICS = [
     "the ocean", "machine learning", "the history of Rome", "cooking pasta", "quantum physics", "gardening",
@@ -144,7 +144,7 @@ def main() -> None:
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
-        from models.gguf import smollm2_path
+        from pagedkv.models.gguf import smollm2_path
 
         path = smollm2_path()
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

@@ -17,9 +17,9 @@ import time
 import httpx
 import numpy as np
 
-from models.registry import load_engine
-from scheduler import SamplingParams
-from server.background import BackgroundServer
+from pagedkv.loader import load_engine
+from pagedkv.scheduler import SamplingParams
+from pagedkv.server.background import BackgroundServer
 
 
 async def client(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int, hang_up: bool):

@@ -34,11 +34,11 @@ import statistics
 import numpy as np
 import torch
 
-from models.registry import load_model
-from scheduler import EngineConfig
-from sim import WorkloadConfig, run_real, simulate
-from sim.calibrate import as_arrays, collect_samples, fit_profile, profile_name
-from sim.cost_model import DEFAULT_PROFILE, CostModel
+from pagedkv.loader import load_model
+from pagedkv.scheduler import EngineConfig
+from pagedkv.sim import WorkloadConfig, run_real, simulate
+from pagedkv.sim.calibrate import as_arrays, collect_samples, fit_profile, profile_name
+from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel
 
 WORKLOADS = {
     "offline burst": WorkloadConfig(num_requests=48, arrival="offline", preset="alpaca", seed=21),

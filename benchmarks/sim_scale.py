@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from scheduler import EngineConfig
-from sim import WorkloadConfig, simulate
+from pagedkv.scheduler import EngineConfig
+from pagedkv.sim import WorkloadConfig, simulate
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fakes
 
-from scheduler import EngineConfig  # noqa: E402
-from scheduler.request import FinishReason  # noqa: E402
-from tests.conftest import assert_drained  # noqa: E402
+from pagedkv.scheduler import EngineConfig  # noqa: E402
+from pagedkv.scheduler.request import FinishReason  # noqa: E402
+from tests.helpers import assert_drained  # noqa: E402
 from tests.fakes import soak  # noqa: E402
 
 

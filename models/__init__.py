@@ -4,12 +4,12 @@
 that executes a scheduler plan, and the no-cache references used by tests and benchmarks.
 """
 
-from models.attention import ContiguousCacheAttention, DenseAttention, PagedAttention, PagedMetadata
-from models.config import GPT_PRESETS, GPTConfig
-from models.gpt import GPT
-from models.reference import generate_contiguous_cache, generate_no_cache, prefill_logits
-from models.runner import ModelRunner, prepare_inputs
-from models.sampler import Sampler
+from pagedkv.models.attention import ContiguousCacheAttention, DenseAttention, PagedAttention, PagedMetadata
+from pagedkv.models.config import GPT_PRESETS, GPTConfig
+from pagedkv.models.gpt import GPT
+from pagedkv.models.reference import generate_contiguous_cache, generate_no_cache, prefill_logits
+from pagedkv.models.runner import ModelRunner, prepare_inputs
+from pagedkv.models.sampler import Sampler
 
 __all__ = [
     "GPT",

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from paged.kv_cache import KVCache
+from pagedkv.paged.kv_cache import KVCache
 
 
 class Attention(Protocol):

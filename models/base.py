@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.attention import Attention
-from paged.kv_cache import KVCacheSpec
+from pagedkv.models.attention import Attention
+from pagedkv.paged.kv_cache import KVCacheSpec
 
 
 class PagedLM(nn.Module):

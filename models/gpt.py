@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import Attention
-from models.base import PagedLM
-from models.config import GPT_PRESETS, GPTConfig
+from pagedkv.models.attention import Attention
+from pagedkv.models.base import PagedLM
+from pagedkv.models.config import GPT_PRESETS, GPTConfig
 
 
 class Conv1D(nn.Module):

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from models.attention import Attention
-from models.base import PagedLM
-from models.layers import Linear
+from pagedkv.models.attention import Attention
+from pagedkv.models.base import PagedLM
+from pagedkv.models.layers import Linear
 
 
 class LlamaConfig(BaseModel):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from models.attention import ContiguousCacheAttention, DenseAttention
+from pagedkv.models.attention import ContiguousCacheAttention, DenseAttention
 
 
 @torch.inference_mode()

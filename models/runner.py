@@ -12,13 +12,13 @@ from itertools import chain
 
 import torch
 
-from models.attention import PagedAttention, PagedMetadata
-from models.host_memory import keep_freed_memory
-from models.sampler import Sampler
-from paged.kv_cache import KVCache, resolve_num_blocks
-from scheduler.outputs import SchedulerOutput
-from scheduler.params import EngineConfig
-from scheduler.request import sequence_id
+from pagedkv.models.attention import PagedAttention, PagedMetadata
+from pagedkv.models.host_memory import keep_freed_memory
+from pagedkv.models.sampler import Sampler
+from pagedkv.paged.kv_cache import KVCache, resolve_num_blocks
+from pagedkv.scheduler.outputs import SchedulerOutput
+from pagedkv.scheduler.params import EngineConfig
+from pagedkv.scheduler.request import sequence_id
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 
-from scheduler.params import SamplingParams
+from pagedkv.scheduler.params import SamplingParams
 
 
 class Sampler:

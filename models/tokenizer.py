@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from models.gguf import field
+from pagedkv.models.gguf import field
 
 CONTROL = 3  # llama.cpp's token type for special tokens such as <|im_end|>
 USER_DEFINED = 4  # added tokens matched whole in text, but not special

@@ -5,10 +5,10 @@ The bookkeeping (``BlockPool``, ``BlockTable``, ``KVCacheManager``) is pure Pyth
 torch-free.
 """
 
-from paged.block_pool import BlockPool, BlockPoolError, PoolSnapshot
-from paged.block_table import BlockTable, blocks_for
-from paged.kv_manager import Allocation, KVCacheManager
-from paged.swap import SwapSpace, SwapSpaceError
+from pagedkv.paged.block_pool import BlockPool, BlockPoolError, PoolSnapshot
+from pagedkv.paged.block_table import BlockTable, blocks_for
+from pagedkv.paged.kv_manager import Allocation, KVCacheManager
+from pagedkv.paged.swap import SwapSpace, SwapSpaceError
 
 __all__ = [
     "Allocation",

@@ -33,10 +33,10 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
-from paged.block_pool import BlockPool, BlockPoolError
-from paged.block_table import BlockTable, blocks_for
-from paged.prefix import NO_HIT, PrefixHit, block_hash, root_hash
-from paged.swap import SwapSpace
+from pagedkv.paged.block_pool import BlockPool, BlockPoolError
+from pagedkv.paged.block_table import BlockTable, blocks_for
+from pagedkv.paged.prefix import NO_HIT, PrefixHit, block_hash, root_hash
+from pagedkv.paged.swap import SwapSpace
 
 
 class Allocation(NamedTuple):

@@ -3,8 +3,8 @@
 Torch-free: the engine reaches the model only through the :class:`Executor` protocol.
 """
 
-from scheduler.engine import Executor, LLMEngine
-from scheduler.outputs import (
+from pagedkv.scheduler.engine import Executor, LLMEngine
+from pagedkv.scheduler.outputs import (
     EngineStats,
     RequestMetrics,
     RequestOutput,
@@ -12,16 +12,15 @@ from scheduler.outputs import (
     SchedulerOutput,
     SequenceOutput,
 )
-from scheduler.params import EngineConfig, SamplingParams
-from scheduler.request import FinishReason, InvalidRequestError, Request, RequestStatus
-from scheduler.scheduler import Scheduler
+from pagedkv.scheduler.params import EngineConfig, SamplingParams
+from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
+from pagedkv.scheduler.scheduler import Scheduler
 
 __all__ = [
     "EngineConfig",
     "EngineStats",
     "Executor",
     "FinishReason",
-    "InvalidRequestError",
     "LLMEngine",
     "Request",
     "RequestMetrics",

@@ -23,10 +23,10 @@ from __future__ import annotations
 from itertools import repeat
 from typing import TYPE_CHECKING
 
-from scheduler.request import FinishReason, Request, RequestStatus
+from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
 
 if TYPE_CHECKING:
-    from scheduler.scheduler import Scheduler
+    from pagedkv.scheduler.scheduler import Scheduler
 
 
 class DecodeRun:

@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from paged.kv_manager import KVCacheManager
-from scheduler.outputs import EngineStats, RequestOutput, SchedulerOutput
-from scheduler.params import EngineConfig, SamplingParams
-from scheduler.request import FinishReason, InvalidRequestError, Request
-from scheduler.scheduler import Scheduler
+from pagedkv.paged.kv_manager import KVCacheManager
+from pagedkv.scheduler.outputs import EngineStats, RequestOutput, SchedulerOutput
+from pagedkv.scheduler.params import EngineConfig, SamplingParams
+from pagedkv.errors import EngineBusyError, InvalidRequestError
+from pagedkv.scheduler.request import FinishReason, Request
+from pagedkv.scheduler.scheduler import Scheduler
 
 
 class Executor(Protocol):
@@ -104,13 +105,15 @@ class LLMEngine:
         """
         params = self._params(sampling_params)
         if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
+            raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}", "request_id")
         if type(priority) is not int or not -(2**31) <= priority < 2**31:
-            raise InvalidRequestError(f"priority must be an integer in [-2**31, 2**31), got {priority!r}")
+            raise InvalidRequestError(f"priority must be an integer in [-2**31, 2**31), got {priority!r}", "priority")
         prompt_token_ids = self._prompt(prompt)
         for t in params.stop_token_ids:
             if t >= self.executor.vocab_size:
-                raise InvalidRequestError(f"stop_token_ids: {t} is outside the vocabulary [0, {self.executor.vocab_size})")
+                raise InvalidRequestError(
+                    f"stop_token_ids: {t} is outside the vocabulary [0, {self.executor.vocab_size})", "stop_token_ids"
+                )
         self.scheduler.add_request(
             Request(request_id, prompt_token_ids, params, arrival_time=self.scheduler.clock(), priority=priority)
         )
@@ -165,14 +168,14 @@ class LLMEngine:
         in prompt order. ``on_output`` sees every streamed output as it happens;
         ``priority`` gives each prompt's priority (lower is more urgent)."""
         if self.has_unfinished_requests():
-            raise RuntimeError("generate() runs the engine to completion; finish or abort the requests in flight first")
+            raise EngineBusyError("generate() runs the engine to completion; finish or abort the requests in flight first")
         if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
-            raise InvalidRequestError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+            raise InvalidRequestError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts", "sampling_params")
         priority = [0] * len(prompts) if priority is None else list(priority)
         if len(priority) != len(prompts):
-            raise InvalidRequestError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+            raise InvalidRequestError(f"got {len(priority)} priorities for {len(prompts)} prompts", "priority")
         ids = [f"generate-{next(self._generate_ids)}" for _ in prompts]
         try:
             for rid, prompt, params, p in zip(ids, prompts, sampling_params, priority):
@@ -196,7 +199,9 @@ class LLMEngine:
         if isinstance(sampling_params, dict):
             return SamplingParams.model_validate(sampling_params)
         if not isinstance(sampling_params, SamplingParams):
-            raise InvalidRequestError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
+            raise InvalidRequestError(
+                f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}", "sampling_params"
+            )
         return sampling_params
 
     def _with_text(self, out: RequestOutput) -> RequestOutput:
@@ -218,20 +223,23 @@ class LLMEngine:
         """Token ids from text or from a list/tuple (or array) of ints; bools and bytes are refused."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InvalidRequestError("this engine has no tokenizer; give the prompt as token ids")
+                raise InvalidRequestError("this engine has no tokenizer; give the prompt as token ids", "prompt")
             prompt = self.tokenizer.encode(prompt)
         elif hasattr(prompt, "tolist"):  # numpy arrays and tensors
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple, range)) or not all(type(t) is int for t in prompt):
             raise InvalidRequestError(
                 f"prompt_token_ids must be a list of integer token ids (or a text prompt), got {type(prompt).__name__}"
-                + (" containing non-integers" if isinstance(prompt, (list, tuple)) else "")
+                + (" containing non-integers" if isinstance(prompt, (list, tuple)) else ""),
+                "prompt",
             )
         prompt = list(prompt)
         if not prompt:
-            raise InvalidRequestError("prompt_token_ids is empty; a request needs at least one token")
+            raise InvalidRequestError("prompt_token_ids is empty; a request needs at least one token", "prompt")
         lo, hi = min(prompt), max(prompt)
         if lo < 0 or hi >= self.executor.vocab_size:
             bad = lo if lo < 0 else hi
-            raise InvalidRequestError(f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.executor.vocab_size})")
+            raise InvalidRequestError(
+                f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.executor.vocab_size})", "prompt"
+            )
         return prompt

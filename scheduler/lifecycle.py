@@ -22,10 +22,11 @@ from bisect import insort
 from collections.abc import Callable
 from operator import attrgetter
 
-from paged.kv_manager import KVCacheManager
-from scheduler.outputs import EngineStats, SchedulerOutput
-from scheduler.params import EngineConfig
-from scheduler.request import FinishReason, InvalidRequestError, Request, RequestStatus
+from pagedkv.paged.kv_manager import KVCacheManager
+from pagedkv.scheduler.outputs import EngineStats, SchedulerOutput
+from pagedkv.scheduler.params import EngineConfig
+from pagedkv.errors import InvalidRequestError
+from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
 
 by_rank = attrgetter("rank")  # the sort key of both queues
 
@@ -66,25 +67,28 @@ class RequestLifecycle:
     def check_fits(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise :class:`InvalidRequestError` if a request of this size could never run."""
         if request_id in self.requests:
-            raise InvalidRequestError(f"request_id {request_id!r} is already in use by an unfinished request")
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use by an unfinished request", "request_id")
         total = num_prompt_tokens + max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
-                f"exceeds max_model_len ({self.max_model_len})"
+                f"exceeds max_model_len ({self.max_model_len})",
+                "prompt",
             )
         # The last sampled token is never fed back, so it needs no slot.
         blocks = self.kv.blocks_for(total - 1)
         if blocks > self.kv.num_blocks:
             raise InvalidRequestError(
                 f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {blocks} KV blocks "
-                f"at its longest but the pool has only {self.kv.num_blocks}"
+                f"at its longest but the pool has only {self.kv.num_blocks}",
+                "max_tokens",
             )
 
     def add_request(self, request: Request) -> None:
         if request.params.n > self.config.max_num_seqs:
             raise InvalidRequestError(
-                f"n ({request.params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): its sequences could never run together"
+                f"n ({request.params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): its sequences could never run together",
+                "n",
             )
         self.check_fits(request.request_id, request.num_prompt_tokens, request.params.max_tokens)
         request.rank = (request.arrival_time + request.priority * self.config.priority_aging_s, next(self._order))

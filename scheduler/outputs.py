@@ -7,7 +7,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from scheduler.request import FinishReason, Request
+from pagedkv.scheduler.request import FinishReason, Request
 
 
 class ScheduledRequest(NamedTuple):

@@ -6,12 +6,7 @@ import enum
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from scheduler.params import SamplingParams
-
-
-class InvalidRequestError(ValueError):
-    """A request was refused at the boundary; nothing in the engine changed."""
-
+from pagedkv.scheduler.params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"

@@ -43,11 +43,11 @@ from __future__ import annotations
 
 from bisect import insort
 
-from paged.prefix import NO_HIT
-from scheduler.decode_run import DecodeRun
-from scheduler.lifecycle import RequestLifecycle, by_rank
-from scheduler.outputs import SchedulerOutput
-from scheduler.request import Request, RequestStatus
+from pagedkv.paged.prefix import NO_HIT
+from pagedkv.scheduler.decode_run import DecodeRun
+from pagedkv.scheduler.lifecycle import RequestLifecycle, by_rank
+from pagedkv.scheduler.outputs import SchedulerOutput
+from pagedkv.scheduler.request import Request, RequestStatus
 
 MAX_PASSED_OVER = 16
 """Waiting requests admission looks past in one step when earlier ones do not fit."""

@@ -24,9 +24,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from scheduler import InvalidRequestError, RequestOutput, SamplingParams
-from server.async_engine import AsyncLLMEngine, EngineBusyError, EngineDeadError, RequestFailedError
-from server.metrics import render
+from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
+from pagedkv.scheduler import RequestOutput, SamplingParams
+from pagedkv.server.async_engine import AsyncLLMEngine
+from pagedkv.server.metrics import render
 
 
 class _Generation(BaseModel):
@@ -129,7 +130,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
         except ValidationError as e:
             return _validation_error(e)
         except InvalidRequestError as e:
-            return _error(400, str(e), "prompt" if "prompt" in str(e) else None)
+            return _error(400, str(e), e.param)
         except (EngineBusyError, EngineDeadError) as e:
             return _error(503, str(e), kind="server_error")
         except RequestFailedError as e:

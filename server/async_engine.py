@@ -20,20 +20,9 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from scheduler import LLMEngine, RequestOutput, SamplingParams
-from server.metrics import Histogram
-
-
-class EngineBusyError(RuntimeError):
-    """Too many requests are waiting; this one was refused and nothing else changed."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine's background loop stopped (shut down, or an unexpected error)."""
-
-
-class RequestFailedError(RuntimeError):
-    """The engine failed this request (its step raised, or its logits were not finite)."""
+from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
+from pagedkv.scheduler import LLMEngine, RequestOutput, SamplingParams
+from pagedkv.server.metrics import Histogram
 
 
 class AsyncLLMEngine:
@@ -89,7 +78,7 @@ class AsyncLLMEngine:
             if len(self.engine.scheduler.waiting) >= self.max_waiting:
                 raise EngineBusyError(f"{self.max_waiting} requests are already waiting; try again later")
             if request_id in self._streams:
-                raise ValueError(f"request_id {request_id!r} is already streaming")
+                raise InvalidRequestError(f"request_id {request_id!r} is already streaming", "request_id")
             self.engine.add_request(request_id, prompt, sampling_params, priority=priority)
             self._to_abort.discard(request_id)  # an earlier stream's pending abort is not for this one
             self._streams[request_id] = queue

@@ -9,9 +9,9 @@ import time
 
 import uvicorn
 
-from scheduler import LLMEngine
-from server.api import build_app
-from server.async_engine import AsyncLLMEngine
+from pagedkv.scheduler import LLMEngine
+from pagedkv.server.api import build_app
+from pagedkv.server.async_engine import AsyncLLMEngine
 
 
 class BackgroundServer:

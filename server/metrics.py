@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bisect
 
-from scheduler.outputs import EngineStats
+from pagedkv.scheduler.outputs import EngineStats
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

@@ -1,10 +1,10 @@
 """The workload simulator (the engine's scheduler and KV manager on a virtual clock) and
 the ``pagedkv`` command line."""
 
-from sim.api import SweepResult, run_real, simulate, sweep
-from sim.cost_model import CostModel
-from sim.metrics import SLO, Summary
-from sim.workload import LengthDist, RequestSpec, WorkloadConfig, generate, load_trace, save_trace
+from pagedkv.sim.api import SweepResult, run_real, simulate, sweep
+from pagedkv.sim.cost_model import CostModel
+from pagedkv.sim.metrics import SLO, Summary
+from pagedkv.sim.workload import LengthDist, RequestSpec, WorkloadConfig, generate, load_trace, save_trace
 
 __all__ = [
     "SLO",

@@ -1,7 +1,7 @@
 """The simulator's Python API: run a workload (simulated or for real), or sweep request rates.
 
-    from sim import simulate, WorkloadConfig
-    from scheduler import EngineConfig
+    from pagedkv.sim import simulate, WorkloadConfig
+    from pagedkv.scheduler import EngineConfig
     result, summary = simulate(WorkloadConfig(preset="sharegpt", rate=0.5, num_requests=1000),
                                EngineConfig(kv_cache_memory_bytes=2 * 2**30, max_model_len=2048))
 """
@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-from scheduler.params import EngineConfig
-from sim.cost_model import DEFAULT_PROFILE, CostModel, Features
-from sim.driver import RunResult, run_workload
-from sim.executor import SimulatedExecutor, VirtualClock, WallClock
-from sim.metrics import SLO, Summary, summarize
-from sim.policies import Policy
-from sim.report import Progress
-from sim.workload import WorkloadConfig, generate
+from pagedkv.scheduler.params import EngineConfig
+from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel, Features
+from pagedkv.sim.driver import RunResult, run_workload
+from pagedkv.sim.executor import SimulatedExecutor, VirtualClock, WallClock
+from pagedkv.sim.metrics import SLO, Summary, summarize
+from pagedkv.sim.policies import Policy
+from pagedkv.sim.report import Progress
+from pagedkv.sim.workload import WorkloadConfig, generate
 
 if TYPE_CHECKING:
-    from models.base import PagedLM
+    from pagedkv.models.base import PagedLM
 
 
 def _progress(label: str, show: bool) -> Progress | None:
@@ -64,9 +64,9 @@ def run_real(
     wall clock. With ``timings``, every step's features and seconds are appended to it."""
     import torch
 
-    from models.registry import load_model
-    from models.runner import ModelRunner
-    from sim.calibrate import TimedExecutor, warm_up
+    from pagedkv.loader import load_model
+    from pagedkv.models.runner import ModelRunner
+    from pagedkv.sim.calibrate import TimedExecutor, warm_up
 
     loaded = load_model(model, dtype=getattr(torch, dtype), device="cpu")[0] if isinstance(model, str) else model
     warm_up(loaded, engine.block_size, engine.max_num_batched_tokens)

@@ -16,15 +16,15 @@ import time
 import numpy as np
 import torch
 
-from models.base import PagedLM
-from models.registry import load_model
-from models.runner import ModelRunner
-from scheduler.outputs import SchedulerOutput
-from scheduler.params import EngineConfig
-from sim.cost_model import CostModel, Features, fit, power_of_two_knots, step_features
-from sim.driver import run_workload
-from sim.executor import WallClock
-from sim.workload import LengthDist, WorkloadConfig, generate
+from pagedkv.models.base import PagedLM
+from pagedkv.loader import load_model
+from pagedkv.models.runner import ModelRunner
+from pagedkv.scheduler.outputs import SchedulerOutput
+from pagedkv.scheduler.params import EngineConfig
+from pagedkv.sim.cost_model import CostModel, Features, fit, power_of_two_knots, step_features
+from pagedkv.sim.driver import run_workload
+from pagedkv.sim.executor import WallClock
+from pagedkv.sim.workload import LengthDist, WorkloadConfig, generate
 
 
 class TimedExecutor:

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from paged.kv_manager import KVCacheManager
-from scheduler.engine import Executor
-from scheduler.outputs import EngineStats
-from scheduler.params import EngineConfig, SamplingParams
-from scheduler.request import InvalidRequestError, Request
-from sim.policies import Policy, build_scheduler, reserved_slots, reserved_slots_during
-from sim.workload import RequestSpec
+from pagedkv.paged.kv_manager import KVCacheManager
+from pagedkv.scheduler.engine import Executor
+from pagedkv.scheduler.outputs import EngineStats
+from pagedkv.scheduler.params import EngineConfig, SamplingParams
+from pagedkv.errors import InvalidRequestError
+from pagedkv.scheduler.request import Request
+from pagedkv.sim.policies import Policy, build_scheduler, reserved_slots, reserved_slots_during
+from pagedkv.sim.workload import RequestSpec
 
 
 class RequestRecord(NamedTuple):

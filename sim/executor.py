@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from scheduler.outputs import SchedulerOutput
-from scheduler.params import EngineConfig
-from sim.cost_model import CostModel
+from pagedkv.scheduler.outputs import SchedulerOutput
+from pagedkv.scheduler.params import EngineConfig
+from pagedkv.sim.cost_model import CostModel
 
 DUMMY_TOKEN = 0
 _ONE = (DUMMY_TOKEN,)  # one row's sample; `_ONE * k` is k of them (and `_ONE * 1` is _ONE itself)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from sim.driver import RunResult
+from pagedkv.sim.driver import RunResult
 
 
 class Percentiles(BaseModel):

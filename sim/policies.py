@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Literal
 
-from paged.kv_manager import KVCacheManager
-from scheduler.outputs import SchedulerOutput
-from scheduler.request import FinishReason, InvalidRequestError, Request
-from scheduler.scheduler import Scheduler
+from pagedkv.paged.kv_manager import KVCacheManager
+from pagedkv.scheduler.outputs import SchedulerOutput
+from pagedkv.errors import InvalidRequestError
+from pagedkv.scheduler.request import FinishReason, Request
+from pagedkv.scheduler.scheduler import Scheduler
 
 Policy = Literal["paged", "reserve-max-tokens", "reserve-max-len", "static"]
 POLICIES: tuple[str, ...] = ("paged", "reserve-max-tokens", "reserve-max-len", "static")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.driver import RunResult
-from sim.metrics import Summary
+from pagedkv.sim.driver import RunResult
+from pagedkv.sim.metrics import Summary
 
 ROWS = [
     ("completed / rejected", lambda s: f"{s.completed} / {s.rejected}"),

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scheduler import EngineConfig, LLMEngine, SamplingParams, SchedulerOutput
-from scheduler.request import FinishReason
+from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams, SchedulerOutput
+from pagedkv.scheduler.request import FinishReason
 
 
 class WrongContext(BaseException):

@@ -1,6 +1,6 @@
 """The ``pagedkv`` command line: demo, generate, chat, and clean errors for bad arguments.
 
-The commands load their model through ``sim.demo.load_engine``; the tests hand them the
+The commands load their model through ``pagedkv.cli.demo.load_engine``; the tests hand them the
 session's SmolLM2 instead of loading it again.
 """
 
@@ -10,15 +10,16 @@ import io
 
 import pytest
 
-from models import GPT, ModelRunner
-from scheduler import EngineConfig, LLMEngine
-from sim import cli, demo
+from pagedkv.models import GPT, ModelRunner
+from pagedkv.scheduler import EngineConfig, LLMEngine
+from pagedkv import cli
+from pagedkv.cli import demo
 
 
 @pytest.fixture
 def engines(monkeypatch, smollm2):
     """Make the CLI's engines from the already loaded models; drain-check them afterwards."""
-    from .conftest import assert_drained
+    from tests.helpers import assert_drained
 
     made: list[LLMEngine] = []
 
@@ -90,8 +91,8 @@ def test_unknown_model_is_named(capsys):
 
 
 def test_sim_engine_flags_reach_the_engine_config():
-    from sim.cli import build_parser
-    from sim.sim_cli import engine_from
+    from pagedkv.cli import build_parser
+    from pagedkv.cli.sim import engine_from
 
     args = build_parser().parse_args(["sim", "run", "--preemption-mode", "swap", "--swap-space", "64MiB",
                                       "--no-chunked-prefill", "--no-prefix-caching"])

@@ -1,0 +1,55 @@
+"""Helpers the tests share: the drain check, random prompts, a recording executor.
+
+Plain functions and classes, imported as ``from tests.helpers import ...``; the fixtures
+built on them live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import random
+
+from pagedkv.scheduler import EngineConfig, LLMEngine, SchedulerOutput
+
+
+def assert_drained(engine: LLMEngine) -> None:
+    """The engine holds nothing: no request, no block table, every block free."""
+    scheduler, kv = engine.scheduler, engine.kv_manager
+    assert not scheduler.requests, f"requests left: {list(scheduler.requests)}"
+    assert not scheduler.waiting and not scheduler.running
+    assert kv.num_tables() == 0
+    assert kv.pool.num_free == kv.num_blocks
+    assert all(kv.pool.ref_count(b) == 0 for b in range(kv.num_blocks))
+    kv.check()
+
+
+def random_prompts(seed: int, n: int, vocab: int, min_len: int = 1, max_len: int = 40) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
+
+
+class RecordingExecutor:
+    """Returns token 1 for every sequence that samples, and remembers every plan."""
+
+    vocab_size = 100
+    max_model_len = 1000
+    eos_token_id = None
+
+    def __init__(self) -> None:
+        self.plans: list[SchedulerOutput] = []
+
+    def initialize_cache(self, config: EngineConfig) -> int:
+        """Its blocks count as 1 KiB each for the swap space."""
+        self.num_swap_blocks = config.swap_space_bytes // 1024 if config.preemption_mode == "swap" else 0
+        return config.num_blocks
+
+    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+        self.plans.append(plan)
+        return [(1,) * s.samples for s in plan.scheduled]
+
+
+def drain(engine: LLMEngine, max_steps: int = 1000) -> None:
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")

@@ -1,0 +1,90 @@
+"""The sampler draws from the distribution its parameters describe, and seeds pin it down."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedkv.models import Sampler
+from pagedkv.scheduler import SamplingParams
+
+VOCAB = 8
+
+
+def logits_rows(n: int) -> torch.Tensor:
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5])
+    return base.expand(n, VOCAB).clone()
+
+
+def draw(params: SamplingParams, n: int = 4000, seed: int = 0) -> torch.Tensor:
+    """``n`` independent draws (one batch row each) from the same logits."""
+    tokens = Sampler(torch.device("cpu"), seed)(logits_rows(n), [f"r{i}" for i in range(n)], [params] * n)
+    return torch.bincount(torch.tensor(tokens), minlength=VOCAB).float() / n
+
+
+def test_greedy_takes_the_argmax():
+    assert draw(SamplingParams(temperature=0.0), n=10)[0] == 1.0
+
+
+def test_temperature_matches_the_softmax():
+    for t in (0.5, 1.0, 1.7):
+        freq = draw(SamplingParams(temperature=t))
+        expected = (logits_rows(1)[0] / t).softmax(-1)
+        assert (freq - expected).abs().max() < 0.03, (t, freq, expected)
+
+
+def test_top_k_keeps_only_the_k_best_renormalised():
+    freq = draw(SamplingParams(temperature=1.0, top_k=3))
+    assert freq[3:].sum() == 0
+    expected = logits_rows(1)[0, :3].softmax(-1)
+    assert (freq[:3] - expected).abs().max() < 0.03
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = logits_rows(1)[0].softmax(-1)  # 0.38, 0.23, 0.14, 0.08, ...
+    top_p = float(probs[:2].sum()) + 0.01  # needs a third token to reach it
+    freq = draw(SamplingParams(temperature=1.0, top_p=top_p))
+    assert freq[3:].sum() == 0 and freq[2] > 0
+    assert (freq[:3] - probs[:3] / probs[:3].sum()).abs().max() < 0.03
+
+
+def test_tiny_top_p_or_top_k_one_is_greedy():
+    assert draw(SamplingParams(temperature=1.0, top_p=1e-6), n=50)[0] == 1.0
+    assert draw(SamplingParams(temperature=1.0, top_k=1), n=50)[0] == 1.0
+
+
+def test_top_k_larger_than_vocab_is_harmless():
+    freq = draw(SamplingParams(temperature=1.0, top_k=10_000))
+    assert (freq - logits_rows(1)[0].softmax(-1)).abs().max() < 0.03
+
+
+def test_mixed_rows_each_follow_their_own_params():
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0)]
+    sampler = Sampler(torch.device("cpu"), 0)
+    seen = [set() for _ in params]
+    for step in range(300):
+        for row, token in enumerate(sampler(logits_rows(3), ["a", "b", "c"], params)):
+            seen[row].add(token)
+    assert seen[0] == {0} and seen[1] == {0, 1} and len(seen[2]) > 3
+
+
+def test_a_seed_fixes_the_draws_whatever_the_batch():
+    """A seeded row draws the same tokens alone or among unseeded rows, under any engine seed."""
+    seeded = SamplingParams(temperature=1.0, seed=42)
+    sampler_a, sampler_b = Sampler(torch.device("cpu"), 0), Sampler(torch.device("cpu"), 7)
+    run_a = [sampler_a(logits_rows(1), ["s"], [seeded])[0] for _ in range(30)]
+    crowd = [SamplingParams(temperature=1.0)] * 4
+    run_b = [sampler_b(logits_rows(5), ["x", "y", "s", "z", "w"], crowd[:2] + [seeded] + crowd[2:])[2] for _ in range(30)]
+    assert run_a == run_b
+    assert len(set(run_a)) > 1
+    other = SamplingParams(temperature=1.0, seed=43)
+    sampler_c = Sampler(torch.device("cpu"), 0)
+    assert [sampler_c(logits_rows(1), ["s"], [other])[0] for _ in range(30)] != run_a
+
+
+def test_release_forgets_a_seeded_stream():
+    seeded = SamplingParams(temperature=1.0, seed=3)
+    sampler = Sampler(torch.device("cpu"), 0)
+    first = [sampler(logits_rows(1), ["s"], [seeded])[0] for _ in range(20)]
+    sampler.release(["s"])
+    again = [sampler(logits_rows(1), ["s"], [seeded])[0] for _ in range(20)]
+    assert first == again

@@ -1,0 +1,170 @@
+"""Bad input gets a clear error naming the field and range, and changes nothing: the queues,
+the pool, the block tables and the requests already in flight are exactly as before."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from pagedkv.models import generate_no_cache
+from pagedkv.errors import InvalidRequestError
+from pagedkv.scheduler import EngineConfig, SamplingParams
+
+from tests.helpers import random_prompts
+
+
+def engine_state(engine):
+    kv = engine.kv_manager
+    tables = {rid: (list(t.blocks), t.num_tokens) for rid, t in kv._tables.items()}
+    requests = {
+        rid: (r.status, r.num_computed_tokens, list(r.token_ids)) for rid, r in engine.scheduler.requests.items()
+    }
+    return (
+        kv.pool.snapshot(),
+        tables,
+        requests,
+        [r.request_id for r in engine.scheduler.waiting],
+        [r.request_id for r in engine.scheduler.running],
+    )
+
+
+@pytest.fixture
+def busy_engine(make_engine, tiny_model):
+    """An engine mid-generation: some requests running, some waiting."""
+    engine = make_engine(block_size=4, num_blocks=40, max_num_seqs=2)
+    prompts = random_prompts(seed=5, n=4, vocab=tiny_model.vocab_size, min_len=5, max_len=20)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    for _ in range(3):
+        engine.step()
+    expected = {f"r{i}": generate_no_cache(tiny_model, p, 12) for i, p in enumerate(prompts)}
+    return engine, expected
+
+
+def finish_and_check(engine, expected):
+    """The requests in flight before the refused ones still produce the reference tokens."""
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.output_token_ids
+    assert {rid: got[rid] for rid in expected} == expected
+
+
+BAD_SAMPLING = [
+    ({"temperature": -0.1}, "temperature", "[0, 2]"),
+    ({"temperature": 2.5}, "temperature", "[0, 2]"),
+    ({"temperature": float("nan")}, "temperature", "[0, 2]"),
+    ({"temperature": float("inf")}, "temperature", "[0, 2]"),
+    ({"top_p": 0.0}, "top_p", "(0, 1]"),
+    ({"top_p": 1.5}, "top_p", "(0, 1]"),
+    ({"top_k": -2}, "top_k", ">= 1"),
+    ({"max_tokens": 0}, "max_tokens", ">= 1"),
+    ({"seed": -1}, "seed", "[0, 2**63)"),
+    ({"max_tokens": True}, "max_tokens", "integer"),
+    ({"top_k": "3"}, "top_k", "integer"),
+    ({"stop_token_ids": [-4]}, "stop_token_ids", "non-negative"),
+    ({"temperature": 0.5, "best_of": 2}, "best_of", "not permitted"),
+]
+
+
+@pytest.mark.parametrize("bad, field, allowed", BAD_SAMPLING)
+def test_bad_sampling_params_name_field_and_range(busy_engine, bad, field, allowed):
+    engine, expected = busy_engine
+    with pytest.raises(ValidationError) as err:
+        SamplingParams(**bad)
+    assert field in str(err.value) and allowed in str(err.value)
+    before = engine_state(engine)
+    with pytest.raises(ValidationError):
+        engine.add_request("new", [1, 2, 3], bad)
+    assert engine_state(engine) == before
+    finish_and_check(engine, expected)
+
+
+@pytest.mark.parametrize(
+    "request_id, prompt, params, message",
+    [
+        ("new", [], None, "empty"),
+        ("new", [1, -1, 2], None, "-1 is outside the vocabulary [0, 256)"),
+        ("new", [1, 256], None, "256 is outside the vocabulary [0, 256)"),
+        ("new", [1, 2.5], None, "integer token ids"),
+        ("new", "hello", None, "no tokenizer"),
+        ("new", b"abc", None, "list of integer token ids"),
+        ("new", {1: 2}, None, "list of integer token ids"),
+        ("new", [1, True], None, "non-integers"),
+        ("", [1, 2], None, "non-empty string"),
+        ("new", [1, 2], SamplingParams(stop_token_ids=[999]), "stop_token_ids: 999"),
+        ("r0", [1, 2], None, "already in use"),
+        (7, [1, 2], None, "request_id must be a non-empty string"),
+        ("new", [1] * 500, SamplingParams(max_tokens=13), "exceeds max_model_len (512)"),
+        ("new", [1] * 150, SamplingParams(max_tokens=20), "the pool has only 40"),
+        ("new", [1, 2], "greedy", "sampling_params must be SamplingParams"),
+    ],
+)
+def test_bad_request_is_refused_and_changes_nothing(busy_engine, request_id, prompt, params, message):
+    engine, expected = busy_engine
+    before = engine_state(engine)
+    with pytest.raises(InvalidRequestError) as err:
+        engine.add_request(request_id, prompt, params)
+    assert message in str(err.value)
+    assert engine_state(engine) == before
+    finish_and_check(engine, expected)
+
+
+def test_request_exactly_at_the_limits_is_accepted(make_engine):
+    """The checks are tight, not off by one: prompt + max_tokens == max_model_len fits, and
+    the last sampled token needs no slot."""
+    engine = make_engine(block_size=4, num_blocks=5, max_model_len=21)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    out = engine.generate([[3] * 16], params)[0]  # 16 + 5 - 1 = 20 slots = 5 blocks
+    assert len(out.output_token_ids) == 5
+    with pytest.raises(InvalidRequestError, match="max_model_len"):
+        engine.add_request("long", [3] * 17, params)
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        ({"block_size": 0}, "block_size"),
+        ({"num_blocks": 0}, "num_blocks"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
+        ({"gpu_memory_fraction": 1.5}, "gpu_memory_fraction"),
+        ({"num_blocks": 8, "kv_cache_memory_bytes": 4096}, "at most one of"),
+        ({"block_size": 4.0}, "block_size"),
+        ({"seed": 2**64}, "seed"),
+        ({"blocksize": 4}, "blocksize"),
+    ],
+)
+def test_bad_engine_config_names_the_field(config, field):
+    with pytest.raises(ValidationError, match=field.replace("(", r"\(")):
+        EngineConfig(**config)
+
+
+def test_max_model_len_beyond_the_model_is_refused(make_engine):
+    with pytest.raises(ValueError, match="exceeds the model's context length"):
+        make_engine(num_blocks=8, max_model_len=10_000)
+
+
+def test_memory_budget_too_small_for_one_block(make_engine):
+    with pytest.raises(ValueError, match="holds no block"):
+        make_engine(kv_cache_memory_bytes=100)
+
+
+def test_generate_refuses_bad_prompt_and_leaves_nothing_behind(make_engine):
+    engine = make_engine(num_blocks=16)
+    with pytest.raises(InvalidRequestError):
+        engine.generate([[1, 2, 3], []], SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished_requests()
+
+
+def test_prompt_as_array_or_tuple_is_accepted(make_engine):
+    import numpy as np
+    import torch
+
+    engine = make_engine(num_blocks=16)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    expected = engine.generate([[4, 5, 6]], params)[0].output_token_ids
+    for prompt in ((4, 5, 6), np.array([4, 5, 6]), torch.tensor([4, 5, 6])):
+        assert engine.generate([prompt], params)[0].output_token_ids == expected
