@@ -100,8 +100,8 @@ class LLMEngine:
         """Queue a request whose prompt is text (needs a tokenizer) or token ids.
         ``priority``: lower is more urgent (see ``scheduler.Scheduler`` for the rule).
 
-        Raises :class:`InvalidRequestError` (or pydantic's ``ValidationError`` for bad
-        sampling parameters) and changes nothing if the request is bad.
+        Raises :class:`InvalidRequestError`, naming the refused field in ``param``, and
+        changes nothing if the request is bad.
         """
         params = self._params(sampling_params)
         if not isinstance(request_id, str) or not request_id:
@@ -197,7 +197,7 @@ class LLMEngine:
         if sampling_params is None:
             return SamplingParams()
         if isinstance(sampling_params, dict):
-            return SamplingParams.model_validate(sampling_params)
+            return SamplingParams(**sampling_params)
         if not isinstance(sampling_params, SamplingParams):
             raise InvalidRequestError(
                 f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}", "sampling_params"

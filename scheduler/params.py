@@ -7,10 +7,48 @@ Ranges follow vLLM's so that code written for it behaves the same here.
 
 from __future__ import annotations
 
-import math
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from pagedkv.errors import InvalidRequestError
+
+
+def invalid_request(error: ValidationError) -> InvalidRequestError:
+    """pydantic's error as ours: one line per refused field (its name, pydantic's message,
+    the value given), with ``param`` naming the first field."""
+    problems = error.errors(include_url=False)
+    lines = []
+    for p in problems:
+        where = ".".join(str(part) for part in p["loc"]) or error.title
+        message = str(p["ctx"]["error"]) if p["type"] == "value_error" else p["msg"]
+        got = f" (got {p['input']!r})" if p["type"] != "missing" and p["loc"] else ""
+        lines.append(f"{where}: {message}{got}")
+    first = problems[0]["loc"] if problems else ()
+    return InvalidRequestError("; ".join(lines), str(first[0]) if first else None)
+
+
+_BYTE_SIZE: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
+
+
+def _size_from_text(value: object) -> object:
+    """``"256MiB"``, ``"2GiB"``, ``"1.5GB"`` -> bytes (pydantic's ``ByteSize`` units); any
+    other value goes on unchanged to the strict integer check."""
+    return int(_BYTE_SIZE.validate_python(value)) if isinstance(value, str) else value
+
+
+MemorySize = Annotated[int, BeforeValidator(_size_from_text)]
+"""A number of bytes, given as an integer or as text with a unit."""
 
 
 class SamplingParams(BaseModel):
@@ -19,67 +57,27 @@ class SamplingParams(BaseModel):
     ``temperature == 0`` means greedy. ``top_k`` of -1 or 0 and ``top_p == 1`` switch
     those filters off. A request stops at the model's EOS (unless ``ignore_eos``), at any
     of ``stop_token_ids``, or after ``max_tokens`` new tokens.
+
+    Out-of-range or wrongly typed values raise :class:`pagedkv.InvalidRequestError` whose
+    ``param`` names the field (pydantic's ``ValidationError`` is its ``__cause__``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 16
-    n: int = 1
-    seed: int | None = None
-    stop_token_ids: tuple[StrictInt, ...] = Field((), strict=False)  # a list is fine too
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=-1)
+    max_tokens: int = Field(16, ge=1)
+    n: int = Field(1, ge=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop_token_ids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = Field((), strict=False)  # a list is fine too
     ignore_eos: bool = False
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float) -> float:
-        if not (math.isfinite(v) and 0.0 <= v <= 2.0):
-            raise ValueError(f"temperature must be a finite number in [0, 2], got {v}")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v: float) -> float:
-        if not (math.isfinite(v) and 0.0 < v <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int) -> int:
-        if v < -1:
-            raise ValueError(f"top_k must be -1 or 0 (off) or >= 1, got {v}")
-        return v
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _max_tokens(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {v}")
-        return v
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"n must be >= 1, got {v}")
-        return v
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {v}")
-        return v
-
-    @field_validator("stop_token_ids")
-    @classmethod
-    def _stop_token_ids(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(t < 0 for t in v):
-            raise ValueError(f"stop_token_ids must be non-negative token ids, got {list(v)}")
-        return v
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise invalid_request(e) from e
 
     @model_validator(mode="after")
     def _seeds_in_range(self) -> SamplingParams:
@@ -106,16 +104,24 @@ class EngineConfig(BaseModel):
     ``max_model_len`` defaults to the model's context length.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
 
     block_size: int = Field(16, ge=1, le=1024)
+    """Tokens per K/V page."""
     num_blocks: int | None = Field(None, ge=1)
-    kv_cache_memory_bytes: int | None = Field(None, ge=1)
+    """Pages in the pool (instead of a memory budget)."""
+    kv_cache_memory_bytes: MemorySize | None = Field(None, ge=1)
+    """Memory for the K/V pool, e.g. 256MiB or 2GiB (default 256MiB when no size is given)."""
     gpu_memory_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    """CUDA only: size the pool from this fraction of the free GPU memory."""
     max_num_batched_tokens: int = Field(1024, ge=1)
+    """Token budget of one step (prefill chunks plus decodes)."""
     max_num_seqs: int = Field(128, ge=1)
+    """Sequences running at once."""
     max_model_len: int | None = Field(None, ge=1)
+    """Longest prompt + output served (default: the model's context length)."""
     seed: int = Field(0, ge=0, lt=2**63)
+    """Seed of the random model weights (tiny models) and of unseeded sampling."""
     enable_prefix_caching: bool = True
     """Share the K/V of full blocks between requests with the same prefix (paged.prefix)."""
     enable_chunked_prefill: bool = True
@@ -124,7 +130,7 @@ class EngineConfig(BaseModel):
     preemption_mode: Literal["recompute", "swap"] = "recompute"
     """What a preempted sequence loses: its K/V (recomputed when it resumes) or nothing
     (its blocks are copied to the CPU swap space and back; recompute when that is full)."""
-    swap_space_bytes: int = Field(256 * 2**20, ge=0)
+    swap_space_bytes: MemorySize = Field(256 * 2**20, ge=0)
     """CPU memory for swapped-out blocks (used only with ``preemption_mode="swap"``)."""
     kv_watermark: float = Field(0.01, ge=0.0, lt=1.0)
     """Fraction of the pool that admitting a request must leave free, so that admission

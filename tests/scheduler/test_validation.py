@@ -53,18 +53,19 @@ def finish_and_check(engine, expected):
 
 
 BAD_SAMPLING = [
-    ({"temperature": -0.1}, "temperature", "[0, 2]"),
-    ({"temperature": 2.5}, "temperature", "[0, 2]"),
-    ({"temperature": float("nan")}, "temperature", "[0, 2]"),
-    ({"temperature": float("inf")}, "temperature", "[0, 2]"),
-    ({"top_p": 0.0}, "top_p", "(0, 1]"),
-    ({"top_p": 1.5}, "top_p", "(0, 1]"),
-    ({"top_k": -2}, "top_k", ">= 1"),
-    ({"max_tokens": 0}, "max_tokens", ">= 1"),
-    ({"seed": -1}, "seed", "[0, 2**63)"),
+    ({"temperature": -0.1}, "temperature", "greater than or equal to 0"),
+    ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
+    ({"temperature": float("nan")}, "temperature", "finite number"),
+    ({"temperature": float("inf")}, "temperature", "finite number"),
+    ({"top_p": 0.0}, "top_p", "greater than 0"),
+    ({"top_p": 1.5}, "top_p", "less than or equal to 1"),
+    ({"top_k": -2}, "top_k", "greater than or equal to -1"),
+    ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"seed": -1}, "seed", "greater than or equal to 0"),
+    ({"seed": 2**63}, "seed", "less than 9223372036854775808"),
     ({"max_tokens": True}, "max_tokens", "integer"),
     ({"top_k": "3"}, "top_k", "integer"),
-    ({"stop_token_ids": [-4]}, "stop_token_ids", "non-negative"),
+    ({"stop_token_ids": [-4]}, "stop_token_ids", "greater than or equal to 0"),
     ({"temperature": 0.5, "best_of": 2}, "best_of", "not permitted"),
 ]
 
@@ -72,42 +73,45 @@ BAD_SAMPLING = [
 @pytest.mark.parametrize("bad, field, allowed", BAD_SAMPLING)
 def test_bad_sampling_params_name_field_and_range(busy_engine, bad, field, allowed):
     engine, expected = busy_engine
-    with pytest.raises(ValidationError) as err:
+    with pytest.raises(InvalidRequestError) as err:
         SamplingParams(**bad)
+    assert err.value.param == field
     assert field in str(err.value) and allowed in str(err.value)
     before = engine_state(engine)
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidRequestError) as err:
         engine.add_request("new", [1, 2, 3], bad)
+    assert err.value.param == field
     assert engine_state(engine) == before
     finish_and_check(engine, expected)
 
 
 @pytest.mark.parametrize(
-    "request_id, prompt, params, message",
+    "request_id, prompt, params, message, param",
     [
-        ("new", [], None, "empty"),
-        ("new", [1, -1, 2], None, "-1 is outside the vocabulary [0, 256)"),
-        ("new", [1, 256], None, "256 is outside the vocabulary [0, 256)"),
-        ("new", [1, 2.5], None, "integer token ids"),
-        ("new", "hello", None, "no tokenizer"),
-        ("new", b"abc", None, "list of integer token ids"),
-        ("new", {1: 2}, None, "list of integer token ids"),
-        ("new", [1, True], None, "non-integers"),
-        ("", [1, 2], None, "non-empty string"),
-        ("new", [1, 2], SamplingParams(stop_token_ids=[999]), "stop_token_ids: 999"),
-        ("r0", [1, 2], None, "already in use"),
-        (7, [1, 2], None, "request_id must be a non-empty string"),
-        ("new", [1] * 500, SamplingParams(max_tokens=13), "exceeds max_model_len (512)"),
-        ("new", [1] * 150, SamplingParams(max_tokens=20), "the pool has only 40"),
-        ("new", [1, 2], "greedy", "sampling_params must be SamplingParams"),
+        ("new", [], None, "empty", "prompt"),
+        ("new", [1, -1, 2], None, "-1 is outside the vocabulary [0, 256)", "prompt"),
+        ("new", [1, 256], None, "256 is outside the vocabulary [0, 256)", "prompt"),
+        ("new", [1, 2.5], None, "integer token ids", "prompt"),
+        ("new", "hello", None, "no tokenizer", "prompt"),
+        ("new", b"abc", None, "list of integer token ids", "prompt"),
+        ("new", {1: 2}, None, "list of integer token ids", "prompt"),
+        ("new", [1, True], None, "non-integers", "prompt"),
+        ("", [1, 2], None, "non-empty string", "request_id"),
+        ("new", [1, 2], SamplingParams(stop_token_ids=[999]), "stop_token_ids: 999", "stop_token_ids"),
+        ("r0", [1, 2], None, "already in use", "request_id"),
+        (7, [1, 2], None, "request_id must be a non-empty string", "request_id"),
+        ("new", [1] * 500, SamplingParams(max_tokens=13), "exceeds max_model_len (512)", "prompt"),
+        ("new", [1] * 150, SamplingParams(max_tokens=20), "the pool has only 40", "max_tokens"),
+        ("new", [1, 2], "greedy", "sampling_params must be SamplingParams", "sampling_params"),
     ],
 )
-def test_bad_request_is_refused_and_changes_nothing(busy_engine, request_id, prompt, params, message):
+def test_bad_request_is_refused_and_changes_nothing(busy_engine, request_id, prompt, params, message, param):
     engine, expected = busy_engine
     before = engine_state(engine)
     with pytest.raises(InvalidRequestError) as err:
         engine.add_request(request_id, prompt, params)
     assert message in str(err.value)
+    assert err.value.param == param
     assert engine_state(engine) == before
     finish_and_check(engine, expected)
 
@@ -168,3 +172,15 @@ def test_prompt_as_array_or_tuple_is_accepted(make_engine):
     expected = engine.generate([[4, 5, 6]], params)[0].output_token_ids
     for prompt in ((4, 5, 6), np.array([4, 5, 6]), torch.tensor([4, 5, 6])):
         assert engine.generate([prompt], params)[0].output_token_ids == expected
+
+
+@pytest.mark.parametrize("text, size", [("256MiB", 256 * 2**20), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("4096", 4096)])
+def test_memory_sizes_take_units(text, size):
+    config = EngineConfig(kv_cache_memory_bytes=text, swap_space_bytes=text)
+    assert config.kv_cache_memory_bytes == size and config.swap_space_bytes == size
+
+
+@pytest.mark.parametrize("bad", ["lots", "12 parsecs", True, 1.5, "-1MiB"])
+def test_bad_memory_size_names_the_field(bad):
+    with pytest.raises(ValidationError, match="kv_cache_memory_bytes"):
+        EngineConfig(kv_cache_memory_bytes=bad)
