@@ -21,13 +21,14 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
 from pagedkv.scheduler import RequestOutput, SamplingParams
 from pagedkv.server.async_engine import AsyncLLMEngine
-from pagedkv.server.metrics import render
+from pagedkv.server.metrics import MetricsPage
 
 
 class _Generation(BaseModel):
@@ -93,6 +94,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
 
     app = FastAPI(title="pagedkv", lifespan=lifespan)
     created = int(time.time())
+    metrics_page = MetricsPage((engine.ttft, engine.itl))  # this app's own registry
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -109,9 +111,9 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "pagedkv"}]}
 
     @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(render(await engine.stats(), [engine.ttft, engine.itl]),
-                                 media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        # The stats are awaited between engine steps, then rendered without a further await.
+        return Response(metrics_page.render(await engine.stats()), media_type=CONTENT_TYPE_LATEST)
 
     async def serve(request: Request, body: _Generation, prompt: str | list[int], chat: bool):
         if body.model != model_name:

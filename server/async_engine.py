@@ -21,8 +21,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
-from pagedkv.scheduler import LLMEngine, RequestOutput, SamplingParams
-from pagedkv.server.metrics import Histogram
+from pagedkv.scheduler import EngineStats, LLMEngine, RequestOutput, SamplingParams
+from pagedkv.server.metrics import latency_histograms
 
 
 class AsyncLLMEngine:
@@ -40,8 +40,7 @@ class AsyncLLMEngine:
         self.num_cancelled = 0  # requests whose consumer stopped listening before the end
         self._last_token: dict[str, float] = {}
         self._ids = itertools.count()
-        self.ttft = Histogram("pagedkv_time_to_first_token_seconds", "Arrival to first token.")
-        self.itl = Histogram("pagedkv_inter_token_latency_seconds", "Time between two outputs of a request.")
+        self.ttft, self.itl = latency_histograms()  # served by each app's /metrics (server.metrics)
 
     @property
     def tokenizer(self):
@@ -175,7 +174,7 @@ class AsyncLLMEngine:
             except Exception:  # the engine may be inconsistent after an unexpected error
                 pass
 
-    async def stats(self):
+    async def stats(self) -> EngineStats:
         """The engine's stats, read between steps (never while a step mutates it)."""
         if self._lock is None:
             return self.engine.stats()
