@@ -1,9 +1,12 @@
 """The simulator's Python API: run a workload (simulated or for real), or sweep request rates.
 
-    from pagedkv.sim import simulate, WorkloadConfig
-    from pagedkv.scheduler import EngineConfig
+    from pagedkv import EngineConfig, WorkloadConfig, simulate
     result, summary = simulate(WorkloadConfig(preset="sharegpt", rate=0.5, num_requests=1000),
-                               EngineConfig(kv_cache_memory_bytes=2 * 2**30, max_model_len=2048))
+                               EngineConfig(kv_cache_memory_bytes="2GiB"))
+
+An engine config without ``max_model_len`` serves the workload's (2048 by default), not
+the profiled model's whole context: that is the longest request the workload can hold, and
+what the command line does too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
 
 from pagedkv.scheduler.params import EngineConfig
 from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel, Features
@@ -31,6 +35,13 @@ def _progress(label: str, show: bool) -> Progress | None:
     return Progress(label) if show else None
 
 
+def _serving(engine: EngineConfig, workload: WorkloadConfig) -> EngineConfig:
+    """``engine`` with the workload's context length where it gives none."""
+    if engine.max_model_len is not None:
+        return engine
+    return engine.model_copy(update={"max_model_len": workload.max_model_len})
+
+
 def simulate(
     workload: WorkloadConfig,
     engine: EngineConfig,
@@ -43,7 +54,7 @@ def simulate(
     cost = profile if isinstance(profile, CostModel) else CostModel.load(profile or DEFAULT_PROFILE)
     clock = VirtualClock()
     result = run_workload(
-        generate(workload), engine, SimulatedExecutor(cost, clock), clock, policy,
+        generate(workload), _serving(engine, workload), SimulatedExecutor(cost, clock), clock, policy,
         concurrency=workload.concurrency if workload.closed_loop else None,
         progress=_progress(f"simulating {policy}", progress),
     )
@@ -72,7 +83,8 @@ def run_real(
     warm_up(loaded, engine.block_size, engine.max_num_batched_tokens)
     runner = ModelRunner(loaded)
     result = run_workload(
-        generate(workload), engine, runner if timings is None else TimedExecutor(runner, timings), WallClock(), policy,
+        generate(workload), _serving(engine, workload), runner if timings is None else TimedExecutor(runner, timings),
+        WallClock(), policy,
         concurrency=workload.concurrency if workload.closed_loop else None,
         progress=_progress(f"running {model if isinstance(model, str) else type(model).__name__}", progress),
     )
@@ -103,13 +115,14 @@ def sweep(
     three times the best p50 latency per output token seen at the lowest rate."""
     rates = sorted(rates)
     curves: dict[str, list[Summary]] = {p: [] for p in policies}
-    for policy in policies:
-        for rate in rates:
-            _, summary = simulate(workload.model_copy(update={"rate": rate}), engine, policy, profile, slo)
-            curves[policy].append(summary)
-            if progress:
-                print(f"  {policy:>18} at {rate:g} req/s: p50 latency/token {summary.normalized_latency_s.p50:.3f} s",
-                      flush=True)
+    with tqdm(total=len(policies) * len(rates), desc="sweeping", unit="run", disable=not progress) as bar:
+        for policy in policies:
+            for rate in rates:
+                _, summary = simulate(workload.model_copy(update={"rate": rate}), engine, policy, profile, slo)
+                curves[policy].append(summary)
+                bar.set_postfix_str(f"{policy} at {rate:g} req/s: p50 latency/token "
+                                    f"{summary.normalized_latency_s.p50:.3f} s")
+                bar.update()
     if latency_budget_s is None:
         latency_budget_s = 3 * min(c[0].normalized_latency_s.p50 for c in curves.values())
     sustained = {}

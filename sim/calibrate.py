@@ -10,14 +10,15 @@ the pairs into a profile.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
-from pagedkv.models.base import PagedLM
 from pagedkv.loader import load_model
+from pagedkv.models.base import PagedLM
 from pagedkv.models.runner import ModelRunner
 from pagedkv.scheduler.outputs import SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig
@@ -25,6 +26,8 @@ from pagedkv.sim.cost_model import CostModel, Features, fit, power_of_two_knots,
 from pagedkv.sim.driver import run_workload
 from pagedkv.sim.executor import WallClock
 from pagedkv.sim.workload import LengthDist, WorkloadConfig, generate
+
+logger = logging.getLogger(__name__)
 
 
 class TimedExecutor:
@@ -66,17 +69,15 @@ def calibration_workloads(
     def uniform(low: int, high: int) -> LengthDist:
         return LengthDist(kind="uniform", low=low, high=high)
 
-    common = dict(preset=None, max_model_len=max_model_len, seed=seed)
+    workload = partial(WorkloadConfig, preset=None, max_model_len=max_model_len, seed=seed)
     workloads = [
-        (WorkloadConfig(num_requests=48, arrival="offline", prompt=uniform(8, 64), output=uniform(16, 128), **common), None),
-        (WorkloadConfig(num_requests=32, arrival="offline", prompt=uniform(200, 600), output=uniform(16, 96), **common), None),
-        (WorkloadConfig(num_requests=12, arrival="closed", concurrency=3, prompt=uniform(16, 400),
-                        output=uniform(8, 160), **common), 3),
-        (WorkloadConfig(num_requests=40, arrival="poisson", rate=1.5, prompt=uniform(8, 96),
-                        output=uniform(16, 96), **common), None),
-        (WorkloadConfig(num_requests=96, arrival="poisson", rate=6.0, prompt=uniform(4, 160),
-                        output=uniform(1, 12), **common), None),
-        (WorkloadConfig(num_requests=192, arrival="offline", prompt=uniform(4, 40), output=uniform(1, 4), **common), None),
+        (workload(num_requests=48, arrival="offline", prompt=uniform(8, 64), output=uniform(16, 128)), None),
+        (workload(num_requests=32, arrival="offline", prompt=uniform(200, 600), output=uniform(16, 96)), None),
+        (workload(num_requests=12, arrival="closed", concurrency=3, prompt=uniform(16, 400),
+                  output=uniform(8, 160)), 3),
+        (workload(num_requests=40, arrival="poisson", rate=1.5, prompt=uniform(8, 96), output=uniform(16, 96)), None),
+        (workload(num_requests=96, arrival="poisson", rate=6.0, prompt=uniform(4, 160), output=uniform(1, 12)), None),
+        (workload(num_requests=192, arrival="offline", prompt=uniform(4, 40), output=uniform(1, 4)), None),
     ]
     bursts = [(w, c) for w, c in workloads if w.arrival == "offline"]
     streams = [(w.model_copy(update={"num_requests": max(round(w.num_requests / parts), 1)}), c)
@@ -90,8 +91,10 @@ def warm_up(model, block_size: int, budget: int) -> None:
     a few decodes."""
     prompt = min(budget, model.max_model_len - 4)
     spec = generate(WorkloadConfig(num_requests=1, arrival="offline", preset=None, max_model_len=model.max_model_len,
-                                   prompt=LengthDist(kind="fixed", value=prompt), output=LengthDist(kind="fixed", value=4)))
-    config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, num_blocks=-(-(prompt + 4) // block_size))
+                                   prompt=LengthDist(kind="fixed", value=prompt),
+                                   output=LengthDist(kind="fixed", value=4)))
+    num_blocks = -(-(prompt + 4) // block_size)
+    config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, num_blocks=num_blocks)
     run_workload(spec, config, ModelRunner(model), WallClock())
 
 
@@ -110,7 +113,7 @@ def collect_samples(
     for workload, concurrency in calibration_workloads(model.max_model_len, seed, part, parts):
         config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, seed=seed)
         specs = generate(workload)
-        print(f"calibrating on {len(specs)} requests ({workload.arrival}) ...", file=sys.stderr, flush=True)
+        logger.info("calibrating on %d requests (%s) ...", len(specs), workload.arrival)
         run_workload(specs, config, TimedExecutor(ModelRunner(model), samples), WallClock(), concurrency=concurrency)
     return as_arrays(samples)
 
@@ -142,7 +145,9 @@ def profile_name(model_name: str, dtype: torch.dtype) -> str:
     return f"{model_name} on {torch.get_num_threads()} CPU threads, {str(dtype).removeprefix('torch.')}"
 
 
-def calibrate(model_name: str, dtype: torch.dtype, block_size: int = 16, budget: int = 1024, seed: int = 0) -> CostModel:
+def calibrate(
+    model_name: str, dtype: torch.dtype, block_size: int = 16, budget: int = 1024, seed: int = 0
+) -> CostModel:
     model, _ = load_model(model_name, dtype=dtype, device="cpu")
     features, seconds = collect_samples(model, block_size, budget, seed)
     return fit_profile(model, profile_name(model_name, dtype), features, seconds, budget)

@@ -4,7 +4,7 @@ memory utilization, preemptions, prefix hits, goodput under an SLO."""
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pagedkv.sim.driver import RunResult
 
@@ -30,8 +30,10 @@ class SLO(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ttft_s: float = 10.0
-    tpot_s: float = 0.5
+    ttft_s: float = Field(10.0, gt=0)
+    """Time to first token, seconds."""
+    tpot_s: float = Field(0.5, gt=0)
+    """Time per output token after the first, seconds."""
 
 
 class Summary(BaseModel):

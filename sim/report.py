@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from pagedkv.sim.driver import RunResult
 from pagedkv.sim.metrics import Summary
@@ -51,25 +50,18 @@ def write_json(path: str | Path, payload: dict) -> None:
 
 
 class Progress:
-    """A one-line progress bar on stderr (only when it is a terminal, or when forced)."""
+    """A run's progress as a tqdm bar on stderr, called as ``progress(done, total)`` by the
+    driver after each step (tqdm itself limits how often the bar is redrawn)."""
 
-    def __init__(self, label: str, force: bool = False) -> None:
-        self.label = label
-        self.enabled = force or sys.stderr.isatty()
-        self.start = time.monotonic()
-        self._last = 0.0
+    def __init__(self, label: str) -> None:
+        self.bar = tqdm(desc=label, unit="req", dynamic_ncols=True)
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.25 and done < total):
-            return
-        self._last = now
-        frac = done / total if total else 1.0
-        elapsed = now - self.start
-        eta = elapsed / frac - elapsed if frac > 0 else float("inf")
-        bar = "#" * int(30 * frac)
-        end = "\n" if done >= total else ""
-        print(f"\r{self.label} [{bar:<30}] {done}/{total} {elapsed:5.1f}s, eta {eta:5.1f}s", end=end, file=sys.stderr, flush=True)
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
 
 
 def _pyplot():

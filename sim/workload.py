@@ -81,22 +81,36 @@ class WorkloadConfig(BaseModel):
     prefixes in front of its own prompt.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     num_requests: int = Field(1000, ge=1)
+    """Requests in the workload."""
     arrival: Literal["poisson", "gamma", "offline", "closed"] = "poisson"
+    """How requests arrive: poisson, gamma (bursty), offline (all at once) or closed (a closed loop)."""
     rate: float = Field(1.0, gt=0)
+    """Requests per second (poisson, gamma)."""
     cv: float = Field(1.0, gt=0)
+    """Burstiness of gamma arrivals: the coefficient of variation of the gaps (1 = poisson)."""
     concurrency: int = Field(8, ge=1)
+    """Clients of a closed loop."""
     preset: Literal["sharegpt", "alpaca"] | None = "sharegpt"
+    """Prompt and output lengths like this data set's."""
     prompt: LengthDist | None = None
+    """Prompt lengths instead of a preset: fixed:N, uniform:LO-HI or lognormal:MEAN,SIGMA."""
     output: LengthDist | None = None
+    """Output lengths instead of a preset, in the same forms."""
     prefix_groups: int = Field(0, ge=0)
+    """Number of shared prefixes; each request starts with one of them."""
     prefix_len: int = Field(0, ge=0)
+    """Tokens in each shared prefix."""
     vocab_size: int = Field(32000, ge=2)
+    """Token ids are drawn below this."""
     max_model_len: int = Field(2048, ge=2)
+    """Longest prompt + output: lengths are clipped to it, and the engine serves this context."""
     trace: Path | None = None
+    """Replay this JSONL trace instead of drawing requests."""
     seed: int = Field(0, ge=0)
+    """Seed of the arrivals and lengths."""
 
     @model_validator(mode="after")
     def _lengths(self) -> WorkloadConfig:

@@ -10,10 +10,11 @@ import io
 
 import pytest
 
-from pagedkv.models import GPT, ModelRunner
-from pagedkv.scheduler import EngineConfig, LLMEngine
 from pagedkv import cli
 from pagedkv.cli import demo
+from pagedkv.models import GPT, ModelRunner
+from pagedkv.scheduler import EngineConfig, LLMEngine
+from pagedkv.sim.workload import WorkloadConfig
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def engines(monkeypatch, smollm2):
 
     made: list[LLMEngine] = []
 
-    def load_engine(name, **config):
+    def load_engine(name, dtype=None, **config):
         if name == "smollm2-135m":
             model, tokenizer = smollm2
         else:
@@ -45,7 +46,7 @@ def test_generate_streams_one_prompt(engines, capsys):
 
 
 def test_generate_several_prompts_prints_each_and_a_summary(engines, capsys):
-    assert cli.main(["generate", "--max-tokens", "8", "--temperature", "0.7", "--seed", "3", "One, two,", "Hello"]) == 0
+    assert cli.main(["generate", "--max-tokens", "8", "--temperature", "0.7", "--sampling-seed", "3", "One, two,", "Hello"]) == 0
     out, _ = capsys.readouterr()
     assert "[0]" in out and "[1]" in out
     assert "2 requests" in out and "tok/s" in out
@@ -74,9 +75,10 @@ def test_chat_keeps_the_conversation(engines, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "--max-tokens", "0", "hi"], "max_tokens must be >= 1"),
-        (["generate", "--temperature", "5", "hi"], "temperature must be a finite number in [0, 2]"),
-        (["demo", "--block-size", "0"], "block_size"),
+        (["generate", "--max-tokens", "0", "hi"], "max_tokens: Input should be greater than or equal to 1 (got 0)"),
+        (["generate", "--temperature", "5", "hi"], "temperature: Input should be less than or equal to 2 (got 5.0)"),
+        (["demo", "--block-size", "0"], "block_size: Input should be greater than or equal to 1 (got 0)"),
+        (["demo", "--kv-cache-memory-bytes", "lots"], "kv_cache_memory_bytes: could not parse"),
         (["generate", "--model", "tiny", "hi"], "has no tokenizer"),
     ],
 )
@@ -94,8 +96,42 @@ def test_sim_engine_flags_reach_the_engine_config():
     from pagedkv.cli import build_parser
     from pagedkv.cli.sim import engine_from
 
-    args = build_parser().parse_args(["sim", "run", "--preemption-mode", "swap", "--swap-space", "64MiB",
-                                      "--no-chunked-prefill", "--no-prefix-caching"])
+    args = build_parser().parse_args(["sim", "run", "--preemption-mode", "swap", "--swap-space-bytes", "64MiB",
+                                      "--no-enable-chunked-prefill", "--no-enable-prefix-caching", "--max-model-len", "512"])
     config = engine_from(args)
-    assert (config.preemption_mode, config.swap_space_bytes) == ("swap", 64 * 2**20)
+    assert (config.preemption_mode, config.swap_space_bytes, config.max_model_len) == ("swap", 64 * 2**20, 512)
     assert not config.enable_chunked_prefill and not config.enable_prefix_caching
+
+
+def test_flag_defaults_are_the_models_defaults():
+    """No flag given: the configs are exactly the models' own defaults (the simulated
+    engine serves the workload's context length)."""
+    from pagedkv.cli import build_parser
+    from pagedkv.cli.sim import engine_from, workload_from
+
+    args = build_parser().parse_args(["sim", "run"])
+    assert workload_from(args) == WorkloadConfig()
+    assert engine_from(args) == EngineConfig(max_model_len=WorkloadConfig().max_model_len)
+    args = build_parser().parse_args(["sim", "run", "--prompt", "fixed:8", "--output", "uniform:2-9"])
+    assert workload_from(args).preset is None and workload_from(args).prompt.value == 8
+
+
+def test_every_engine_field_has_a_flag_showing_its_default(capsys):
+    from pagedkv.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name, field in EngineConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in help_text, flag
+    assert "--block-size BLOCK_SIZE Tokens per K/V page (default: 16)" in help_text
+    assert "--enable-prefix-caching, --no-enable-prefix-caching" in help_text
+
+
+def test_version(capsys):
+    import pagedkv
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"pagedkv {pagedkv.__version__}"

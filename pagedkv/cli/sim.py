@@ -1,27 +1,24 @@
-"""``pagedkv sim run | sweep | calibrate``: arguments in, tables, JSON and plots out."""
+"""``pagedkv sim run | sweep | calibrate``: arguments in, tables, JSON and plots out.
+
+Workload flags are :class:`WorkloadConfig`'s fields and engine flags :class:`EngineConfig`'s
+(one ``--max-model-len`` sets both). Nothing here imports torch until ``--executor real``
+or ``calibrate`` runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
+from pagedkv.cli.flags import add_model_flags, given_fields
 from pagedkv.scheduler.params import EngineConfig
 from pagedkv.sim.metrics import SLO
 from pagedkv.sim.policies import POLICIES
 from pagedkv.sim.workload import LengthDist, WorkloadConfig
 
-SIZE = re.compile(r"^\s*([\d.e+]+)\s*([KMGT]i?B?)?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MiB', '1e9' -> bytes."""
-    match = SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 2GiB)")
-    number, unit = float(match.group(1)), (match.group(2) or "").upper().rstrip("B")
-    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    return int(number * scale)
+ENGINE_FLAGS_UNUSED = ("seed", "gpu_memory_fraction", "max_model_len")
+"""Engine fields a simulation has no use for (no sampling, no GPU) or takes from the
+workload's flag (``--max-model-len``)."""
 
 
 def parse_length(text: str) -> LengthDist:
@@ -41,39 +38,20 @@ def parse_length(text: str) -> LengthDist:
     raise argparse.ArgumentTypeError(f"bad length {text!r}; use fixed:N, uniform:LO-HI or lognormal:MEAN,SIGMA")
 
 
-def add_arguments(sim: argparse.ArgumentParser) -> None:
-    commands = sim.add_subparsers(dest="sim_command", required=True)
-    run = commands.add_parser("run", help="run one workload under one or more policies")
-    sweep = commands.add_parser("sweep", help="simulate a range of request rates per policy")
+def add_command(commands: argparse._SubParsersAction) -> None:
+    sim = commands.add_parser("sim", help="the workload simulator: run, sweep, calibrate")
+    sim.set_defaults(run=main)
+    subcommands = sim.add_subparsers(dest="sim_command", required=True)
+    run = subcommands.add_parser("run", help="run one workload under one or more policies")
+    sweep = subcommands.add_parser("sweep", help="simulate a range of request rates per policy")
     for parser in (run, sweep):
-        w = parser.add_argument_group("workload")
-        w.add_argument("--num-requests", type=int, default=1000)
-        w.add_argument("--arrival", choices=["poisson", "gamma", "offline", "closed"], default="poisson")
-        w.add_argument("--rate", type=float, default=1.0, help="requests per second (poisson, gamma)")
-        w.add_argument("--cv", type=float, default=1.0, help="burstiness of gamma arrivals (1 = poisson)")
-        w.add_argument("--concurrency", type=int, default=8, help="clients of a closed loop")
-        w.add_argument("--preset", choices=["sharegpt", "alpaca"], default="sharegpt")
-        w.add_argument("--prompt-len", type=parse_length, help="instead of a preset: fixed:N, uniform:LO-HI, lognormal:MEAN,SIGMA")
-        w.add_argument("--output-len", type=parse_length)
-        w.add_argument("--prefix-groups", type=int, default=0)
-        w.add_argument("--prefix-len", type=int, default=0)
-        w.add_argument("--trace", type=Path, help="replay a JSONL trace instead")
-        w.add_argument("--seed", type=int, default=0)
-        e = parser.add_argument_group("engine")
-        e.add_argument("--policy", default="paged", help=f"one of {', '.join(POLICIES)}, comma-separated, or all")
-        e.add_argument("--block-size", type=int, default=16)
-        e.add_argument("--kv-memory", type=parse_bytes, default=parse_bytes("256MiB"), help="KV pool size, e.g. 2GiB")
-        e.add_argument("--max-num-seqs", type=int, default=256)
-        e.add_argument("--max-num-batched-tokens", type=int, default=2048)
-        e.add_argument("--max-model-len", type=int, default=2048)
-        e.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
-        e.add_argument("--swap-space", type=parse_bytes, default=parse_bytes("256MiB"), help="CPU swap space for --preemption-mode swap")
-        e.add_argument("--no-chunked-prefill", action="store_true", help="a step prefills whole prompts or decodes (vLLM v0)")
-        e.add_argument("--no-prefix-caching", action="store_true")
-        e.add_argument("--profile", type=Path, help="cost-model JSON (default: the shipped SmolLM2 CPU profile)")
+        add_model_flags(parser, WorkloadConfig, "workload (WorkloadConfig)", parsers={LengthDist: parse_length})
+        add_model_flags(parser, EngineConfig, "engine (EngineConfig)", exclude=ENGINE_FLAGS_UNUSED)
+        parser.add_argument("--policy", default="paged", help=f"one of {', '.join(POLICIES)}, comma-separated, or all")
+        parser.add_argument("--profile", type=Path, help="cost-model JSON (default: the shipped SmolLM2 CPU profile)")
         o = parser.add_argument_group("output")
-        o.add_argument("--slo-ttft", type=float, default=10.0, help="goodput SLO on time to first token (s)")
-        o.add_argument("--slo-tpot", type=float, default=0.5, help="goodput SLO on time per output token (s)")
+        o.add_argument("--slo-ttft", type=float, help=f"goodput SLO on time to first token, s (default: {SLO().ttft_s})")
+        o.add_argument("--slo-tpot", type=float, help=f"goodput SLO on time per output token, s (default: {SLO().tpot_s})")
         o.add_argument("--out", type=Path, help="write results.json (and plots with --plots) here")
         o.add_argument("--plots", action="store_true", help="draw PNG plots into --out (needs matplotlib)")
     run.add_argument("--executor", choices=["sim", "real"], default="sim", help="real: the engine and model, wall clock")
@@ -81,34 +59,30 @@ def add_arguments(sim: argparse.ArgumentParser) -> None:
     sweep.add_argument("--rates", required=True, type=lambda s: [float(x) for x in s.split(",")],
                        help="comma-separated request rates")
     sweep.add_argument("--latency-budget", type=float, help="s per output token (default: 3x the best at the lowest rate)")
-    calibrate = commands.add_parser("calibrate", help="time the real model and fit a cost-model profile")
+    calibrate = subcommands.add_parser("calibrate", help="time the real model and fit a cost-model profile")
     calibrate.add_argument("--model", default="smollm2-135m")
     calibrate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    calibrate.add_argument("--block-size", type=int, default=16)
-    calibrate.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    add_model_flags(calibrate, EngineConfig, "engine (EngineConfig)", include=("block_size", "max_num_batched_tokens"))
     calibrate.add_argument("--out", type=Path, required=True, help="where to write the profile JSON")
 
 
-def workload_from(args) -> WorkloadConfig:
-    custom = args.prompt_len is not None or args.output_len is not None
-    return WorkloadConfig(
-        num_requests=args.num_requests, arrival=args.arrival, rate=args.rate, cv=args.cv,
-        concurrency=args.concurrency, preset=None if custom else args.preset,
-        prompt=args.prompt_len, output=args.output_len, prefix_groups=args.prefix_groups,
-        prefix_len=args.prefix_len, max_model_len=args.max_model_len, trace=args.trace, seed=args.seed,
-    )
+def workload_from(args: argparse.Namespace) -> WorkloadConfig:
+    """The workload the flags describe; ``--prompt``/``--output`` replace the length preset."""
+    custom = "prompt" in args or "output" in args
+    return WorkloadConfig(**given_fields(args, WorkloadConfig, **({"preset": None} if custom and "preset" not in args else {})))
 
 
-def engine_from(args) -> EngineConfig:
-    return EngineConfig(
-        block_size=args.block_size, kv_cache_memory_bytes=args.kv_memory, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        preemption_mode=args.preemption_mode, swap_space_bytes=args.swap_space,
-        enable_chunked_prefill=not args.no_chunked_prefill, enable_prefix_caching=not args.no_prefix_caching,
-    )
+def engine_from(args: argparse.Namespace) -> EngineConfig:
+    """The engine config the flags describe; its context length is the workload's."""
+    return EngineConfig(**given_fields(args, EngineConfig, max_model_len=workload_from(args).max_model_len))
 
 
-def policies_from(args) -> list[str]:
+def slo_from(args: argparse.Namespace) -> SLO:
+    bounds = {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot}
+    return SLO(**{k: v for k, v in bounds.items() if v is not None})
+
+
+def policies_from(args: argparse.Namespace) -> list[str]:
     chosen = list(POLICIES) if args.policy == "all" else args.policy.split(",")
     unknown = [p for p in chosen if p not in POLICIES]
     if unknown:
@@ -116,7 +90,7 @@ def policies_from(args) -> list[str]:
     return chosen
 
 
-def main(args) -> None:
+def main(args: argparse.Namespace) -> None:
     from pagedkv.sim import api, report
 
     if args.sim_command == "calibrate":
@@ -124,11 +98,12 @@ def main(args) -> None:
 
         from pagedkv.sim.calibrate import calibrate
 
-        profile = calibrate(args.model, getattr(torch, args.dtype), args.block_size, args.max_num_batched_tokens)
+        config = EngineConfig(**given_fields(args, EngineConfig))
+        profile = calibrate(args.model, getattr(torch, args.dtype), config.block_size, config.max_num_batched_tokens)
         profile.save(args.out)
         print(f"wrote {args.out}: {profile.fit_note}\n{profile.model_dump_json(indent=2)}")
         return
-    workload, engine, slo = workload_from(args), engine_from(args), SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
+    workload, engine, slo = workload_from(args), engine_from(args), slo_from(args)
     policies = policies_from(args)
     if args.sim_command == "run":
         results = []

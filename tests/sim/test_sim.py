@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from pagedkv.models import GPT, ModelRunner
+from pagedkv.models import ModelRunner
 from pagedkv.scheduler import EngineConfig
 from pagedkv.sim import CostModel, LengthDist, WorkloadConfig, generate, load_trace, save_trace, simulate, sweep
 from pagedkv.sim.cost_model import fit, hat_basis, power_of_two_knots
@@ -110,7 +110,8 @@ def test_fit_recovers_a_known_curve_and_attention_and_sampling_prices():
     context = tokens * rng.integers(10, 600, n)
     pairs = np.where(rng.random(n) < 0.5, tokens * rng.integers(1, 600, n), 0)
     samples = np.minimum(tokens, rng.integers(1, 64, n))
-    seconds = (hat_basis(tokens, knots) @ curve + 2e-5 * context + 2e-6 * pairs + 1e-3 * samples) * rng.normal(1.0, 0.01, n)
+    exact = hat_basis(tokens, knots) @ curve + 2e-5 * context + 2e-6 * pairs + 1e-3 * samples
+    seconds = exact * rng.normal(1.0, 0.01, n)
     result = fit(np.column_stack([tokens, context, pairs, samples]), seconds, knots)  # 1% noise above
     assert result.token_costs_s == pytest.approx(curve, rel=0.05)
     assert result[1:4] == pytest.approx((2e-5, 2e-6, 1e-3), rel=0.05)
@@ -120,7 +121,8 @@ def test_fit_recovers_a_known_curve_and_attention_and_sampling_prices():
 def test_fit_never_returns_negative_prices():
     rng = np.random.default_rng(1)
     features = rng.integers(1, 100, (200, 4))
-    seconds = 0.05 + 0.001 * features[:, 0] - 0.0001 * features[:, 1] - 0.0002 * features[:, 3] + rng.normal(0, 1e-4, 200)
+    seconds = (0.05 + 0.001 * features[:, 0] - 0.0001 * features[:, 1] - 0.0002 * features[:, 3]
+               + rng.normal(0, 1e-4, 200))
     result = fit(features, seconds, power_of_two_knots(100))
     assert min(result.token_costs_s) >= 0 and min(result[1:4]) >= 0
 
@@ -179,7 +181,8 @@ def test_reservation_wastes_memory_that_paging_does_not():
 
 def test_static_batches_admit_only_when_the_previous_batch_drained():
     workload = WorkloadConfig(num_requests=40, arrival="offline", preset=None, max_model_len=32,
-                              prompt=LengthDist(kind="fixed", value=8), output=LengthDist(kind="uniform", low=1, high=30))
+                              prompt=LengthDist(kind="fixed", value=8),
+                              output=LengthDist(kind="uniform", low=1, high=30))
     engine = EngineConfig(block_size=16, num_blocks=10, max_model_len=32, max_num_batched_tokens=512)  # 5 slots of 32
     result, _ = simulate(workload, engine, "static", PROFILE)
     starts = sorted({r.first_scheduled for r in result.records})
@@ -232,7 +235,8 @@ def test_summary_numbers_match_hand_computed_ones():
 
 def test_sweep_finds_a_higher_sustained_rate_for_paging():
     workload = WorkloadConfig(num_requests=150, preset="sharegpt", max_model_len=2048, seed=10)
-    engine = EngineConfig(block_size=16, kv_cache_memory_bytes=8 * 2**20, max_model_len=2048, max_num_batched_tokens=1024)
+    engine = EngineConfig(block_size=16, kv_cache_memory_bytes=8 * 2**20, max_model_len=2048,
+                          max_num_batched_tokens=1024)
     result = sweep(workload, [0.5, 1, 2, 4, 8], ["paged", "reserve-max-len"], engine, PROFILE)
     assert result.sustained_rate["paged"] > result.sustained_rate["reserve-max-len"]
 
@@ -251,8 +255,9 @@ def test_cli_run_prints_a_table_and_writes_json_and_plots(tmp_path, capsys):
     from pagedkv import cli
 
     pytest.importorskip("matplotlib")
-    argv = ["sim", "run", "--num-requests", "60", "--preset", "alpaca", "--rate", "2", "--policy", "paged,reserve-max-len",
-            "--kv-memory", "64MiB", "--out", str(tmp_path), "--plots"]
+    argv = ["sim", "run", "--num-requests", "60", "--preset", "alpaca", "--rate", "2",
+            "--policy", "paged,reserve-max-len",
+            "--kv-cache-memory-bytes", "64MiB", "--out", str(tmp_path), "--plots"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "KV memory waste" in out and "reserve-max-len" in out and "goodput" in out
@@ -266,7 +271,7 @@ def test_cli_sweep_reports_sustained_rates(tmp_path, capsys):
 
     pytest.importorskip("matplotlib")
     argv = ["sim", "sweep", "--rates", "0.5,1,2", "--num-requests", "40", "--policy", "paged,static",
-            "--kv-memory", "64MiB", "--out", str(tmp_path), "--plots"]
+            "--kv-cache-memory-bytes", "64MiB", "--out", str(tmp_path), "--plots"]
     assert cli.main(argv) == 0
     assert "sustained rate" in capsys.readouterr().out
     assert set(json.loads((tmp_path / "sweep.json").read_text())["sustained_rate"]) == {"paged", "static"}
@@ -287,7 +292,8 @@ def test_a_real_run_on_a_loaded_model_times_every_step_it_takes(tiny_model):
     from pagedkv.sim.calibrate import as_arrays
 
     workload = WorkloadConfig(num_requests=6, arrival="offline", preset=None, max_model_len=64, seed=1,
-                              prompt=LengthDist(kind="uniform", low=2, high=20), output=LengthDist(kind="fixed", value=5))
+                              prompt=LengthDist(kind="uniform", low=2, high=20),
+                              output=LengthDist(kind="fixed", value=5))
     timings = []
     result, summary = run_real(workload, EngineConfig(block_size=4, num_blocks=64, max_num_batched_tokens=32),
                                tiny_model, timings=timings)
