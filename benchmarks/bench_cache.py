@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from pagedkv.models import GPT, GPT_PRESETS, ModelRunner, generate_contiguous_cache, generate_no_cache
 from pagedkv.loader import load_model
+from pagedkv.models import GPT, GPT_PRESETS, ModelRunner, generate_contiguous_cache, generate_no_cache
 from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
 
 
@@ -141,7 +141,7 @@ def main() -> None:
     reference = rows[0][2]
     print(f"{'method':<42} {'time (s)':>9} {'tok/s':>8} {'vs (a)':>7} {'vs (b)':>7} {'same as (a)':>12}")
     for label, seconds, out in rows:
-        same = sum(x == y for x, y in zip(out, reference))
+        same = sum(x == y for x, y in zip(out, reference, strict=True))
         print(f"{label:<42} {seconds:9.2f} {generated / seconds:8.1f} {t_a / seconds:6.1f}x {t_b / seconds:6.1f}x "
               f"{same:>8}/{len(out)}")
     print(f"\n(d) peak KV pages: {stats.kv_blocks_peak} of {stats.kv_blocks_total} (block size {args.block_size})")

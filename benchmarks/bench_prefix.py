@@ -71,7 +71,7 @@ def main() -> None:
         results[caching] = [o.output_token_ids for o in outputs], seconds
         print(f"{'on' if caching else 'off':<15} {prefill:>16} {stats.prefix_hit_rate:>9.1%} {seconds:>9.2f} "
               f"{stats.num_generated_tokens / seconds:>7.1f}")
-    same = sum(a == b for a, b in zip(results[False][0], results[True][0]))
+    same = sum(a == b for a, b in zip(results[False][0], results[True][0], strict=True))
     print(f"\nspeedup {results[False][1] / results[True][1]:.2f}x; same greedy tokens: {same}/{len(prompts)}")
     parallel_sampling(model, prompts[0], args.n, args.max_tokens)
 
@@ -89,7 +89,8 @@ def parallel_sampling(model, prompt: list[int], n: int, max_tokens: int) -> None
         samples[label] = [s.output_token_ids for o in outputs for s in o.outputs]
         print(f"{label:<24} {prefill:>16} {stats.kv_blocks_peak:>15} {seconds:>9.2f}")
     a, b = samples.values()
-    print(f"\nsame samples: {sum(x == y for x, y in zip(a, b))}/{n}; distinct samples: {len(set(map(tuple, b)))}/{n}")
+    same = sum(x == y for x, y in zip(a, b, strict=True))
+    print(f"\nsame samples: {same}/{n}; distinct samples: {len(set(map(tuple, b)))}/{n}")
 
 
 if __name__ == "__main__":

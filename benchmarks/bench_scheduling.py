@@ -100,7 +100,8 @@ def swap_vs_recompute(cost: CostModel, num_requests: int, seed: int) -> None:
           f"({48 * 2**20 // (cost.kv_bytes_per_token * 16)} blocks of 16 tokens), no watermark\n")
     print(f"{'preemption':<24} {'req/s':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p99':>9} {'preempted':>9} "
           f"{'by swap':>8} {'recomputed tokens':>17}")
-    for label, mode, swap in (("recompute", "recompute", 0), ("swap, 256 MiB", "swap", 256), ("swap, 4 MiB", "swap", 4)):
+    modes = (("recompute", "recompute", 0), ("swap, 256 MiB", "swap", 256), ("swap, 4 MiB", "swap", 4))
+    for label, mode, swap in modes:
         config = EngineConfig(kv_cache_memory_bytes=48 * 2**20, preemption_mode=mode, swap_space_bytes=swap * 2**20,
                               kv_watermark=0.0)
         result, s, _ = run(specs, config, cost)

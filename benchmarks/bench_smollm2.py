@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from pagedkv.models import ModelRunner
 from pagedkv.loader import load_model
+from pagedkv.models import ModelRunner
 from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
 
 TOPICS = [
@@ -78,7 +78,7 @@ def run_hf_static(hf, prompts, lengths, batch_size: int) -> tuple[float, list[li
         with torch.no_grad():
             gen = hf.generate(ids, attention_mask=mask, max_new_tokens=max(want), do_sample=False,
                               eos_token_id=None, pad_token_id=0)
-        outs += [row[width : width + n].tolist() for row, n in zip(gen, want)]
+        outs += [row[width : width + n].tolist() for row, n in zip(gen, want, strict=True)]
         log(f"  transformers static: {min(i + batch_size, len(prompts))}/{len(prompts)} requests, "
             f"{time.perf_counter() - start:.0f} s")
     return time.perf_counter() - start, outs
@@ -92,7 +92,7 @@ def run_hf_continuous(hf, prompts, lengths) -> tuple[float, list[list[int]]]:
     manager.start()
     try:
         start = time.perf_counter()
-        ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts, lengths)]
+        ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts, lengths, strict=True)]
         results = {}
         while len(results) < len(ids):  # results arrive in finishing order
             result = manager.get_result(timeout=600)
@@ -120,7 +120,7 @@ def matmul_flops(model, prompts, lengths) -> float:
     """Linear-layer FLOPs of the workload: every computed token through every layer, plus the
     vocabulary projection for each generated token (attention's own FLOPs are small here)."""
     layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
-    computed = sum(len(p) + n - 1 for p, n in zip(prompts, lengths))
+    computed = sum(len(p) + n - 1 for p, n in zip(prompts, lengths, strict=True))
     return 2.0 * (computed * layer_params + sum(lengths) * model.lm_head.weight.numel())
 
 
@@ -150,7 +150,8 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None
         log("transformers, static batches ...")
-        rows.append((f"transformers generate, static batches of {args.static_batch}", *run_hf_static(hf, prompts, lengths, args.static_batch)))
+        rows.append((f"transformers generate, static batches of {args.static_batch}",
+                     *run_hf_static(hf, prompts, lengths, args.static_batch)))
         log("transformers, continuous batching ...")
         rows.append(("transformers continuous batching", *run_hf_continuous(hf, prompts, lengths)))
         del hf
@@ -165,7 +166,7 @@ def main() -> None:
     print(f"{'system':<46} {'time (s)':>9} {'tok/s':>7} {'vs floor':>9} {'same tokens as pagedkv fp32':>28}")
     for label, seconds, out in rows:
         floor = floors[torch.bfloat16 if "bfloat16" in label else torch.float32]
-        same = sum(a == b for a, b in zip(out, reference))
+        same = sum(a == b for a, b in zip(out, reference, strict=True))
         print(f"{label:<46} {seconds:9.1f} {generated / seconds:7.1f} {seconds / floor:8.2f}x {same:>20}/{len(out)}")
     for dtype, floor in floors.items():
         print(f"{'matmul floor, ' + str(dtype).removeprefix('torch.'):<46} {floor:9.1f} {generated / floor:7.1f}"

@@ -53,7 +53,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     engine = load_engine(args.model, block_size=16)
     vocab = engine.executor.vocab_size
-    jobs = [([rng.randrange(1, vocab) for _ in range(rng.randint(4, 64))], rng.randint(8, 48), rng.random() < args.disconnect)
+    jobs = [([rng.randrange(1, vocab) for _ in range(rng.randint(4, 64))], rng.randint(8, 48),
+             rng.random() < args.disconnect)
             for _ in range(args.clients)]
     reference = load_engine(args.model, block_size=16)
     wants = [o.output_token_ids for o in reference.generate(
@@ -62,7 +63,7 @@ def main() -> None:
     start = time.perf_counter()
     results = asyncio.run(run(server.url, args.model, jobs))
     seconds = time.perf_counter() - start
-    stayed = [(got, want) for (got, _), want, (_, _, hang) in zip(results, wants, jobs) if not hang]
+    stayed = [(got, want) for (got, _), want, (_, _, hang) in zip(results, wants, jobs, strict=True) if not hang]
     wrong = sum(got != want for got, want in stayed)
     deadline = time.monotonic() + 60
     while engine.has_unfinished_requests() and time.monotonic() < deadline:

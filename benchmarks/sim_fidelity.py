@@ -57,20 +57,23 @@ METRICS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=str(DEFAULT_PROFILE))
-    parser.add_argument("--calibrate", action="store_true", help="fit a fresh profile in turns with the real runs (and use it)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="fit a fresh profile in turns with the real runs (and use it)")
     parser.add_argument("--save-profile", help="where to write the fresh profile")
     parser.add_argument("--repeats", type=int, default=3, help="real runs per workload; the median is compared")
     args = parser.parse_args()
-    engine = EngineConfig(block_size=16, kv_cache_memory_bytes=256 * 2**20, max_num_batched_tokens=1024, max_model_len=2048)
+    engine = EngineConfig(block_size=16, kv_cache_memory_bytes=256 * 2**20, max_num_batched_tokens=1024,
+                          max_model_len=2048)
     model, _ = load_model("smollm2-135m", dtype=torch.float32, device="cpu")
     parts, reals, timings = [], {name: [] for name in WORKLOADS}, {name: [] for name in WORKLOADS}
     for turn in range(args.repeats):
         if args.calibrate:
-            parts.append(collect_samples(model, engine.block_size, engine.max_num_batched_tokens, turn, turn, args.repeats))
+            parts.append(
+                collect_samples(model, engine.block_size, engine.max_num_batched_tokens, turn, turn, args.repeats))
         for name, workload in WORKLOADS.items():
             reals[name].append(run_real(workload, engine, model, progress=True, timings=timings[name])[1])
     if args.calibrate:
-        features, seconds = (np.concatenate(p) for p in zip(*parts))
+        features, seconds = (np.concatenate(p) for p in zip(*parts, strict=True))
         label = profile_name("smollm2-135m", torch.float32)
         profile = fit_profile(model, label, features, seconds, engine.max_num_batched_tokens)
     else:
@@ -84,7 +87,8 @@ def main() -> None:
         _, in_sample = simulate(workload, engine, "paged", own)
         print(f"{name}: {workload.num_requests} requests; real: median of {args.repeats} runs (min to max);")
         print(f"  in sample: priced by a profile fitted on the real runs' own steps ({own.fit_note})")
-        print(f"  {'metric':<20} {'real':>8} {'(spread)':>17} {'simulated':>10} {'error':>7} {'in sample':>10} {'error':>7}")
+        print(f"  {'metric':<20} {'real':>8} {'(spread)':>17} {'simulated':>10} {'error':>7} "
+              f"{'in sample':>10} {'error':>7}")
         for label, get in METRICS:
             runs = sorted(get(r) for r in reals[name])
             r, s, i = statistics.median(runs), get(simulated), get(in_sample)

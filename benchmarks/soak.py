@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fakes
 
 from pagedkv.scheduler import EngineConfig  # noqa: E402
 from pagedkv.scheduler.request import FinishReason  # noqa: E402
-from tests.helpers import assert_drained  # noqa: E402
 from tests.fakes import soak  # noqa: E402
+from tests.helpers import assert_drained  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +38,9 @@ def main() -> None:
     assert_drained(engine)
     stats = engine.stats()
     aborted = sum(why is FinishReason.ABORT for why in result.finished.values())
-    print(f"{len(result.submitted)} requests in {result.steps} steps ({seconds:.1f} s): {len(result.finished) - aborted} "
-          f"completed, {aborted} aborted, none lost; {stats.num_preemptions} preemptions ({stats.num_swapped_out} by swap, "
+    print(f"{len(result.submitted)} requests in {result.steps} steps ({seconds:.1f} s): "
+          f"{len(result.finished) - aborted} completed, {aborted} aborted, none lost; "
+          f"{stats.num_preemptions} preemptions ({stats.num_swapped_out} by swap, "
           f"{stats.num_recomputed} by recompute); {engine.executor.num_checked_tokens} context tokens checked; "
           f"pool and swap space whole")
 

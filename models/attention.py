@@ -137,7 +137,7 @@ class DenseAttention:
         self.seq_lens = seq_lens
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([attend(*parts) for parts in zip(*(t.split(self.seq_lens) for t in (q, k, v)))])
+        return torch.cat([attend(*parts) for parts in zip(*(t.split(self.seq_lens) for t in (q, k, v)), strict=True)])
 
 
 class ContiguousCacheAttention:

@@ -113,14 +113,20 @@ class GPT(PagedLM):
         return model.to(device=device, dtype=dtype).eval()
 
     @classmethod
-    def from_preset(cls, name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GPT:
+    def from_preset(
+        cls, name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> GPT:
         if name not in GPT_PRESETS:
             raise ValueError(f"unknown GPT preset {name!r}; choose from {sorted(GPT_PRESETS)}")
         return cls.from_config(GPT_PRESETS[name], seed, dtype, device)
 
     @classmethod
     def from_state_dict(
-        cls, state_dict: dict[str, torch.Tensor], config: GPTConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        state_dict: dict[str, torch.Tensor],
+        config: GPTConfig,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> GPT:
         """Load a GPT-2-format state dict (``GPT2LMHeadModel`` or bare ``GPT2Model`` keys).
 
@@ -140,7 +146,9 @@ class GPT(PagedLM):
         return model.to(device=device, dtype=dtype).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, config: GPTConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GPT:
+    def from_checkpoint(
+        cls, path: str | Path, config: GPTConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> GPT:
         """Load a ``.safetensors`` file or a ``torch.save``'d state dict."""
         path = Path(path)
         if path.suffix == ".safetensors":

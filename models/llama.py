@@ -82,7 +82,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, qkv, bias=False)
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: Attention, layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: Attention, layer: int
+    ) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)  # [T, H + 2 Hkv, D]
         qk = rotate(qkv[:, : self.num_heads + self.num_kv_heads], *rope)  # q and k rotated together
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -109,7 +111,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: Attention, layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: Attention, layer: int
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, attention, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -97,9 +97,8 @@ class ModelRunner:
             memory_bytes=config.pool_memory_bytes,
             gpu_memory_fraction=config.gpu_memory_fraction,
         )
-        self.num_swap_blocks = (
-            config.swap_space_bytes // spec.bytes_per_block(config.block_size) if config.preemption_mode == "swap" else 0
-        )
+        swapping = config.preemption_mode == "swap"
+        self.num_swap_blocks = config.swap_space_bytes // spec.bytes_per_block(config.block_size) if swapping else 0
         self.kv_cache = KVCache(spec, num_blocks, config.block_size, self.device, self.num_swap_blocks)
         self.sampler = Sampler(self.device, config.seed)
         return num_blocks

@@ -25,7 +25,9 @@ class Sampler:
         for sid in seq_ids:
             self._seeded.pop(sid, None)
 
-    def __call__(self, logits: torch.Tensor, seq_ids: Sequence[Hashable], params: Sequence[SamplingParams]) -> list[int]:
+    def __call__(
+        self, logits: torch.Tensor, seq_ids: Sequence[Hashable], params: Sequence[SamplingParams]
+    ) -> list[int]:
         """One token per row of ``logits`` ([B, V]) for the sequence in the same row."""
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
@@ -38,7 +40,7 @@ class Sampler:
         logits = _top_k_top_p(logits, params)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, (sid, p) in enumerate(zip(seq_ids, params)):
+        for row, (sid, p) in enumerate(zip(seq_ids, params, strict=True)):
             if p.seed is not None:
                 noise[row].exponential_(generator=self._seeded_generator(sid, p.seed))
         sampled = (probs / noise).argmax(dim=-1)

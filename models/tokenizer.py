@@ -48,9 +48,10 @@ class TextTokenizer:
         tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
         tok.pre_tokenizer = _pre_tokenizer(field(reader, "tokenizer.ggml.pre"))
         tok.decoder = decoders.ByteLevel()
-        types = field(reader, "tokenizer.ggml.token_type") or []
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
-        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
+        types = field(reader, "tokenizer.ggml.token_type") or []  # may be absent: then no added tokens
+        kinds = list(zip(tokens, types, strict=False))
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in kinds if k == CONTROL])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in kinds if k == USER_DEFINED])
         return cls(
             tok,
             eos_token_id=field(reader, "tokenizer.ggml.eos_token_id"),
@@ -81,7 +82,9 @@ class TextTokenizer:
             raise ValueError("this model has no chat template")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         template = env.from_string(self.chat_template)
         special = {
             name: self.tokenizer.id_to_token(i) if i is not None else ""

@@ -188,7 +188,9 @@ class BlockPool:
                 raise BlockPoolError(f"block {b}: ref count {rc} but free={b in self._free}")
         if self.num_free + sum(1 for rc in self.ref_counts if rc > 0) != self.num_blocks:
             raise BlockPoolError("free + used != total")
-        if len(self._cached) != len(self._keys) or any(self._keys.get(b, (None,))[0] != h for h, b in self._cached.items()):
+        if len(self._cached) != len(self._keys) or any(
+            self._keys.get(b, (None,))[0] != h for h, b in self._cached.items()
+        ):
             raise BlockPoolError("the prefix-cache index and the blocks' keys disagree")
 
     def _check_id(self, block_id: int) -> None:

@@ -109,5 +109,5 @@ def _copy(sources: list[torch.Tensor], targets: list[torch.Tensor], pairs: list[
     dst = torch.tensor([d for _, d in pairs], device=targets[0].device)
     # A copy to the CPU must be complete before the CPU-side indexing reads it.
     non_blocking = targets[0].device.type != "cpu"
-    for source, target in zip(sources, targets):
+    for source, target in zip(sources, targets, strict=True):
         target[dst] = source[src].to(target.device, non_blocking=non_blocking)

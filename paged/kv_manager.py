@@ -167,7 +167,7 @@ class KVCacheManager:
         needed = blocks_for(num_tokens, self.block_size) - len(table.blocks) + int(cow)
         if needed + reserve > self.pool.num_free:
             return None
-        granted = self.pool.allocate(needed)
+        granted = self._allocate(needed)
         copies: list[tuple[int, int]] = []
         if cow:
             src, dst = table.blocks[-1], granted[0]
@@ -181,16 +181,25 @@ class KVCacheManager:
         self._tables[seq_id] = table
         return Allocation(granted, copies)
 
-    def _start_from_prefix(self, seq_id: Hashable, num_tokens: int, prefix: PrefixHit, reserve: int) -> Allocation | None:
+    def _start_from_prefix(
+        self, seq_id: Hashable, num_tokens: int, prefix: PrefixHit, reserve: int
+    ) -> Allocation | None:
         reviving = sum(1 for b in prefix.blocks if self.pool.ref_counts[b] == 0)  # they leave the free queue
         needed = blocks_for(num_tokens, self.block_size) - len(prefix.blocks)
         if needed + reviving + reserve > self.pool.num_free:
             return None
         self.pool.take(prefix.blocks)  # first, so that allocate cannot evict them
-        granted = self.pool.allocate(needed)
+        granted = self._allocate(needed)
         self._tables[seq_id] = BlockTable(self.block_size, (*prefix.blocks, *granted), num_tokens, prefix.hashes)
         self._stored += num_tokens
         return Allocation(granted, [])
+
+    def _allocate(self, n: int) -> list[int]:
+        """``n`` fresh blocks, for a caller that has checked that ``n`` are free."""
+        granted = self.pool.allocate(n)
+        if granted is None:
+            raise BlockPoolError(f"{n} blocks were checked free but could not be allocated")
+        return granted
 
     def cache_full_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
         """Register ``seq_id``'s full blocks in the prefix cache: those holding its first
@@ -249,7 +258,7 @@ class KVCacheManager:
         tables = [self._tables[s] for s in seq_ids]
         # Per step modulo bs, in order: (table, tokens, takes a block, fills its last block).
         events: list[list[tuple[BlockTable, Sequence[int], bool, bool]]] = [[] for _ in range(bs)]
-        for table, tokens in zip(tables, token_ids):
+        for table, tokens in zip(tables, token_ids, strict=True):
             takes, fills = -table.num_tokens % bs, (-table.num_tokens - 1) % bs
             if takes == fills:  # block_size 1
                 events[takes].append((table, tokens, True, caching))
@@ -300,7 +309,7 @@ class KVCacheManager:
         cpu = self.swap.store(seq_id, len(table.blocks), table.num_tokens)
         if cpu is None:
             return None
-        pairs = list(zip(table.blocks, cpu))
+        pairs = list(zip(table.blocks, cpu, strict=True))
         self.free(seq_id)
         return pairs
 
@@ -314,11 +323,12 @@ class KVCacheManager:
         needed = blocks_for(num_tokens, self.block_size)
         if needed + reserve > self.pool.num_free:
             return None
-        granted = self.pool.allocate(needed)
+        granted = self._allocate(needed)
         self.swap.release(seq_id)
         self._tables[seq_id] = BlockTable(self.block_size, tuple(granted), num_tokens)
         self._stored += num_tokens
-        return list(zip(swapped.blocks, granted))
+        # granted also covers the slots beyond the swapped tokens: those blocks have nothing to copy
+        return list(zip(swapped.blocks, granted, strict=False))
 
     def forget_cached(self, seq_id: Hashable) -> None:
         """Take ``seq_id``'s blocks out of the prefix cache (before freeing it after a

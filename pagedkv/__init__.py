@@ -49,23 +49,28 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
+    # `name as name` marks each one as re-exported (``__all__`` is built from _EXPORTS, which linters can't read)
     from pagedkv.errors import (
-        EngineBusyError,
-        EngineDeadError,
-        InvalidRequestError,
-        PagedKVError,
-        RequestFailedError,
+        EngineBusyError as EngineBusyError,
+        EngineDeadError as EngineDeadError,
+        InvalidRequestError as InvalidRequestError,
+        PagedKVError as PagedKVError,
+        RequestFailedError as RequestFailedError,
     )
-    from pagedkv.llm import LLM
-    from pagedkv.loader import MODEL_NAMES, load_engine, load_model
-    from pagedkv.scheduler.engine import LLMEngine
-    from pagedkv.scheduler.outputs import EngineStats, RequestOutput, SequenceOutput
-    from pagedkv.scheduler.params import EngineConfig, SamplingParams
-    from pagedkv.scheduler.request import FinishReason
-    from pagedkv.server.async_engine import AsyncLLMEngine
-    from pagedkv.sim.api import run_real, simulate, sweep
-    from pagedkv.sim.metrics import SLO
-    from pagedkv.sim.workload import WorkloadConfig
+    from pagedkv.llm import LLM as LLM
+    from pagedkv.loader import MODEL_NAMES as MODEL_NAMES, load_engine as load_engine, load_model as load_model
+    from pagedkv.scheduler.engine import LLMEngine as LLMEngine
+    from pagedkv.scheduler.outputs import (
+        EngineStats as EngineStats,
+        RequestOutput as RequestOutput,
+        SequenceOutput as SequenceOutput,
+    )
+    from pagedkv.scheduler.params import EngineConfig as EngineConfig, SamplingParams as SamplingParams
+    from pagedkv.scheduler.request import FinishReason as FinishReason
+    from pagedkv.server.async_engine import AsyncLLMEngine as AsyncLLMEngine
+    from pagedkv.sim.api import run_real as run_real, simulate as simulate, sweep as sweep
+    from pagedkv.sim.metrics import SLO as SLO
+    from pagedkv.sim.workload import WorkloadConfig as WorkloadConfig
 
 
 def __getattr__(name: str) -> Any:

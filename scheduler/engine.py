@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from pagedkv.errors import EngineBusyError, InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.scheduler.outputs import EngineStats, RequestOutput, SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig, SamplingParams
-from pagedkv.errors import EngineBusyError, InvalidRequestError
 from pagedkv.scheduler.request import FinishReason, Request
 from pagedkv.scheduler.scheduler import Scheduler
 
@@ -168,17 +168,21 @@ class LLMEngine:
         in prompt order. ``on_output`` sees every streamed output as it happens;
         ``priority`` gives each prompt's priority (lower is more urgent)."""
         if self.has_unfinished_requests():
-            raise EngineBusyError("generate() runs the engine to completion; finish or abort the requests in flight first")
+            raise EngineBusyError(
+                "generate() runs the engine to completion; finish or abort the requests in flight first"
+            )
         if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
-            raise InvalidRequestError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts", "sampling_params")
+            raise InvalidRequestError(
+                f"got {len(sampling_params)} sampling params for {len(prompts)} prompts", "sampling_params"
+            )
         priority = [0] * len(prompts) if priority is None else list(priority)
         if len(priority) != len(prompts):
             raise InvalidRequestError(f"got {len(priority)} priorities for {len(prompts)} prompts", "priority")
         ids = [f"generate-{next(self._generate_ids)}" for _ in prompts]
         try:
-            for rid, prompt, params, p in zip(ids, prompts, sampling_params, priority):
+            for rid, prompt, params, p in zip(ids, prompts, sampling_params, priority, strict=True):
                 self.add_request(rid, prompt, params, priority=p)
         except Exception:
             for rid in ids:

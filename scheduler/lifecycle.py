@@ -22,10 +22,10 @@ from bisect import insort
 from collections.abc import Callable
 from operator import attrgetter
 
+from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.scheduler.outputs import EngineStats, SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig
-from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
 
 by_rank = attrgetter("rank")  # the sort key of both queues
@@ -67,7 +67,9 @@ class RequestLifecycle:
     def check_fits(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise :class:`InvalidRequestError` if a request of this size could never run."""
         if request_id in self.requests:
-            raise InvalidRequestError(f"request_id {request_id!r} is already in use by an unfinished request", "request_id")
+            raise InvalidRequestError(
+                f"request_id {request_id!r} is already in use by an unfinished request", "request_id"
+            )
         total = num_prompt_tokens + max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
@@ -87,7 +89,8 @@ class RequestLifecycle:
     def add_request(self, request: Request) -> None:
         if request.params.n > self.config.max_num_seqs:
             raise InvalidRequestError(
-                f"n ({request.params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): its sequences could never run together",
+                f"n ({request.params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): "
+                "its sequences could never run together",
                 "n",
             )
         self.check_fits(request.request_id, request.num_prompt_tokens, request.params.max_tokens)
@@ -138,7 +141,7 @@ class RequestLifecycle:
         advanced = []
         finished = False
         failed = False
-        for (request, _, n, _, _), tokens in zip(plan.scheduled, sampled):
+        for (request, _, n, _, _), tokens in zip(plan.scheduled, sampled, strict=True):
             request.num_computed_tokens += n
             if not tokens or failed and request.status is not RequestStatus.RUNNING:
                 continue  # (a sibling's failure ended this sequence earlier in the loop)
@@ -146,7 +149,8 @@ class RequestLifecycle:
                 self.fail(request, tokens, now)
                 finished = failed = True
                 continue
-            for seq, token in zip(self._fork(request, len(tokens)) if len(tokens) > 1 else (request,), tokens):
+            seqs = self._fork(request, len(tokens)) if len(tokens) > 1 else (request,)
+            for seq, token in zip(seqs, tokens, strict=True):
                 seq.token_ids.append(token)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
@@ -231,7 +235,9 @@ class RequestLifecycle:
         parent.params = params.for_sequence(0)
         self._fork_seats -= n - 1
         for i in range(1, n):
-            child = Request(parent.request_id, parent.prompt_token_ids, params.for_sequence(i), parent.arrival_time, index=i)
+            child = Request(
+                parent.request_id, parent.prompt_token_ids, params.for_sequence(i), parent.arrival_time, index=i
+            )
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = RequestStatus.RUNNING
             child.first_scheduled_time = parent.first_scheduled_time

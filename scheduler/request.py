@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from pagedkv.scheduler.params import SamplingParams
 
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

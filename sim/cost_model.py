@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import NamedTuple
 
@@ -101,7 +102,7 @@ class CostModel(BaseModel):
     def _check_curve(self) -> CostModel:
         if len(self.token_knots) != len(self.token_costs_s):
             raise ValueError("token_knots and token_costs_s must have the same length")
-        if self.token_knots[0] < 1 or any(b <= a for a, b in zip(self.token_knots, self.token_knots[1:])):
+        if self.token_knots[0] < 1 or any(b <= a for a, b in pairwise(self.token_knots)):
             raise ValueError("token_knots must be positive and strictly increasing")
         if min(self.token_costs_s) < 0:
             raise ValueError("token_costs_s must be >= 0")
@@ -126,8 +127,8 @@ class CostModel(BaseModel):
         sequences, the first attending ``context`` keys: each exactly :meth:`time_of`
         its features, with the curve looked up once."""
         curve = self.tokens_time(num_seqs)
-        for context in range(context, context + steps * num_seqs, num_seqs):
-            yield self._priced(curve, context, 0, num_seqs)
+        for keys in range(context, context + steps * num_seqs, num_seqs):
+            yield self._priced(curve, keys, 0, num_seqs)
 
     def _priced(self, curve: float, context: int, pairs: int, samples: int) -> float:
         return (curve + self.per_decode_context_token_s * context + self.per_prefill_attended_pair_s * pairs

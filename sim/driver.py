@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.scheduler.engine import Executor
 from pagedkv.scheduler.outputs import EngineStats
 from pagedkv.scheduler.params import EngineConfig, SamplingParams
-from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler.request import Request
 from pagedkv.sim.policies import Policy, build_scheduler, reserved_slots, reserved_slots_during
 from pagedkv.sim.workload import RequestSpec
@@ -150,7 +150,7 @@ def _decode_run(scheduler, executor, clock, result: RunResult, arrival: float) -
     m = run.num_seqs
     result.stored_slots.extend(range(stored + m, stored + (len(ends) + 1) * m, m))
     result.reserved_slots.extend(reserved_slots_during(scheduler, reserved, run.blocks_used))
-    result.step_durations.extend(end - begin for begin, end in zip([start, *ends], ends))
+    result.step_durations.extend(end - begin for begin, end in itertools.pairwise([start, *ends]))
     result.step_times.extend(ends)
     return finished
 

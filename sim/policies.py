@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Literal
 
+from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.scheduler.outputs import SchedulerOutput
-from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler.request import FinishReason, Request
 from pagedkv.scheduler.scheduler import Scheduler
 

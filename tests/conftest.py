@@ -22,8 +22,8 @@ def tiny_model() -> GPT:
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct (float32, CPU) and its tokenizer, loaded once per session."""
-    from pagedkv.models.gguf import smollm2_path
     from pagedkv.loader import load_model
+    from pagedkv.models.gguf import smollm2_path
 
     try:
         smollm2_path()

@@ -69,7 +69,9 @@ class ContentExecutor:
         for s in plan.scheduled:
             context = [self._block(s.block_ids[i // bs])[i % bs] for i in range(s.start + s.num_new_tokens)]
             if context != s.request.token_ids[: s.start + s.num_new_tokens]:
-                raise WrongContext(f"sequence {s.request.seq_id!r} reads {context}, not its tokens {s.request.token_ids}")
+                raise WrongContext(
+                    f"sequence {s.request.seq_id!r} reads {context}, not its tokens {s.request.token_ids}"
+                )
             self.num_checked_tokens += len(context)
         return [tuple(self.rng.randrange(self.vocab_size) for _ in range(s.samples)) for s in plan.scheduled]
 
@@ -83,7 +85,9 @@ class SoakResult:
     max_seats: int = 0
 
 
-def soak(num_requests: int, config: EngineConfig, seed: int = 0, abort_rate: float = 0.1) -> tuple[LLMEngine, SoakResult]:
+def soak(
+    num_requests: int, config: EngineConfig, seed: int = 0, abort_rate: float = 0.1
+) -> tuple[LLMEngine, SoakResult]:
     """Feed ``num_requests`` random requests (prompts sharing prefixes, random lengths,
     priorities, n, arrival gaps) to an engine on a :class:`ContentExecutor`, abort some at
     random moments, and run until everything has ended."""

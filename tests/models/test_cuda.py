@@ -8,7 +8,6 @@ import torch
 
 from pagedkv.models import GPT, generate_no_cache
 from pagedkv.scheduler import SamplingParams
-
 from tests.helpers import random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -44,7 +44,7 @@ def test_engine_greedy_matches_transformers_generate(hf_model, make_engine):
     engine = make_engine(ours, block_size=4, num_blocks=64)
     prompts = [[5, 17, 42], list(range(100, 130)), [299]]
     outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(prompts, outputs, strict=True):
         with torch.no_grad():
             ref = hf_model.generate(
                 torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0

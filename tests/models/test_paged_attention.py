@@ -80,7 +80,7 @@ def make_step(
     pool = list(range(num_blocks))
     rng.shuffle(pool)
     seqs, at = [], 0
-    for (cached, new), n_blocks in zip(lengths, needed):
+    for (cached, new), n_blocks in zip(lengths, needed, strict=True):
         total = cached + new
         seqs.append(
             Seq(
@@ -149,7 +149,7 @@ def run_case(
     error = (out - expected).abs().max().item()
     kinds = [s.kind for s in seqs]
     assert error <= TOLERANCE, f"seed {seed}: max error {error:.2e} for {kinds}"
-    for got, want in zip((*cache.keys, *cache.values), (*expected_keys, *expected_values)):
+    for got, want in zip((*cache.keys, *cache.values), (*expected_keys, *expected_values), strict=True):
         assert torch.equal(got, want), f"seed {seed}: cache differs from 'new K/V in their slots only'"
     return set(kinds)
 

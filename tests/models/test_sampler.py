@@ -58,10 +58,12 @@ def test_top_k_larger_than_vocab_is_harmless():
 
 
 def test_mixed_rows_each_follow_their_own_params():
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0)]
+    params = [
+        SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0)
+    ]
     sampler = Sampler(torch.device("cpu"), 0)
     seen = [set() for _ in params]
-    for step in range(300):
+    for _ in range(300):
         for row, token in enumerate(sampler(logits_rows(3), ["a", "b", "c"], params)):
             seen[row].add(token)
     assert seen[0] == {0} and seen[1] == {0, 1} and len(seen[2]) > 3
@@ -73,7 +75,9 @@ def test_a_seed_fixes_the_draws_whatever_the_batch():
     sampler_a, sampler_b = Sampler(torch.device("cpu"), 0), Sampler(torch.device("cpu"), 7)
     run_a = [sampler_a(logits_rows(1), ["s"], [seeded])[0] for _ in range(30)]
     crowd = [SamplingParams(temperature=1.0)] * 4
-    run_b = [sampler_b(logits_rows(5), ["x", "y", "s", "z", "w"], crowd[:2] + [seeded] + crowd[2:])[2] for _ in range(30)]
+    run_b = [
+        sampler_b(logits_rows(5), ["x", "y", "s", "z", "w"], crowd[:2] + [seeded] + crowd[2:])[2] for _ in range(30)
+    ]
     assert run_a == run_b
     assert len(set(run_a)) > 1
     other = SamplingParams(temperature=1.0, seed=43)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from pagedkv.loader import load_model
 from pagedkv.models import prefill_logits
 from pagedkv.models.gguf import SMOLLM2_INSTALL, smollm2_path, unpermute_rows
-from pagedkv.loader import load_model
 from pagedkv.scheduler import SamplingParams
 
 transformers = pytest.importorskip("transformers")
@@ -42,7 +42,9 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="session")
 def hf_smollm2(smollm2):
     path = smollm2_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     model.generation_config.eos_token_id = None  # fixed-length runs (a None passed in a GenerationConfig is ignored)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model.eval(), tokenizer
@@ -52,7 +54,9 @@ def hf_smollm2(smollm2):
 def prompts(smollm2):
     """Chat-formatted and raw prompts of varied length, as token ids."""
     _, tok = smollm2
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}]) if i % 2 == 0 else q for i, q in enumerate(QUESTIONS)]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}]) if i % 2 == 0 else q for i, q in enumerate(QUESTIONS)
+    ]
     return [tok.encode(t) for t in texts]
 
 
@@ -73,7 +77,9 @@ def test_greedy_tokens_match_transformers_through_the_paged_engine(smollm2, hf_s
     expected = []
     for ids in prompts:
         with torch.no_grad():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+            out = hf.generate(
+                torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
         expected.append(out[0, len(ids):].tolist())
     assert all(len(e) == NEW_TOKENS for e in expected)
     engine = make_engine(model, block_size=4, num_blocks=64, max_num_batched_tokens=48)
@@ -129,7 +135,8 @@ def test_engine_takes_text_and_returns_text(smollm2, make_engine):
     engine.tokenizer = tok
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     streamed = []
-    out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24), on_output=lambda o: streamed.append(o.new_text))[0]
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    out = engine.generate([prompt], params, on_output=lambda o: streamed.append(o.new_text))[0]
     assert out.text == tok.decode(out.output_token_ids) == "".join(streamed)
     assert "Paris" in out.text
     assert out.finish_reason.value == "stop" and out.output_token_ids[-1] == tok.eos_token_id

@@ -7,8 +7,7 @@ from collections import deque
 from collections.abc import Hashable
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from pagedkv.paged import Allocation, BlockPool, BlockPoolError, BlockTable, KVCacheManager, PoolSnapshot
 

@@ -48,6 +48,6 @@ def test_copy_blocks_copies_every_layer():
         t.copy_(torch.randn_like(t))
     before = [t.clone() for t in (*cache.keys, *cache.values)]
     cache.copy_blocks([(0, 3), (1, 2)])
-    for old, new in zip(before, (*cache.keys, *cache.values)):
+    for old, new in zip(before, (*cache.keys, *cache.values), strict=True):
         assert torch.equal(new[3], old[0]) and torch.equal(new[2], old[1])
         assert torch.equal(new[:2], old[:2])

@@ -9,9 +9,15 @@ import subprocess
 import sys
 from collections import Counter
 
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import pagedkv.paged.kv_manager
 from pagedkv.paged import KVCacheManager
@@ -28,8 +34,9 @@ def admit(kv: KVCacheManager, seq, tokens: list[int]):
 
 
 def test_hash_is_stable_across_processes():
-    code = "from paged.prefix import block_hash, root_hash; print(block_hash(root_hash(b'm'), [1, 2, 3]).hex())"
-    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    code = "from pagedkv.paged.prefix import block_hash, root_hash; print(block_hash(root_hash(b'm'), [1, 2, 3]).hex())"
+    command = [sys.executable, "-c", code]
+    runs = {subprocess.run(command, capture_output=True, text=True, check=True).stdout for _ in range(2)}
     assert runs == {block_hash(root_hash(b"m"), [1, 2, 3]).hex() + "\n"}
 
 
@@ -212,6 +219,8 @@ class PrefixCacheMachine(RuleBasedStateMachine):
 
 def test_prefix_cache_state_machine():
     PrefixCacheMachine.coverage.clear()
-    run_state_machine_as_test(PrefixCacheMachine, settings=settings(max_examples=300, stateful_step_count=40, deadline=None))
+    run_state_machine_as_test(
+        PrefixCacheMachine, settings=settings(max_examples=300, stateful_step_count=40, deadline=None)
+    )
     for path in ("hit", "miss", "evict", "fork", "copy-on-write", "refused"):
         assert PrefixCacheMachine.coverage[path] > 0, f"the state machine never exercised {path}"

@@ -11,12 +11,11 @@ identical records to the last bit, under every policy and pressure path.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
+from pagedkv.errors import InvalidRequestError
 from pagedkv.paged import KVCacheManager, blocks_for
 from pagedkv.scheduler import EngineConfig, SamplingParams
-from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler.request import Request
 from pagedkv.scheduler.scheduler import Scheduler
 from pagedkv.sim import CostModel, LengthDist, WorkloadConfig, generate
@@ -46,7 +45,7 @@ class Pair:
         return scheduler
 
     def add(self, rid: str, prompt: list[int], params: SamplingParams, priority: int) -> None:
-        for scheduler, requests in zip((self.plain, self.bulk), self.requests):
+        for scheduler, requests in zip((self.plain, self.bulk), self.requests, strict=True):
             request = Request(rid, prompt, params, arrival_time=scheduler.time, priority=priority)
             try:
                 scheduler.add_request(request)
@@ -118,7 +117,8 @@ def test_bulk_decode_steps_leave_every_state_as_the_step_loop_does(
             # Tokens from {0, 1, 2}: prompts share blocks with each other and with generated zeros.
             prompt = data.draw(st.lists(st.integers(0, 2), min_size=prompt_len, max_size=prompt_len))
             params = SamplingParams(
-                temperature=0.0, n=data.draw(st.integers(1, min(3, max_num_seqs))), max_tokens=data.draw(st.integers(1, 20)),
+                temperature=0.0, n=data.draw(st.integers(1, min(3, max_num_seqs))),
+                max_tokens=data.draw(st.integers(1, 20)),
                 ignore_eos=data.draw(st.booleans()), stop_token_ids=data.draw(st.sampled_from([[], [TOKEN], [7]])),
             )
             pair.add(f"r{i}-{_}", prompt, params, data.draw(st.integers(0, 1)))
@@ -142,7 +142,9 @@ def test_a_run_goes_through_the_first_finish_and_not_past_the_free_blocks():
     assert pair.bulk_steps == 9 and [r.request_id for r in pair.bulk.running] == ["b"]
     # Tighter: with a third sequence holding blocks, the run stops short of the step
     # that would need a block that is not free (the plain loop preempts there).
-    tight = Pair(EngineConfig(block_size=2, num_blocks=7, max_num_batched_tokens=64, enable_prefix_caching=False), eos=None)
+    tight = Pair(
+        EngineConfig(block_size=2, num_blocks=7, max_num_batched_tokens=64, enable_prefix_caching=False), eos=None
+    )
     for rid in "xyz":
         tight.add(rid, [1, 2], SamplingParams(temperature=0.0, max_tokens=12), 0)
     tight.step(1)  # 3 blocks in use, 4 free; each sequence needs one more every other step
@@ -197,7 +199,8 @@ def _run(specs, engine, policy, closed, fast_forward):
 def test_simulated_runs_are_identical_with_and_without_bulk_steps(policy, engine, closed, monkeypatch):
     workload = WorkloadConfig(
         num_requests=120, arrival="closed" if closed else "gamma", rate=2.0, cv=3.0, concurrency=5,
-        preset=None, prompt=LengthDist(kind="lognormal", mean=60, sigma=0.8), output=LengthDist(kind="lognormal", mean=80, sigma=0.9),
+        preset=None, prompt=LengthDist(kind="lognormal", mean=60, sigma=0.8),
+        output=LengthDist(kind="lognormal", mean=80, sigma=0.9),
         prefix_groups=3, prefix_len=20, max_model_len=engine.max_model_len, vocab_size=3, seed=11,
     )
     specs = [s._replace(priority=i % 3) for i, s in enumerate(generate(workload))]

@@ -6,9 +6,8 @@ import pytest
 
 from pagedkv.errors import EngineBusyError
 from pagedkv.scheduler import EngineConfig, FinishReason, LLMEngine, RequestStatus, SamplingParams
-
-from tests.helpers import assert_drained, random_prompts
 from tests.fakes import FailingRunner
+from tests.helpers import assert_drained, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -156,7 +155,7 @@ def test_timestamps_and_stats(make_engine, tiny_model):
     engine = make_engine(block_size=4, num_blocks=64)
     prompts = random_prompts(seed=3, n=5, vocab=tiny_model.vocab_size)
     outputs = engine.generate(prompts, GREEDY)
-    for prompt, o in zip(prompts, outputs):
+    for prompt, o in zip(prompts, outputs, strict=True):
         m = o.metrics
         assert m.arrival_time <= m.first_token_time <= m.finish_time
         assert m.ttft >= 0 and m.num_prompt_tokens == len(prompt)
@@ -225,14 +224,17 @@ def test_a_failed_step_fails_its_requests_once_and_the_engine_keeps_serving(tiny
     assert_drained(engine)
     assert engine.kv_manager.num_cached_blocks == 0 or caching
     again = engine.generate([prompts["r0"]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
-    assert again[0].output_token_ids == generate_no_cache(tiny_model, prompts["r0"], 5), "no garbage served from the cache"
+    want = generate_no_cache(tiny_model, prompts["r0"], 5)
+    assert again[0].output_token_ids == want, "no garbage served from the cache"
     assert_drained(engine)
 
 
 def test_nan_logits_fail_that_request_alone(tiny_model):
     from pagedkv.models import ModelRunner, generate_no_cache
 
-    engine = LLMEngine(FailingRunner(ModelRunner(tiny_model), nan_request="bad"), EngineConfig(block_size=4, num_blocks=64))
+    engine = LLMEngine(
+        FailingRunner(ModelRunner(tiny_model), nan_request="bad"), EngineConfig(block_size=4, num_blocks=64)
+    )
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     engine.add_request("good", [1, 2, 3], params)
     engine.add_request("bad", [4, 5, 6], params)

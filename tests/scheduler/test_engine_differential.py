@@ -10,7 +10,6 @@ import pytest
 from pagedkv.models import generate_no_cache
 from pagedkv.paged import blocks_for
 from pagedkv.scheduler import SamplingParams
-
 from tests.helpers import random_prompts
 
 NUM_REQUESTS = 14
@@ -22,14 +21,14 @@ def workload(tiny_model):
     prompts = random_prompts(seed=1, n=NUM_REQUESTS, vocab=tiny_model.vocab_size, max_len=60)
     rng = random.Random(2)
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 24), ignore_eos=True) for _ in prompts]
-    expected = [generate_no_cache(tiny_model, p, sp.max_tokens) for p, sp in zip(prompts, params)]
+    expected = [generate_no_cache(tiny_model, p, sp.max_tokens) for p, sp in zip(prompts, params, strict=True)]
     return prompts, params, expected
 
 
 def smallest_pool(workload, block_size: int) -> int:
     """The fewest blocks that still admit the longest request on its own."""
     prompts, params, _ = workload
-    return max(blocks_for(len(p) + sp.max_tokens - 1, block_size) for p, sp in zip(prompts, params))
+    return max(blocks_for(len(p) + sp.max_tokens - 1, block_size) for p, sp in zip(prompts, params, strict=True))
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
@@ -46,7 +45,9 @@ def test_ample_pool_matches_reference(make_engine, workload, block_size, budget)
 @pytest.mark.parametrize("budget", [1024, 9])
 def test_tiny_pool_preempts_and_matches_reference(make_engine, workload, block_size, budget):
     prompts, params, expected = workload
-    engine = make_engine(block_size=block_size, num_blocks=smallest_pool(workload, block_size), max_num_batched_tokens=budget)
+    engine = make_engine(
+        block_size=block_size, num_blocks=smallest_pool(workload, block_size), max_num_batched_tokens=budget
+    )
     outputs = engine.generate(prompts, params)
     assert [o.output_token_ids for o in outputs] == expected
     assert engine.stats().num_preemptions > 0, "the pool was meant to force preemption"
@@ -63,7 +64,9 @@ def test_streamed_tokens_add_up_to_the_final_output(make_engine, workload):
     prompts, params, expected = workload
     engine = make_engine(block_size=4, num_blocks=smallest_pool(workload, 4), max_num_batched_tokens=16)
     streamed: dict[str, list[int]] = {}
-    outputs = engine.generate(prompts, params, on_output=lambda o: streamed.setdefault(o.request_id, []).extend(o.new_token_ids))
+    outputs = engine.generate(
+        prompts, params, on_output=lambda o: streamed.setdefault(o.request_id, []).extend(o.new_token_ids)
+    )
     assert [streamed[o.request_id] for o in outputs] == expected
 
 

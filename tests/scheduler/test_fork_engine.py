@@ -13,9 +13,9 @@ import random
 
 import pytest
 
+from pagedkv.errors import InvalidRequestError
 from pagedkv.models import generate_no_cache
 from pagedkv.paged import blocks_for
-from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler import SamplingParams
 from pagedkv.scheduler.request import FinishReason
 from tests.helpers import random_prompts
@@ -44,7 +44,7 @@ def singles(tiny_model):
     params = [SamplingParams(temperature=1.0, n=4, seed=100 * i, max_tokens=9, ignore_eos=True) for i in range(4)]
     engine = LLMEngine(ModelRunner(tiny_model), EngineConfig(block_size=16, num_blocks=64, enable_prefix_caching=False))
     expected = []
-    for prompt, sp in zip(prompts, params):
+    for prompt, sp in zip(prompts, params, strict=True):
         outs = engine.generate([prompt] * sp.n, [sp.for_sequence(i) for i in range(sp.n)])
         expected.append([o.output_token_ids for o in outs])
     return prompts, params, expected
@@ -59,7 +59,7 @@ def test_each_fork_equals_a_single_request_with_its_seed(make_engine, singles, c
                          enable_prefix_caching=caching)
     plans = _spy_plans(engine)
     outs = engine.generate(prompts, params)
-    for out, want in zip(outs, expected):
+    for out, want in zip(outs, expected, strict=True):
         assert [s.index for s in out.outputs] == [0, 1, 2, 3]
         assert [s.output_token_ids for s in out.outputs] == want
         assert len({tuple(t) for t in want}) == 4, "a fixed seed still gives n different samples"
@@ -74,7 +74,7 @@ def test_a_pool_that_forces_preemption_still_gives_the_same_samples(make_engine,
     prompts, params, expected = singles
     # Room for one sequence at its longest and a little more: forks preempt each other.
     block_size = 2
-    longest = max(blocks_for(len(p) + sp.max_tokens - 1, block_size) for p, sp in zip(prompts, params))
+    longest = max(blocks_for(len(p) + sp.max_tokens - 1, block_size) for p, sp in zip(prompts, params, strict=True))
     engine = make_engine(block_size=block_size, num_blocks=longest + 2, max_num_batched_tokens=7)
     outs = engine.generate(prompts, params)
     assert [[s.output_token_ids for s in o.outputs] for o in outs] == expected
@@ -85,7 +85,7 @@ def test_greedy_forks_all_equal_the_reference(make_engine, tiny_model):
     prompts = random_prompts(3, 5, tiny_model.vocab_size, min_len=1, max_len=20)
     engine = make_engine(block_size=4, num_blocks=64)
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, n=3, max_tokens=6, ignore_eos=True))
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         want = generate_no_cache(tiny_model, prompt, 6)
         assert [s.output_token_ids for s in out.outputs] == [want] * 3
 
@@ -126,7 +126,7 @@ def test_streamed_outputs_carry_every_sequence(make_engine, tiny_model):
     assert finals == [final]
     assert [streamed[i] for i in range(3)] == [s.output_token_ids for s in final.outputs]
     with pytest.raises(ValueError, match="3 sequences"):
-        final.text  # no single answer for n > 1
+        _ = final.text  # no single answer for n > 1
     assert final.metrics.finish_time is not None and final.metrics.ttft is not None
 
 
@@ -138,7 +138,7 @@ def test_sequences_of_different_lengths_finish_one_by_one(make_engine, tiny_mode
     stop = probe.outputs[0].output_token_ids[2]  # sequence 0 stops at its third token
     params = SamplingParams(n=6, seed=3, max_tokens=12, ignore_eos=True, stop_token_ids=[stop])
     [out] = engine.generate([prompt], params)
-    for s, full in zip(out.outputs, probe.outputs):
+    for s, full in zip(out.outputs, probe.outputs, strict=True):
         if stop in full.output_token_ids:
             cut = full.output_token_ids.index(stop) + 1
             assert s.output_token_ids == full.output_token_ids[:cut] and s.finish_reason is FinishReason.STOP
@@ -165,7 +165,8 @@ def test_aborting_a_forked_request_frees_every_sequence(make_engine, tiny_model,
     while engine.has_unfinished_requests():
         engine.step()
     want = generate_no_cache(tiny_model, [5, 6, 7], 8)
-    assert engine.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0].output_token_ids == want
+    out = engine.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
+    assert out.output_token_ids == want
 
 
 def test_max_num_seqs_counts_the_forks_to_come(make_engine, tiny_model):
@@ -173,7 +174,9 @@ def test_max_num_seqs_counts_the_forks_to_come(make_engine, tiny_model):
     plans = _spy_plans(engine)
     prompts = random_prompts(9, 6, tiny_model.vocab_size, min_len=2, max_len=12)
     rng = random.Random(0)
-    params = [SamplingParams(n=rng.randint(1, 5), seed=i, max_tokens=rng.randint(1, 6), ignore_eos=True) for i in range(6)]
+    params = [
+        SamplingParams(n=rng.randint(1, 5), seed=i, max_tokens=rng.randint(1, 6), ignore_eos=True) for i in range(6)
+    ]
     outs = engine.generate(prompts, params)
     assert [len(o.outputs) for o in outs] == [p.n for p in params]
     assert max(len(p.scheduled) for p in plans) <= 5

@@ -25,7 +25,7 @@ def shared(tiny_model):
     prompts = [prefixes[i % 3] + [rng.randrange(tiny_model.vocab_size) for _ in range(rng.choice([0, 1, 3, 9]))]
                for i in range(16)]
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 12), ignore_eos=True) for _ in prompts]
-    expected = [generate_no_cache(tiny_model, p, sp.max_tokens) for p, sp in zip(prompts, params)]
+    expected = [generate_no_cache(tiny_model, p, sp.max_tokens) for p, sp in zip(prompts, params, strict=True)]
     return prompts, params, expected
 
 
@@ -36,7 +36,7 @@ def test_shared_prompts_match_the_reference_in_two_waves(make_engine, shared, ca
     prompts, params, expected = shared
     engine = make_engine(block_size=block_size, num_blocks=256, max_num_batched_tokens=budget,
                          enable_prefix_caching=caching)
-    for wave in range(2):  # the second wave finds every full block of the first one cached
+    for _wave in range(2):  # the second wave finds every full block of the first one cached
         assert [o.output_token_ids for o in engine.generate(prompts, params)] == expected
     stats = engine.stats()
     if not caching:
@@ -52,7 +52,7 @@ def test_shared_prompts_match_the_reference_in_two_waves(make_engine, shared, ca
 @pytest.mark.parametrize("block_size", [1, 4])
 def test_a_tiny_pool_evicts_and_preempts_and_still_matches(make_engine, shared, block_size):
     prompts, params, expected = shared
-    smallest = max(blocks_for(len(p) + sp.max_tokens - 1, block_size) for p, sp in zip(prompts, params))
+    smallest = max(blocks_for(len(p) + sp.max_tokens - 1, block_size) for p, sp in zip(prompts, params, strict=True))
     engine = make_engine(block_size=block_size, num_blocks=smallest, max_num_batched_tokens=9)
     for _ in range(2):
         assert [o.output_token_ids for o in engine.generate(prompts, params)] == expected

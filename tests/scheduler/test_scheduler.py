@@ -5,10 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from pagedkv.scheduler import SamplingParams
-
 from tests.helpers import drain
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -60,7 +57,8 @@ def test_preemption_takes_the_newest_and_keeps_its_place_in_line(engine_with):
     assert executor.plans[-1].preempted == ["new"]
     assert [r.request_id for r in engine.scheduler.waiting][:2] == ["new", "later"]
     assert [r.request_id for r in engine.scheduler.running] == ["old", "mid"]
-    assert all(s.request.request_id != "later" for s in executor.plans[-1].scheduled), "no admission in a step that preempts"
+    last = executor.plans[-1].scheduled
+    assert all(s.request.request_id != "later" for s in last), "no admission in a step that preempts"
     drain(engine)
 
 

@@ -8,16 +8,21 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from pagedkv.paged import blocks_for
 from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
 from pagedkv.scheduler.request import FinishReason, RequestStatus
-
-from tests.helpers import assert_drained
 from tests.fakes import ContentExecutor, soak
+from tests.helpers import assert_drained
 
 MAX_LEN = 40
 
@@ -64,7 +69,8 @@ class SchedulerMachine(RuleBasedStateMachine):
           shared=st.booleans())
     def add(self, data, prompt_len, max_tokens, priority, shared):
         n = data.draw(st.integers(1, self.config.max_num_seqs))
-        prompt = [7] * prompt_len if shared else data.draw(st.lists(st.integers(0, 63), min_size=prompt_len, max_size=prompt_len))
+        tokens = st.lists(st.integers(0, 63), min_size=prompt_len, max_size=prompt_len)
+        prompt = [7] * prompt_len if shared else data.draw(tokens)
         rid = f"r{self.next_id}"
         self.next_id += 1
         params = SamplingParams(temperature=1.0, n=n, max_tokens=max_tokens, ignore_eos=True)

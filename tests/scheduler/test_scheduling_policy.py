@@ -11,7 +11,6 @@ from pydantic import ValidationError
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
-
 from tests.helpers import RecordingExecutor, drain
 
 SHORT = SamplingParams(max_tokens=4, ignore_eos=True)
@@ -164,7 +163,9 @@ def test_without_chunked_prefill_a_step_prefills_or_decodes(engine_with):
 
 def test_chunked_prefill_off_needs_a_budget_for_the_longest_prompt():
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(512\) must be >= max_model_len \(1000\)"):
-        LLMEngine(RecordingExecutor(), EngineConfig(num_blocks=64, enable_chunked_prefill=False, max_num_batched_tokens=512))
+        LLMEngine(
+            RecordingExecutor(), EngineConfig(num_blocks=64, enable_chunked_prefill=False, max_num_batched_tokens=512)
+        )
 
 
 def test_bad_scheduling_settings_name_the_field(engine_with):

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pagedkv.models import generate_no_cache
 from pagedkv.errors import InvalidRequestError
+from pagedkv.models import generate_no_cache
 from pagedkv.scheduler import EngineConfig, SamplingParams
-
 from tests.helpers import random_prompts
 
 
@@ -174,7 +173,9 @@ def test_prompt_as_array_or_tuple_is_accepted(make_engine):
         assert engine.generate([prompt], params)[0].output_token_ids == expected
 
 
-@pytest.mark.parametrize("text, size", [("256MiB", 256 * 2**20), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("4096", 4096)])
+@pytest.mark.parametrize(
+    "text, size", [("256MiB", 256 * 2**20), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("4096", 4096)]
+)
 def test_memory_sizes_take_units(text, size):
     config = EngineConfig(kv_cache_memory_bytes=text, swap_space_bytes=text)
     assert config.kv_cache_memory_bytes == size and config.swap_space_bytes == size
