@@ -65,6 +65,8 @@ class DecodeRun:
                 return None
             left = params.max_tokens - (computed + 1 - seq.num_prompt_tokens)  # the step that samples its last
             steps_to_finish = left if steps_to_finish is None or left < steps_to_finish else steps_to_finish
+        if steps_to_finish is None:  # nothing runs
+            return None
         run = cls(scheduler, token, steps_to_finish)
         return run if run.max_steps else None
 

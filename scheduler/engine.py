@@ -16,24 +16,30 @@ from typing import Protocol
 
 from pagedkv.errors import EngineBusyError, InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
-from pagedkv.scheduler.outputs import EngineStats, RequestOutput, SchedulerOutput
+from pagedkv.scheduler.outputs import EngineStats, RequestOutput, SampledRow, SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig, SamplingParams
 from pagedkv.scheduler.request import FinishReason, Request
 from pagedkv.scheduler.scheduler import Scheduler
 
 
 class Executor(Protocol):
-    """What the engine needs from whatever computes the tokens."""
+    """What the engine needs from whatever computes the tokens. The engine only reads the
+    three sizes, so plain attributes of narrower types (``eos_token_id = None``) do."""
 
-    vocab_size: int
-    max_model_len: int
-    eos_token_id: int | None
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def eos_token_id(self) -> int | None: ...
 
     def initialize_cache(self, config: EngineConfig) -> int:
         """Allocate the K/V pool as ``config`` asks; return its number of blocks. An
         executor that can swap also sets ``num_swap_blocks`` (the swap space's size)."""
 
-    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+    def execute(self, plan: SchedulerOutput) -> Sequence[SampledRow]:
         """Run one step; return, per scheduled sequence, the tokens it samples (as many
         as its ``samples``: none when its chunk stops short of the end, n when it forks),
         or an exception instance for a row that failed alone (non-finite logits).
@@ -160,7 +166,7 @@ class LLMEngine:
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
@@ -171,18 +177,21 @@ class LLMEngine:
             raise EngineBusyError(
                 "generate() runs the engine to completion; finish or abort the requests in flight first"
             )
+        per_prompt: Sequence[SamplingParams | dict | None]
         if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
-            sampling_params = [sampling_params] * len(prompts)
-        if len(sampling_params) != len(prompts):
+            per_prompt = [sampling_params] * len(prompts)
+        else:
+            per_prompt = sampling_params
+        if len(per_prompt) != len(prompts):
             raise InvalidRequestError(
-                f"got {len(sampling_params)} sampling params for {len(prompts)} prompts", "sampling_params"
+                f"got {len(per_prompt)} sampling params for {len(prompts)} prompts", "sampling_params"
             )
         priority = [0] * len(prompts) if priority is None else list(priority)
         if len(priority) != len(prompts):
             raise InvalidRequestError(f"got {len(priority)} priorities for {len(prompts)} prompts", "priority")
         ids = [f"generate-{next(self._generate_ids)}" for _ in prompts]
         try:
-            for rid, prompt, params, p in zip(ids, prompts, sampling_params, priority, strict=True):
+            for rid, prompt, params, p in zip(ids, prompts, per_prompt, priority, strict=True):
                 self.add_request(rid, prompt, params, priority=p)
         except Exception:
             for rid in ids:

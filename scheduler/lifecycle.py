@@ -19,12 +19,12 @@ from __future__ import annotations
 import itertools
 import time
 from bisect import insort
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from operator import attrgetter
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
-from pagedkv.scheduler.outputs import EngineStats, SchedulerOutput
+from pagedkv.scheduler.outputs import EngineStats, SampledRow, SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig
 from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
 
@@ -125,7 +125,7 @@ class RequestLifecycle:
         """Running sequences, and the forks that running, unforked requests will make."""
         return len(self.running) + self._fork_seats
 
-    def update(self, plan: SchedulerOutput, sampled: list[tuple[int, ...]]) -> list[Request]:
+    def update(self, plan: SchedulerOutput, sampled: Sequence[SampledRow]) -> list[Request]:
         """Advance every scheduled sequence by its chunk; append sampled tokens; fork the
         requests that sampled n > 1; stop the sequences that are done and free their
         blocks. ``sampled`` is aligned with ``plan.scheduled``: each row's tokens (as many
@@ -145,7 +145,7 @@ class RequestLifecycle:
             request.num_computed_tokens += n
             if not tokens or failed and request.status is not RequestStatus.RUNNING:
                 continue  # (a sibling's failure ended this sequence earlier in the loop)
-            if tokens.__class__ is not tuple:  # the executor failed this row: an exception
+            if isinstance(tokens, BaseException):  # the executor failed this row
                 self.fail(request, tokens, now)
                 finished = failed = True
                 continue

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 from pagedkv.scheduler.request import FinishReason, Request
+
+SampledRow: TypeAlias = "tuple[int, ...] | BaseException"
+"""What an executor returns for one scheduled sequence of a step: the tokens it sampled
+(as many as its ``samples``), or an exception instance if its row failed alone."""
 
 
 class ScheduledRequest(NamedTuple):
@@ -100,12 +104,12 @@ class RequestMetrics:
     @classmethod
     def of(cls, group: list[Request]) -> RequestMetrics:
         first = group[0]
-        ends = [s.finish_time for s in group]
+        ends = [s.finish_time for s in group if s.finish_time is not None]
         return cls(
             arrival_time=first.arrival_time,
             first_scheduled_time=first.first_scheduled_time,
             first_token_time=first.first_token_time,
-            finish_time=None if None in ends else max(ends),
+            finish_time=max(ends) if len(ends) == len(group) else None,
             num_prompt_tokens=first.num_prompt_tokens,
             num_preemptions=sum(s.num_preemptions for s in group),
         )

@@ -41,12 +41,16 @@ class.
 
 from __future__ import annotations
 
+import time
 from bisect import insort
+from collections.abc import Callable
 
+from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.paged.prefix import NO_HIT
 from pagedkv.scheduler.decode_run import DecodeRun
 from pagedkv.scheduler.lifecycle import RequestLifecycle, by_rank
 from pagedkv.scheduler.outputs import SchedulerOutput
+from pagedkv.scheduler.params import EngineConfig
 from pagedkv.scheduler.request import Request, RequestStatus
 
 MAX_PASSED_OVER = 16
@@ -54,10 +58,16 @@ MAX_PASSED_OVER = 16
 
 
 class Scheduler(RequestLifecycle):
-    def __init__(self, *args, **kwargs) -> None:
-        """Takes :class:`RequestLifecycle`'s arguments (config, KV manager, max_model_len,
-        EOS token id, clock)."""
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        eos_token_id: int | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Takes :class:`RequestLifecycle`'s arguments."""
+        super().__init__(config, kv, max_model_len, eos_token_id, clock)
         config = self.config
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
