@@ -148,8 +148,9 @@ class ContiguousCacheAttention:
         self.values: list[torch.Tensor | None] = [None] * num_layers
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k])
-            v = torch.cat([self.values[layer], v])
+        cached_k, cached_v = self.keys[layer], self.values[layer]
+        if cached_k is not None and cached_v is not None:
+            k = torch.cat([cached_k, k])
+            v = torch.cat([cached_v, v])
         self.keys[layer], self.values[layer] = k, v
         return attend(q, k, v)

@@ -17,6 +17,8 @@ class PagedLM(nn.Module):
     need them into logits.
     """
 
+    lm_head: nn.Module  # defined by each subclass
+
     def __init__(self, *, vocab_size: int, max_model_len: int, eos_token_id: int | None,
                  num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()

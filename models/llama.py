@@ -52,6 +52,9 @@ class LlamaConfig(BaseModel):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position, computed once (in float64, stored in the model's dtype)."""
 
+    cos: torch.Tensor  # buffers, registered below
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 
 from pagedkv.models.attention import ContiguousCacheAttention, DenseAttention
+from pagedkv.models.base import PagedLM
 
 
 @torch.inference_mode()
-def prefill_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
+def prefill_logits(model: PagedLM, token_ids: list[int]) -> torch.Tensor:
     """Logits at every position of ``token_ids`` ([T, V]), from one dense forward."""
     ids = torch.tensor(token_ids, device=model.device)
     positions = torch.arange(len(token_ids), device=model.device)
@@ -24,7 +25,7 @@ def prefill_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor
 
 
 @torch.inference_mode()
-def generate_no_cache(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+def generate_no_cache(model: PagedLM, prompt: list[int], max_new_tokens: int) -> list[int]:
     tokens = list(prompt)
     for _ in range(max_new_tokens):
         last = torch.tensor([len(tokens) - 1], device=model.device)
@@ -35,7 +36,7 @@ def generate_no_cache(model: torch.nn.Module, prompt: list[int], max_new_tokens:
 
 
 @torch.inference_mode()
-def generate_contiguous_cache(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+def generate_contiguous_cache(model: PagedLM, prompt: list[int], max_new_tokens: int) -> list[int]:
     cache = ContiguousCacheAttention(model.kv_cache_spec().num_layers)
     new = list(prompt)
     out: list[int] = []

@@ -13,10 +13,11 @@ from itertools import chain
 import torch
 
 from pagedkv.models.attention import PagedAttention, PagedMetadata
+from pagedkv.models.base import PagedLM
 from pagedkv.models.host_memory import keep_freed_memory
 from pagedkv.models.sampler import Sampler
 from pagedkv.paged.kv_cache import KVCache, resolve_num_blocks
-from pagedkv.scheduler.outputs import SchedulerOutput
+from pagedkv.scheduler.outputs import SampledRow, SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig
 from pagedkv.scheduler.request import sequence_id
 
@@ -69,9 +70,9 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
 
 
 class ModelRunner:
-    """Runs a model (``models.GPT`` or any module with the same interface) for the engine."""
+    """Runs a model (``models.GPT``, ``models.Llama`` or any other :class:`PagedLM`) for the engine."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: PagedLM) -> None:
         self.model = model
         self.vocab_size: int = model.vocab_size
         self.max_model_len: int = model.max_model_len
@@ -104,17 +105,18 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
-        if self.kv_cache is None:
+    def execute(self, plan: SchedulerOutput) -> list[SampledRow]:
+        kv_cache, sampler = self.kv_cache, self.sampler
+        if kv_cache is None or sampler is None:
             raise RuntimeError("initialize_cache() must run before execute()")
-        self.sampler.release(plan.finished_seq_ids)
-        self.kv_cache.swap_out(plan.swap_out)  # first: the freed blocks may be written below
-        self.kv_cache.swap_in(plan.swap_in)
-        self.kv_cache.copy_blocks(plan.block_copies)
+        sampler.release(plan.finished_seq_ids)
+        kv_cache.swap_out(plan.swap_out)  # first: the freed blocks may be written below
+        kv_cache.swap_in(plan.swap_in)
+        kv_cache.copy_blocks(plan.block_copies)
         if plan.is_empty:
             return []
-        inputs = prepare_inputs(plan, self.kv_cache.block_size, self.device)
-        attention = PagedAttention(self.kv_cache, inputs.attention)
+        inputs = prepare_inputs(plan, kv_cache.block_size, self.device)
+        attention = PagedAttention(kv_cache, inputs.attention)
         logits = self.model(inputs.input_ids, inputs.positions, attention, inputs.logits_indices)
         seq_ids, params = [], []
         for s in plan.scheduled:
@@ -125,15 +127,16 @@ class ModelRunner:
             else:  # a fork: sequence i samples with its own parameters (seed + i)
                 seq_ids += [sequence_id(r.request_id, i) for i in range(s.samples)]
                 params += [r.params.for_sequence(i) for i in range(s.samples)]
-        tokens = self.sampler(logits, seq_ids, params)
+        tokens = sampler(logits, seq_ids, params)
         finite = torch.isfinite(logits).all(dim=-1).tolist()
-        out, i = [], 0
+        out: list[SampledRow] = []
+        i = 0
         for s in plan.scheduled:
             rows = slice(i, i + s.samples)
             if all(finite[rows]):
                 out.append(tuple(tokens[rows]))
             else:  # NaN or inf logits fail this request alone (see Scheduler.update)
                 out.append(FloatingPointError("non-finite logits"))
-                self.sampler.release(seq_ids[rows])  # forks that will never exist keep no generator
+                sampler.release(seq_ids[rows])  # forks that will never exist keep no generator
             i += s.samples
         return out

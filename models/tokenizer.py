@@ -8,10 +8,14 @@ across several tokens is held back until it is whole, so a stream never shows ha
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from pagedkv.models.gguf import field
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 CONTROL = 3  # llama.cpp's token type for special tokens such as <|im_end|>
 USER_DEFINED = 4  # added tokens matched whole in text, but not special
@@ -39,7 +43,7 @@ class TextTokenizer:
         self.chat_template = chat_template
 
     @classmethod
-    def from_gguf(cls, reader) -> TextTokenizer:
+    def from_gguf(cls, reader: GGUFReader) -> TextTokenizer:
         kind = field(reader, "tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(f"unsupported GGUF tokenizer {kind!r}; only byte-level BPE ('gpt2') is supported")
