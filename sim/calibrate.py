@@ -20,7 +20,7 @@ import torch
 from pagedkv.loader import load_model
 from pagedkv.models.base import PagedLM
 from pagedkv.models.runner import ModelRunner
-from pagedkv.scheduler.outputs import SchedulerOutput
+from pagedkv.scheduler.outputs import SampledRow, SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig
 from pagedkv.sim.cost_model import CostModel, Features, fit, power_of_two_knots, step_features
 from pagedkv.sim.driver import run_workload
@@ -43,7 +43,7 @@ class TimedExecutor:
         self.num_swap_blocks = self.inner.num_swap_blocks  # the driver reads it: swap stays swap
         return num_blocks
 
-    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+    def execute(self, plan: SchedulerOutput) -> list[SampledRow]:
         start = time.perf_counter()
         tokens = self.inner.execute(plan)
         self.samples.append((step_features(plan), time.perf_counter() - start))
@@ -85,7 +85,7 @@ def calibration_workloads(
     return bursts[part::parts] + streams
 
 
-def warm_up(model, block_size: int, budget: int) -> None:
+def warm_up(model: PagedLM, block_size: int, budget: int) -> None:
     """Pay torch's one-time costs (first calls, first touch of the largest activations)
     before anything is timed: one request whose prompt fills a whole step's budget, then
     a few decodes."""

@@ -16,7 +16,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
@@ -24,14 +24,36 @@ from pagedkv.scheduler.engine import Executor
 from pagedkv.scheduler.outputs import EngineStats
 from pagedkv.scheduler.params import EngineConfig, SamplingParams
 from pagedkv.scheduler.request import Request
+from pagedkv.scheduler.scheduler import Scheduler
 from pagedkv.sim.policies import Policy, build_scheduler, reserved_slots, reserved_slots_during
 from pagedkv.sim.workload import RequestSpec
+
+
+class Clock(Protocol):
+    """Seconds since the run started (``sim.executor.VirtualClock`` or ``WallClock``)."""
+
+    def __call__(self) -> float: ...
+
+    def wait_until(self, t: float) -> None:
+        """Return at ``t`` or later (a virtual clock jumps there)."""
+
+
+@runtime_checkable
+class DecodeFastForward(Protocol):
+    """An executor that prices a run of pure decode steps from its size alone
+    (``sim.executor.SimulatedExecutor``), so that the driver can take them in bulk."""
+
+    decode_token: int
+
+    def execute_decodes(self, num_seqs: int, context: int, max_steps: int, until: float) -> list[float]:
+        """The clock at the end of each step taken, up to ``max_steps``, stopping before a
+        step that would start at or after ``until``."""
 
 
 class RequestRecord(NamedTuple):
     arrival: float
     first_scheduled: float
-    first_token: float
+    first_token: float | None  # None if it failed before its first token (NaN in the summaries)
     finish: float
     prompt_len: int
     output_len: int
@@ -56,7 +78,7 @@ def run_workload(
     specs: list[RequestSpec],
     config: EngineConfig,
     executor: Executor,
-    clock,
+    clock: Clock,
     policy: Policy = "paged",
     concurrency: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -98,7 +120,7 @@ def run_workload(
             arrive(pending.popleft(), clock())
     total = len(specs)
     # Bulk decode steps need an executor that prices a decode step from its size alone.
-    bulk = fast_forward and hasattr(executor, "execute_decodes")
+    bulk = executor if fast_forward and isinstance(executor, DecodeFastForward) else None
 
     while pending or scheduler.has_unfinished_requests():
         now = clock()
@@ -114,7 +136,7 @@ def run_workload(
                 clock.wait_until(pending[0].arrival_time)
             continue
         arrival = pending[0].arrival_time if concurrency is None and pending else float("inf")
-        finished = _decode_run(scheduler, executor, clock, result, arrival) if bulk else None
+        finished = _decode_run(scheduler, bulk, clock, result, arrival) if bulk is not None else None
         if finished is None:
             plan = scheduler.schedule()
             if plan.is_empty:
@@ -125,9 +147,9 @@ def run_workload(
             result.step_times.append(clock())
             result.step_durations.append(result.step_times[-1] - now)
         for request in finished:
-            result.records.append(record(request))
+            result.records.append(done := record(request))
             if concurrency is not None and pending:
-                arrive(pending.popleft(), request.finish_time)
+                arrive(pending.popleft(), done.finish)
             if progress is not None:
                 progress(len(result.records) + result.rejected, total)
     result.stats = scheduler.stats()
@@ -135,7 +157,9 @@ def run_workload(
     return result
 
 
-def _decode_run(scheduler, executor, clock, result: RunResult, arrival: float) -> list[Request] | None:
+def _decode_run(
+    scheduler: Scheduler, executor: DecodeFastForward, clock: Clock, result: RunResult, arrival: float
+) -> list[Request] | None:
     """Take pure decode steps in bulk, up to the first that would not be one or would start
     at or after ``arrival``, recording them as the step loop would. Returns the requests
     that finished, or ``None`` if no step was taken."""
@@ -156,11 +180,15 @@ def _decode_run(scheduler, executor, clock, result: RunResult, arrival: float) -
 
 
 def record(request: Request) -> RequestRecord:
+    """The record of a finished request (one that was scheduled: the simulator aborts none)."""
+    scheduled, finish = request.first_scheduled_time, request.finish_time
+    if scheduled is None or finish is None:
+        raise ValueError(f"request {request.request_id!r} has not run to its end")
     return RequestRecord(
         request.arrival_time,
-        request.first_scheduled_time,
+        scheduled,
         request.first_token_time,
-        request.finish_time,
+        finish,
         request.num_prompt_tokens,
         request.num_output_tokens,
         request.num_preemptions,

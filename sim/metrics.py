@@ -62,6 +62,9 @@ class Summary(BaseModel):
 
 def summarize(result: RunResult, slo: SLO | None = None) -> Summary:
     slo = slo or SLO()
+    stats = result.stats
+    if stats is None:
+        raise ValueError("the run has not finished: it has no stats yet")
     r = np.array(result.records, dtype=float).reshape(-1, 7)
     arrival, scheduled, first, finish, _prompt, output, preemptions = r.T
     duration = float(finish.max() - arrival.min()) if len(r) else 0.0
@@ -92,8 +95,8 @@ def summarize(result: RunResult, slo: SLO | None = None) -> Summary:
         kv_waste=1.0 - utilization,
         kv_occupancy=occupancy,
         preemptions=int(preemptions.sum()),
-        preempted_by_swap=result.stats.num_swapped_out,
-        prefix_hit_rate=result.stats.prefix_hit_rate,
+        preempted_by_swap=stats.num_swapped_out,
+        prefix_hit_rate=stats.prefix_hit_rate,
         goodput_requests_per_s=float(good.sum()) / duration if duration else 0.0,
         slo=slo,
     )

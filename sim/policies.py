@@ -17,24 +17,36 @@ ignores external fragmentation, so the baselines come out better than real ones.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import time
+from collections.abc import Callable, Hashable
 from typing import Literal
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.scheduler.outputs import SchedulerOutput
+from pagedkv.scheduler.params import EngineConfig
 from pagedkv.scheduler.request import FinishReason, Request
 from pagedkv.scheduler.scheduler import Scheduler
 
 Policy = Literal["paged", "reserve-max-tokens", "reserve-max-len", "static"]
 POLICIES: tuple[str, ...] = ("paged", "reserve-max-tokens", "reserve-max-len", "static")
+Reserve = Literal["max_tokens", "max_model_len"]
 
 
 class ReservingScheduler(Scheduler):
     """Admit a request only when its whole reservation fits next to the others'."""
 
-    def __init__(self, *args, reserve: Literal["max_tokens", "max_model_len"], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        eos_token_id: int | None,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        reserve: Reserve,
+    ) -> None:
+        super().__init__(config, kv, max_model_len, eos_token_id, clock)
         self.reserve = reserve
         self.reserved_slots = 0
         self._holdings: dict[Hashable, int] = {}  # slots reserved, per sequence
@@ -52,7 +64,9 @@ class ReservingScheduler(Scheduler):
         if need > self.capacity:
             raise InvalidRequestError(f"a reservation of {need} slots can never fit a pool of {self.capacity}")
 
-    def _try_schedule(self, request: Request, budget: int, plan: SchedulerOutput, *args) -> int:
+    def _try_schedule(
+        self, request: Request, budget: int, plan: SchedulerOutput, reserve: int = 0, whole: bool = False
+    ) -> int:
         rid = request.seq_id
         if rid not in self._holdings:
             need = self.reservation(request.num_prompt_tokens, request.params.max_tokens)
@@ -60,7 +74,7 @@ class ReservingScheduler(Scheduler):
                 return 0
             self._holdings[rid] = need
             self.reserved_slots += need
-        n = super()._try_schedule(request, budget, plan, *args)
+        n = super()._try_schedule(request, budget, plan, reserve, whole)
         if not n and not self.kv.has(rid):  # a fresh admission that failed: give the reservation back
             self.reserved_slots -= self._holdings.pop(rid)
         return n
@@ -78,8 +92,15 @@ class ReservingScheduler(Scheduler):
 class StaticBatchScheduler(ReservingScheduler):
     """FasterTransformer-style static batches with max-length reservations."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, reserve="max_model_len", **kwargs)
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        eos_token_id: int | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(config, kv, max_model_len, eos_token_id, clock, reserve="max_model_len")
         self._batch_open = True
         self._batch_size = 0
 
@@ -101,12 +122,14 @@ class StaticBatchScheduler(ReservingScheduler):
         return self._batch_open and super()._admission_open(plan)
 
 
-def build_scheduler(policy: Policy, config, kv: KVCacheManager, max_model_len: int, clock) -> Scheduler:
+def build_scheduler(
+    policy: Policy, config: EngineConfig, kv: KVCacheManager, max_model_len: int, clock: Callable[[], float]
+) -> Scheduler:
     if policy == "paged":
         return Scheduler(config, kv, max_model_len, None, clock)
     if policy == "static":
         return StaticBatchScheduler(config, kv, max_model_len, None, clock)
-    reserve = "max_tokens" if policy == "reserve-max-tokens" else "max_model_len"
+    reserve: Reserve = "max_tokens" if policy == "reserve-max-tokens" else "max_model_len"
     return ReservingScheduler(config, kv, max_model_len, None, clock, reserve=reserve)
 
 
