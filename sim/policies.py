@@ -29,7 +29,7 @@ from pagedkv.scheduler.request import FinishReason, Request
 from pagedkv.scheduler.scheduler import Scheduler
 
 Policy = Literal["paged", "reserve-max-tokens", "reserve-max-len", "static"]
-POLICIES: tuple[str, ...] = ("paged", "reserve-max-tokens", "reserve-max-len", "static")
+POLICIES: tuple[Policy, ...] = ("paged", "reserve-max-tokens", "reserve-max-len", "static")
 Reserve = Literal["max_tokens", "max_model_len"]
 
 

@@ -46,6 +46,7 @@ class ContentExecutor:
         """Blocks count as 1 KiB each for the swap space."""
         self.block_size = config.block_size
         self.num_swap_blocks = config.swap_space_bytes // 1024 if config.preemption_mode == "swap" else 0
+        assert config.num_blocks is not None, "this fake needs EngineConfig.num_blocks"
         return config.num_blocks
 
     def _block(self, b: int) -> list[int | None]:
@@ -60,8 +61,8 @@ class ContentExecutor:
             self.host[c] = list(self._block(d))
         for c, d in plan.swap_in:
             self.device[d] = list(self.host[c])
-        for s, d in plan.block_copies:
-            self.device[d] = list(self._block(s))
+        for src, dst in plan.block_copies:
+            self.device[dst] = list(self._block(src))
         bs = self.block_size
         for s in plan.scheduled:  # every write of the step first, as each layer of a model does
             for i in range(s.start, s.start + s.num_new_tokens):
@@ -121,7 +122,7 @@ def soak(
             if out.finished:
                 if out.request_id in result.finished:
                     raise AssertionError(f"{out.request_id} finished twice")
-                reasons = {s.finish_reason for s in out.outputs}
+                reasons = {s.finish_reason for s in out.outputs if s.finish_reason is not None}
                 result.finished[out.request_id] = FinishReason.ABORT if FinishReason.ABORT in reasons else reasons.pop()
         result.max_seats = max(result.max_seats, engine.scheduler.num_seats_taken)
         result.steps += 1
@@ -134,8 +135,9 @@ class FailingRunner:
 
     def __init__(self, runner, fail_steps=(), nan_request=None):
         self.runner, self.fail_steps, self.nan_request, self.steps = runner, set(fail_steps), nan_request, 0
-        for name in ("vocab_size", "max_model_len", "eos_token_id", "cache_salt", "initialize_cache"):
-            setattr(self, name, getattr(runner, name))
+        self.vocab_size, self.max_model_len = runner.vocab_size, runner.max_model_len
+        self.eos_token_id = runner.eos_token_id
+        self.cache_salt, self.initialize_cache = runner.cache_salt, runner.initialize_cache
 
     @property
     def num_swap_blocks(self):

@@ -40,6 +40,7 @@ class RecordingExecutor:
     def initialize_cache(self, config: EngineConfig) -> int:
         """Its blocks count as 1 KiB each for the swap space."""
         self.num_swap_blocks = config.swap_space_bytes // 1024 if config.preemption_mode == "swap" else 0
+        assert config.num_blocks is not None, "this fake needs EngineConfig.num_blocks"
         return config.num_blocks
 
     def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:

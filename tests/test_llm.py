@@ -19,7 +19,7 @@ def tiny_llm() -> LLM:
 def test_generate_matches_the_full_recompute_reference(tiny_llm):
     prompts = [[1, 2, 3], [7] * 13, list(range(40, 61))]
     outputs = tiny_llm.generate(prompts, GREEDY, use_tqdm=False)
-    model = tiny_llm.engine.executor.model  # type: ignore[attr-defined]
+    model = tiny_llm.engine.executor.model
     assert [o.outputs[0].output_token_ids for o in outputs] == [generate_no_cache(model, p, 6) for p in prompts]
 
 
@@ -65,6 +65,7 @@ def test_chat_applies_the_template():
     question = {"role": "user", "content": "What is the capital of France?"}
     [one] = llm.chat([question], params, use_tqdm=False)
     assert "Paris" in one.outputs[0].text
-    follow_up = [question, {"role": "assistant", "content": one.outputs[0].text}, {"role": "user", "content": "And of Italy?"}]
+    answer = {"role": "assistant", "content": one.outputs[0].text}
+    follow_up = [question, answer, {"role": "user", "content": "And of Italy?"}]
     again, italy = llm.chat([[question], follow_up], params, use_tqdm=False)
     assert again.outputs[0].text == one.outputs[0].text and "Rome" in italy.outputs[0].text

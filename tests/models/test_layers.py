@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -18,5 +20,5 @@ def test_linear_matches_f_linear_for_every_row_count(bias: bool, dtype: torch.dt
         out = layer(x)
         expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
         assert out.shape == (rows, 80) and out.is_contiguous()
-        tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+        tolerance: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
         torch.testing.assert_close(out, expected, **tolerance)

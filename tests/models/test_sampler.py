@@ -62,7 +62,7 @@ def test_mixed_rows_each_follow_their_own_params():
         SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0)
     ]
     sampler = Sampler(torch.device("cpu"), 0)
-    seen = [set() for _ in params]
+    seen: list[set[int]] = [set() for _ in params]
     for _ in range(300):
         for row, token in enumerate(sampler(logits_rows(3), ["a", "b", "c"], params)):
             seen[row].add(token)

@@ -82,7 +82,9 @@ def test_allocate_zero_works_even_when_full_and_negative_is_refused() -> None:
 def test_incref_and_free_count_holders() -> None:
     """A shared block returns to the free queue only when its last holder frees it."""
     pool = BlockPool(3)
-    a, b = pool.allocate(2)
+    blocks = pool.allocate(2)
+    assert blocks is not None
+    a, b = blocks
     pool.incref([a, a, b])
     assert (pool.ref_count(a), pool.ref_count(b)) == (3, 2)
     pool.free([a, b])
@@ -205,7 +207,7 @@ def test_free_rejects_bool_ids() -> None:
     pool.allocate(2)
     before = pool.snapshot()
     with pytest.raises(BlockPoolError):
-        pool.free([True])  # type: ignore[list-item]
+        pool.free([True])
     assert pool.snapshot() == before
 
 
@@ -226,7 +228,7 @@ def test_slot_formula(block_size: int, perm: list[int], data: st.DataObject) -> 
     """For any table, slot(i) follows the formula for every token and nowhere else."""
     num_blocks = data.draw(st.integers(1, 10))
     num_tokens = data.draw(st.integers((num_blocks - 1) * block_size + 1, num_blocks * block_size))
-    blocks = perm[:num_blocks]
+    blocks = tuple(perm[:num_blocks])
     table = BlockTable(block_size, blocks, num_tokens)
     for i in range(num_tokens):
         assert table.slot(i) == blocks[i // block_size] * block_size + i % block_size

@@ -34,12 +34,17 @@ class KVManagerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.kv: KVCacheManager | None = None
+        self.manager: KVCacheManager | None = None  # made by the first rule
         self.model: dict[int, int] = {}
         self.next_id = 0
         self.just_grown: int | None = None  # the sequence the last rule wrote new slots for
 
     # ------------------------------------------------------------ helpers
+
+    @property
+    def kv(self) -> KVCacheManager:
+        assert self.manager is not None, "make_manager runs first"
+        return self.manager
 
     @property
     def bs(self) -> int:
@@ -102,7 +107,7 @@ class KVManagerMachine(RuleBasedStateMachine):
 
     @initialize(num_blocks=st.integers(1, 24), block_size=st.integers(1, 8))
     def make_manager(self, num_blocks: int, block_size: int) -> None:
-        self.kv = KVCacheManager(num_blocks, block_size)
+        self.manager = KVCacheManager(num_blocks, block_size)
 
     @rule(num_tokens=st.integers(1, 30))
     def new_sequence(self, num_tokens: int) -> None:
@@ -161,7 +166,8 @@ class KVManagerMachine(RuleBasedStateMachine):
     def too_big(self, data: st.DataObject, slack: int) -> None:
         """An allocation one block (or more) beyond what is free is refused without a trace."""
         free = self.kv.num_free_blocks
-        seq = self.pick(data) if self.model and data.draw(st.booleans(), label="existing") else None
+        existing = bool(self.model) and data.draw(st.booleans(), label="existing")
+        seq = self.pick(data) if existing else None
         if seq is None:
             num_tokens = free * self.bs + 1 + slack
         else:
@@ -222,7 +228,7 @@ class KVManagerMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         """Whatever happened, freeing every sequence makes the pool whole again."""
-        if self.kv is None:
+        if self.manager is None:
             return
         for seq in list(self.model):
             self.kv.free(seq)

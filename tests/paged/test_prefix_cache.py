@@ -68,9 +68,11 @@ def test_freed_blocks_stay_cached_and_are_evicted_tail_first_least_recently_used
     head, mid, tail, partial = kv.block_ids("a")
     kv.free("a")
     assert kv.num_evictable_blocks == 3 and kv.num_free_blocks == 4
-    assert kv.allocate_slots("x", 2).new_blocks == [partial]  # uncached first: it was freed first
+    x = kv.allocate_slots("x", 2)
+    assert x is not None and x.new_blocks == [partial]  # uncached first: it was freed first
     assert kv.num_cached_blocks == 3
-    assert kv.allocate_slots("y", 2).new_blocks == [tail]  # then the chain's tail, not its head
+    y = kv.allocate_slots("y", 2)
+    assert y is not None and y.new_blocks == [tail]  # then the chain's tail, not its head
     assert kv.num_cached_blocks == 2 and kv.pool.num_evictions == 1
     hit = kv.find_prefix([1, 2, 3, 4, 5, 6, 7])
     assert hit.blocks == (head, mid)  # the stale entry of the reused block is gone

@@ -27,6 +27,10 @@ TOKEN = 0  # what the stand-in executor samples for every row
 MAX_LEN = 48
 
 
+class ClockedScheduler(Scheduler):
+    time: float  # its clock, which the test's steps advance by one, as an executor's would
+
+
 class Pair:
     """Two schedulers on the same config, one stepping plainly, one taking bulk steps.
     Each has a clock that its steps advance by one, as an executor's would."""
@@ -37,10 +41,11 @@ class Pair:
         self.bulk_steps = 0
 
     @staticmethod
-    def _scheduler(config: EngineConfig, eos: int | None) -> Scheduler:
+    def _scheduler(config: EngineConfig, eos: int | None) -> ClockedScheduler:
+        assert config.num_blocks is not None
         kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching,
                             num_swap_blocks=config.swap_space_bytes // 1024)
-        scheduler = Scheduler(config, kv, MAX_LEN, eos, clock=lambda: scheduler.time)
+        scheduler = ClockedScheduler(config, kv, MAX_LEN, eos, clock=lambda: scheduler.time)
         scheduler.time = 0.0
         return scheduler
 
@@ -70,7 +75,7 @@ class Pair:
         self.bulk.kv.check()
 
 
-def _plain_step(scheduler: Scheduler) -> None:
+def _plain_step(scheduler: ClockedScheduler) -> None:
     plan = scheduler.schedule()
     scheduler.time += 1
     scheduler.update(plan, [(TOKEN,) * s.samples for s in plan.scheduled])
@@ -149,7 +154,7 @@ def test_a_run_goes_through_the_first_finish_and_not_past_the_free_blocks():
         tight.add(rid, [1, 2], SamplingParams(temperature=0.0, max_tokens=12), 0)
     tight.step(1)  # 3 blocks in use, 4 free; each sequence needs one more every other step
     run = tight.bulk.decode_run(TOKEN)
-    assert run.max_steps == 2  # steps 0 and 2 take 3 blocks each: step 2 cannot
+    assert run is not None and run.max_steps == 2  # steps 0 and 2 take 3 blocks each: step 2 cannot
     tight.step(1000)
     tight.step(1000)  # the plain step that preempts
     assert tight.plain.num_preemptions == tight.bulk.num_preemptions == 1
@@ -207,7 +212,12 @@ def test_simulated_runs_are_identical_with_and_without_bulk_steps(policy, engine
     plain = _run(specs, engine, policy, closed, fast_forward=False)
     schedules = []
     original = Scheduler.schedule
-    monkeypatch.setattr(Scheduler, "schedule", lambda self: schedules.append(1) or original(self))
+
+    def counting_schedule(self):
+        schedules.append(1)
+        return original(self)
+
+    monkeypatch.setattr(Scheduler, "schedule", counting_schedule)
     bulk = _run(specs, engine, policy, closed, fast_forward=True)
     assert bulk == plain and len(plain.records) + plain.rejected == len(specs)
     if policy != "static":  # the one policy that never takes bulk steps (it pads finished rows)

@@ -85,7 +85,12 @@ def test_requests_admitted_in_the_same_step_share_the_prefix(make_engine, tiny_m
     prompts = [prefix + [rng.randrange(tiny_model.vocab_size) for _ in range(3 + i)] for i in range(4)]
     engine = make_engine(block_size=4, num_blocks=128)
     plans, schedule = [], engine.scheduler.schedule
-    engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
+
+    def recording_schedule():
+        plans.append(schedule())
+        return plans[-1]
+
+    engine.scheduler.schedule = recording_schedule
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
     assert [o.output_token_ids for o in outs] == [generate_no_cache(tiny_model, p, 5) for p in prompts]
     assert [(s.start, s.num_new_tokens) for s in plans[0].scheduled] == [(0, 35)] + [(32, 4 + i) for i in range(3)]

@@ -39,7 +39,7 @@ def test_admission_is_first_come_first_served(engine_with):
     for rid in ["c", "a", "b"]:
         engine.add_request(rid, [2, 2], PARAMS)
     drain(engine)
-    admitted = []
+    admitted: list[str] = []
     for plan in executor.plans:
         rid = plan.scheduled[0].request.request_id
         if not admitted or admitted[-1] != rid:

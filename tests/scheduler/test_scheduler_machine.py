@@ -32,10 +32,20 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.engine: LLMEngine | None = None
-        self.executor: ContentExecutor | None = None
+        self._engine: LLMEngine | None = None  # made by setup, the first rule
+        self._executor: ContentExecutor | None = None
         self.next_id = 0
         self.ended: set[str] = set()
+
+    @property
+    def engine(self) -> LLMEngine:
+        assert self._engine is not None, "setup runs first"
+        return self._engine
+
+    @property
+    def executor(self) -> ContentExecutor:
+        assert self._executor is not None, "setup runs first"
+        return self._executor
 
     @initialize(
         block_size=st.integers(1, 4),
@@ -62,8 +72,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             head_of_line_patience=patience,
             priority_aging_s=5.0,
         )
-        self.executor = ContentExecutor(max_model_len=MAX_LEN)
-        self.engine = LLMEngine(self.executor, self.config, clock=lambda: float(self.executor.plans))
+        self._executor = executor = ContentExecutor(max_model_len=MAX_LEN)
+        self._engine = LLMEngine(executor, self.config, clock=lambda: float(executor.plans))
 
     @rule(data=st.data(), prompt_len=st.integers(1, 24), max_tokens=st.integers(1, 12), priority=st.integers(0, 2),
           shared=st.booleans())
@@ -76,13 +86,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         params = SamplingParams(temperature=1.0, n=n, max_tokens=max_tokens, ignore_eos=True)
         self.engine.add_request(rid, prompt, params, priority=priority)
 
-    @precondition(lambda self: self.engine is not None and self.engine.has_unfinished_requests())
+    @precondition(lambda self: self._engine is not None and self._engine.has_unfinished_requests())
     @rule(data=st.data())
     def abort(self, data):
         rid = data.draw(st.sampled_from(sorted(self.engine.scheduler.requests)))
         self.engine.abort(rid)
 
-    @precondition(lambda self: self.engine is not None)
+    @precondition(lambda self: self._engine is not None)
     @rule()
     def step(self):
         busy = self.engine.has_unfinished_requests()
@@ -103,7 +113,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def limits_hold(self):
-        if self.engine is None:
+        if self._engine is None:
             return
         assert self.executor.max_batched_tokens <= self.config.max_num_batched_tokens
         assert self.executor.max_scheduled <= self.config.max_num_seqs
@@ -111,7 +121,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def queues_and_blocks_agree(self):
-        if self.engine is None:
+        if self._engine is None:
             return
         scheduler, kv = self.engine.scheduler, self.engine.kv_manager
         waiting, running = set(map(id, scheduler.waiting)), set(map(id, scheduler.running))
@@ -129,7 +139,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         kv.check()
 
     def teardown(self):
-        if self.engine is None:
+        if self._engine is None:
             return
         for _ in range(5000):
             if not self.engine.has_unfinished_requests():

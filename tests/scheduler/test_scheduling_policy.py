@@ -6,6 +6,8 @@ test_pressure_differential.py.)"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
@@ -169,8 +171,10 @@ def test_chunked_prefill_off_needs_a_budget_for_the_longest_prompt():
 
 
 def test_bad_scheduling_settings_name_the_field(engine_with):
-    for field, value in [("preemption_mode", "drop"), ("kv_watermark", 1.0), ("priority_aging_s", 0.0),
-                         ("swap_space_bytes", -1), ("head_of_line_patience", -1)]:
+    bad_settings: list[tuple[str, Any]] = [("preemption_mode", "drop"), ("kv_watermark", 1.0),
+                                           ("priority_aging_s", 0.0), ("swap_space_bytes", -1),
+                                           ("head_of_line_patience", -1)]
+    for field, value in bad_settings:
         with pytest.raises(ValidationError, match=field):
             EngineConfig(**{field: value})
     engine, _ = engine_with(block_size=4, num_blocks=16)

@@ -12,7 +12,7 @@ import pytest
 from pagedkv.models import ModelRunner
 from pagedkv.scheduler import EngineConfig
 from pagedkv.sim import CostModel, LengthDist, WorkloadConfig, generate, load_trace, save_trace, simulate, sweep
-from pagedkv.sim.cost_model import fit, hat_basis, power_of_two_knots
+from pagedkv.sim.cost_model import Features, fit, hat_basis, power_of_two_knots
 from pagedkv.sim.driver import run_workload
 from pagedkv.sim.executor import SimulatedExecutor, VirtualClock
 from pagedkv.sim.metrics import summarize
@@ -70,6 +70,7 @@ def test_prefix_groups_share_their_prefix():
     specs = generate(WorkloadConfig(num_requests=200, prefix_groups=4, prefix_len=10, seed=5))
     by_group: dict[int, set] = {}
     for s in specs:
+        assert s.prompt_token_ids is not None and s.prefix_group is not None
         assert len(s.prompt_token_ids) == s.prompt_len and s.prompt_len > 10
         by_group.setdefault(s.prefix_group, set()).add(s.prompt_token_ids[:10])
     assert len(by_group) == 4 and all(len(prefixes) == 1 for prefixes in by_group.values())
@@ -161,11 +162,13 @@ def test_every_request_arrives_once_and_finishes_once_and_the_pool_is_whole(poli
     result = run_workload(specs, ENGINE, executor, clock, policy, concurrency=6 if arrival == "closed" else None)
     assert len(result.records) + result.rejected == len(specs) and result.rejected == 0
     assert sorted(r.output_len for r in result.records) == sorted(s.output_len for s in specs)
-    assert sum(r.output_len for r in result.records) == result.stats.num_generated_tokens
+    stats = result.stats
+    assert stats is not None
+    assert sum(r.output_len for r in result.records) == stats.num_generated_tokens
     for r in result.records:
-        assert r.arrival <= r.first_scheduled <= r.first_token <= r.finish
-    assert result.stats.num_running == result.stats.num_waiting == 0
-    assert result.stats.kv_blocks_used == 0
+        assert r.first_token is not None and r.arrival <= r.first_scheduled <= r.first_token <= r.finish
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.kv_blocks_used == 0
     assert clock.now == pytest.approx(max(r.finish for r in result.records))
     assert executor.busy_seconds <= clock.now + 1e-9
 
@@ -294,7 +297,7 @@ def test_a_real_run_on_a_loaded_model_times_every_step_it_takes(tiny_model):
     workload = WorkloadConfig(num_requests=6, arrival="offline", preset=None, max_model_len=64, seed=1,
                               prompt=LengthDist(kind="uniform", low=2, high=20),
                               output=LengthDist(kind="fixed", value=5))
-    timings = []
+    timings: list[tuple[Features, float]] = []
     result, summary = run_real(workload, EngineConfig(block_size=4, num_blocks=64, max_num_batched_tokens=32),
                                tiny_model, timings=timings)
     assert summary.completed == 6 and len(timings) == len(result.step_durations)
