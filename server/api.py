@@ -15,9 +15,9 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,17 @@ from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError
 from pagedkv.scheduler import RequestOutput, SamplingParams
 from pagedkv.server.async_engine import AsyncLLMEngine
 from pagedkv.server.metrics import MetricsPage
+
+_T = TypeVar("_T")
+
+
+@runtime_checkable
+class _ChatTokenizer(Protocol):
+    """A tokenizer that renders chat messages (the engine's ``Tokenizer`` need not)."""
+
+    chat_template: str | None
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str: ...
 
 
 class _Generation(BaseModel):
@@ -88,7 +99,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
     """The FastAPI application serving ``engine`` under the name ``model_name``."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await engine.shutdown()
 
@@ -100,22 +111,25 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
     async def bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
         return _validation_error(e)
 
-    @app.get("/health")
-    async def health():
+    @app.get("/health", response_model=None)
+    async def health() -> JSONResponse | dict[str, str]:
         if not engine.is_running:
             return _error(503, "the engine has stopped", kind="server_error")
         return {"status": "ok"}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "pagedkv"}]}
+    @app.get("/v1/models", response_model=None)
+    async def models() -> dict[str, Any]:
+        model = {"id": model_name, "object": "model", "created": created, "owned_by": "pagedkv"}
+        return {"object": "list", "data": [model]}
 
     @app.get("/metrics")
     async def metrics() -> Response:
         # The stats are awaited between engine steps, then rendered without a further await.
         return Response(metrics_page.render(await engine.stats()), media_type=CONTENT_TYPE_LATEST)
 
-    async def serve(request: Request, body: _Generation, prompt: str | list[int], chat: bool):
+    async def serve(
+        request: Request, body: _Generation, prompt: str | list[int], chat: bool
+    ) -> Response | dict[str, Any]:
         if body.model != model_name:
             return _error(400, f"unknown model {body.model!r}; this server serves {model_name!r}", "model")
         if body.stop:
@@ -138,7 +152,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
         except RequestFailedError as e:
             return _error(500, str(e), kind="server_error")
         if body.stream:
-            return StreamingResponse(_events(first, stream, rid, kind, model_name, chat), media_type="text/event-stream")
+            events = _events(first, stream, rid, kind, model_name, chat)
+            return StreamingResponse(events, media_type="text/event-stream")
         try:
             final = await _unless_disconnected(request, _last(stream, first))
         except RequestFailedError as e:
@@ -148,14 +163,14 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
             return _error(499, "client disconnected")
         return _whole(final, rid, kind, model_name, created, chat)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request, body: CompletionRequest):
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request, body: CompletionRequest) -> Response | dict[str, Any]:
         return await serve(request, body, body.prompt, chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, body: ChatCompletionRequest):
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response | dict[str, Any]:
         tokenizer = engine.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        if not isinstance(tokenizer, _ChatTokenizer) or not tokenizer.chat_template:
             return _error(400, f"{model_name} has no chat template; use /v1/completions", "messages")
         try:
             prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
@@ -167,12 +182,13 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
 
 
 async def _last(stream: AsyncIterator[RequestOutput], first: RequestOutput) -> RequestOutput:
-    async for first in stream:
-        pass
-    return first
+    last = first
+    async for out in stream:
+        last = out
+    return last
 
 
-async def _unless_disconnected(request: Request, work):
+async def _unless_disconnected(request: Request, work: Awaitable[_T]) -> _T | None:
     """Await ``work``, or return ``None`` (cancelling it) if the client hangs up first:
     a plain endpoint is not cancelled on disconnect, so the request would run on."""
     task = asyncio.ensure_future(work)
@@ -186,6 +202,7 @@ async def _unless_disconnected(request: Request, work):
                 await task
             return None
 
+
 def _usage(out: RequestOutput) -> dict:
     completion = sum(len(s.output_token_ids) for s in out.outputs)
     prompt = out.metrics.num_prompt_tokens
@@ -195,7 +212,8 @@ def _usage(out: RequestOutput) -> dict:
 def _whole(out: RequestOutput, rid: str, kind: str, model: str, created: int, chat: bool) -> dict:
     choices = []
     for s in out.outputs:
-        choice = {"index": s.index, "finish_reason": s.finish_reason.value, "token_ids": s.output_token_ids}
+        reason = s.finish_reason.value if s.finish_reason else None  # set: the request has finished
+        choice: dict[str, Any] = {"index": s.index, "finish_reason": reason, "token_ids": s.output_token_ids}
         if chat:
             choice["message"] = {"role": "assistant", "content": s.text}
         else:
@@ -204,7 +222,7 @@ def _whole(out: RequestOutput, rid: str, kind: str, model: str, created: int, ch
     return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, "usage": _usage(out)}
 
 
-async def _events(first: RequestOutput, stream: AsyncIterator[RequestOutput], rid: str, kind: str, model: str,
+async def _events(first: RequestOutput, stream: AsyncGenerator[RequestOutput, None], rid: str, kind: str, model: str,
                   chat: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per output with the news of every sequence, then
     ``[DONE]``. A client that disconnects closes this generator, which aborts the request."""
@@ -222,7 +240,8 @@ async def _events(first: RequestOutput, stream: AsyncIterator[RequestOutput], ri
             reason = s.finish_reason.value if s.finish_reason else None
             if chat:
                 delta = {"content": s.new_text} | ({"role": "assistant"} if s.index not in started else {})
-                choices.append({"index": s.index, "delta": delta, "token_ids": s.new_token_ids, "finish_reason": reason})
+                choices.append({"index": s.index, "delta": delta, "token_ids": s.new_token_ids,
+                                "finish_reason": reason})
             else:
                 choices.append({"index": s.index, "text": s.new_text, "token_ids": s.new_token_ids, "logprobs": None,
                                 "finish_reason": reason})
@@ -237,7 +256,8 @@ async def _events(first: RequestOutput, stream: AsyncIterator[RequestOutput], ri
         async for out in stream:
             yield chunk(out)
     except RequestFailedError as e:
-        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        error = {"message": str(e), "type": "server_error", "param": None, "code": None}
+        yield f"data: {json.dumps({'error': error})}\n\n"
     finally:
         await stream.aclose()  # aborts the request if it has not finished
     yield "data: [DONE]\n\n"

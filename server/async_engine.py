@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
 from pagedkv.scheduler import EngineStats, LLMEngine, RequestOutput, SamplingParams
+from pagedkv.scheduler.engine import Tokenizer
 from pagedkv.server.metrics import latency_histograms
 
 
@@ -43,7 +44,7 @@ class AsyncLLMEngine:
         self.ttft, self.itl = latency_histograms()  # served by each app's /metrics (server.metrics)
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 
     @property
@@ -60,7 +61,7 @@ class AsyncLLMEngine:
         sampling_params: SamplingParams | dict | None = None,
         request_id: str | None = None,
         priority: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream ``prompt``'s outputs as they are produced, ending with the finished one.
         Invalid input raises before anything is queued (``InvalidRequestError`` or
         pydantic's ``ValidationError``), a full queue raises :class:`EngineBusyError`, a
@@ -68,10 +69,10 @@ class AsyncLLMEngine:
         early aborts the request: leaving ``async with contextlib.aclosing(...)``, the
         consuming task being cancelled, or the generator being garbage-collected (a plain
         ``break`` closes it only then)."""
-        self._start()
+        lock, work = self._start()
         request_id = request_id or f"async-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
-        async with self._lock:
+        async with lock:
             if self._dead is not None:
                 raise EngineDeadError(f"the engine has stopped: {self._dead!r}")
             if len(self.engine.scheduler.waiting) >= self.max_waiting:
@@ -81,7 +82,7 @@ class AsyncLLMEngine:
             self.engine.add_request(request_id, prompt, sampling_params, priority=priority)
             self._to_abort.discard(request_id)  # an earlier stream's pending abort is not for this one
             self._streams[request_id] = queue
-            self._work.set()
+            work.set()
         finished = False
         try:
             while not finished:
@@ -98,7 +99,7 @@ class AsyncLLMEngine:
                 self.num_cancelled += 1
                 self._streams.pop(request_id, None)
                 self._to_abort.add(request_id)
-                self._work.set()
+                work.set()
 
     async def shutdown(self) -> None:
         """Stop the background loop, abort what is in flight and end every stream with
@@ -106,31 +107,41 @@ class AsyncLLMEngine:
         if self._task is None or self._task.done():
             return
         self._stopping = True  # the loop ends after the step in progress, never inside it
-        self._work.set()
+        self._started()[1].set()
         await self._task
         self._fail_all(EngineDeadError("the engine was shut down"))
 
     # ---- the background loop -----------------------------------------------------
 
-    def _start(self) -> None:
+    def _start(self) -> tuple[asyncio.Lock, asyncio.Event]:
+        """Start the background loop on first use (inside the running event loop, where the
+        lock and the work event must be created); return them."""
         if self._task is None:
             self._lock, self._work = asyncio.Lock(), asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="pagedkv-engine")
+        return self._started()
+
+    def _started(self) -> tuple[asyncio.Lock, asyncio.Event]:
+        """The lock and the work event, which exist once :meth:`_start` has run."""
+        if self._lock is None or self._work is None:
+            raise RuntimeError("the engine loop has not been started")
+        return self._lock, self._work
 
     async def _loop(self) -> None:
         try:
+            lock, work = self._started()
             while True:
-                await self._work.wait()
+                await work.wait()
                 if self._stopping:
                     return
-                async with self._lock:
+                async with lock:
                     for rid in self._to_abort:
                         self.engine.abort(rid)
                         self._last_token.pop(rid, None)
                     self._to_abort.clear()
                     if not self.engine.has_unfinished_requests():
                         self.engine.step()  # hands back the final outputs of the aborts; nobody listens
-                        self._work.clear()
+                        work.clear()
                         continue
                     self._stepping = True
                     outputs = await asyncio.to_thread(self.engine.step)

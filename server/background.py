@@ -22,7 +22,8 @@ class BackgroundServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(build_app(self.async_engine, name), host="127.0.0.1", port=self.port, log_level="warning")
+        app = build_app(self.async_engine, name)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -7,13 +7,12 @@ import asyncio
 
 import pytest
 
+from pagedkv.errors import EngineBusyError, EngineDeadError, RequestFailedError
 from pagedkv.models import ModelRunner, generate_no_cache
 from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
-from pagedkv.errors import EngineBusyError, EngineDeadError, RequestFailedError
 from pagedkv.server.async_engine import AsyncLLMEngine
-
-from tests.helpers import assert_drained
 from tests.fakes import FailingRunner
+from tests.helpers import assert_drained
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -87,7 +86,9 @@ def test_a_full_queue_refuses_new_requests_and_drops_nothing(tiny_model):
         return engine, results
 
     engine, results = asyncio.run(main())
-    assert results == [generate_no_cache(tiny_model, [1, 2], 30)] + [generate_no_cache(tiny_model, [i + 2, 2], 8) for i in range(2)]
+    want = [generate_no_cache(tiny_model, [1, 2], 30)]
+    want += [generate_no_cache(tiny_model, [i + 2, 2], 8) for i in range(2)]
+    assert results == want
     assert_drained(engine.engine)
 
 

@@ -4,7 +4,12 @@ one process do not clash, and over HTTP histograms and counters that grow with t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
+
+if TYPE_CHECKING:
+    from httpx import Client
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
@@ -105,7 +110,7 @@ def test_two_servers_in_one_process_each_count_their_own_requests(tiny_model):
     try:
         with httpx.Client(base_url=servers[0].url, timeout=60) as a, httpx.Client(base_url=servers[1].url,
                                                                                   timeout=60) as b:
-            def scrape(client: httpx.Client) -> dict[str, float]:
+            def scrape(client: Client) -> dict[str, float]:
                 r = client.get("/metrics")
                 assert r.status_code == 200 and r.headers["content-type"] == prometheus_client.CONTENT_TYPE_LATEST
                 assert {n: t for n, t in types(r.text).items() if not n.endswith("_created")} == EXPOSED

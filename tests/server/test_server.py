@@ -18,9 +18,8 @@ uvicorn = pytest.importorskip("uvicorn")
 from pagedkv.models import ModelRunner  # noqa: E402
 from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from pagedkv.server.background import BackgroundServer as Server  # noqa: E402
-
-from tests.helpers import assert_drained  # noqa: E402
 from tests.fakes import FailingRunner  # noqa: E402
+from tests.helpers import assert_drained  # noqa: E402
 
 MODEL = "tiny"
 
@@ -68,7 +67,8 @@ def test_completions_whole_and_streamed_equal_offline(serve, tiny_model):
             data = r.json()
             assert data["object"] == "text_completion" and [c["token_ids"] for c in data["choices"]] == want
             assert data["choices"][0]["finish_reason"] == "length"
-            assert data["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 12, "total_tokens": len(prompt) + 12}
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": 12, "total_tokens": len(prompt) + 12}
+            assert data["usage"] == usage
             with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
                 assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
                 chunks = sse_chunks(r)
@@ -90,7 +90,8 @@ def test_completions_whole_and_streamed_equal_offline(serve, tiny_model):
         metrics = client.get("/metrics").text
         for name in ("pagedkv_requests_running 0", "pagedkv_requests_waiting 0", "pagedkv_kv_blocks_used",
                      "pagedkv_preemptions_total", "pagedkv_prefix_cache_hit_rate",
-                     'pagedkv_time_to_first_token_seconds_bucket{le="+Inf"}', "pagedkv_inter_token_latency_seconds_count"):
+                     'pagedkv_time_to_first_token_seconds_bucket{le="+Inf"}',
+                     "pagedkv_inter_token_latency_seconds_count"):
             assert name in metrics
 
 
@@ -142,7 +143,7 @@ def test_64_streaming_clients_with_early_disconnects(serve, tiny_model):
     server = serve()
     rng = random.Random(3)
     jobs = []
-    for i in range(64):
+    for _ in range(64):
         prompt = [rng.randrange(1, 200) for _ in range(rng.randint(1, 30))]
         jobs.append((prompt, rng.randint(4, 24), rng.random() < 0.3))
     engine = LLMEngine(ModelRunner(tiny_model), EngineConfig(block_size=4, num_blocks=512))
@@ -168,7 +169,7 @@ def test_64_streaming_clients_with_early_disconnects(serve, tiny_model):
             return await asyncio.gather(*(client_job(client, *job) for job in jobs))
 
     results = asyncio.run(main())
-    for (prompt, _, disconnect), got, want in zip(jobs, results, wants):
+    for (_, _, disconnect), got, want in zip(jobs, results, wants, strict=True):
         if not disconnect:
             assert got == want
     deadline = time.monotonic() + 30
