@@ -15,11 +15,10 @@ from tqdm.auto import tqdm
 from pagedkv.errors import InvalidRequestError
 from pagedkv.loader import load_engine
 from pagedkv.scheduler import LLMEngine, RequestOutput, SamplingParams
+from pagedkv.scheduler.engine import Tokenizer
 
 if TYPE_CHECKING:
     import torch
-
-    from pagedkv.models.tokenizer import TextTokenizer
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
@@ -47,8 +46,8 @@ class LLM:
         self.model = model
         self.engine: LLMEngine = load_engine(model, dtype=dtype, device=device, **engine_config)
 
-    def get_tokenizer(self) -> TextTokenizer | None:
-        return self.engine.tokenizer  # type: ignore[return-value]  # load_engine sets a TextTokenizer
+    def get_tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
 
     def generate(
         self,
@@ -88,7 +87,8 @@ class LLM:
         if not messages:
             raise InvalidRequestError("messages is empty", "messages")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        prompts = [tokenizer.apply_chat_template(list(c)) for c in conversations]  # type: ignore[arg-type]
+        # isinstance cannot tell mypy which of the two shapes ``messages`` has; the line above did
+        prompts: list[Prompt] = [tokenizer.apply_chat_template(list(c)) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 

@@ -53,11 +53,16 @@ class Detokenizer(Protocol):
 
 
 class Tokenizer(Protocol):
-    """What the engine needs to take text prompts and stream text back."""
+    """What the engine needs to take text prompts and stream text back, and what its users
+    (``LLM.chat``, the server, the CLI) need to turn a conversation into a prompt."""
+
+    chat_template: str | None
 
     def encode(self, text: str) -> list[int]: ...
 
     def detokenizer(self) -> Detokenizer: ...
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
 
 
 @dataclass

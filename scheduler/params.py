@@ -82,7 +82,9 @@ class SamplingParams(BaseModel):
     @model_validator(mode="after")
     def _seeds_in_range(self) -> SamplingParams:
         if self.seed is not None and self.seed + self.n > 2**63:
-            raise ValueError(f"seed + n - 1 must be < 2**63 (sequence i uses seed + i), got seed {self.seed} and n {self.n}")
+            raise ValueError(
+                f"seed + n - 1 must be < 2**63 (sequence i uses seed + i), got seed {self.seed} and n {self.n}"
+            )
         return self
 
     @property
@@ -144,7 +146,9 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_pool_size(self) -> EngineConfig:
-        given = [n for n in ("num_blocks", "kv_cache_memory_bytes", "gpu_memory_fraction") if getattr(self, n) is not None]
+        sizes = {"num_blocks": self.num_blocks, "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
+                 "gpu_memory_fraction": self.gpu_memory_fraction}
+        given = [name for name, value in sizes.items() if value is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of num_blocks, kv_cache_memory_bytes, gpu_memory_fraction; got {given}")
         return self
@@ -152,7 +156,9 @@ class EngineConfig(BaseModel):
     def resolve_max_model_len(self, model_max_len: int) -> int:
         """The context length to serve: the configured one, checked against the model's."""
         if self.max_model_len is not None and self.max_model_len > model_max_len:
-            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's context length ({model_max_len})")
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) exceeds the model's context length ({model_max_len})"
+            )
         return self.max_model_len or model_max_len
 
     @property

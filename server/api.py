@@ -15,9 +15,9 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,15 +31,6 @@ from pagedkv.server.async_engine import AsyncLLMEngine
 from pagedkv.server.metrics import MetricsPage
 
 _T = TypeVar("_T")
-
-
-@runtime_checkable
-class _ChatTokenizer(Protocol):
-    """A tokenizer that renders chat messages (the engine's ``Tokenizer`` need not)."""
-
-    chat_template: str | None
-
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str: ...
 
 
 class _Generation(BaseModel):
@@ -170,7 +161,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response | dict[str, Any]:
         tokenizer = engine.tokenizer
-        if not isinstance(tokenizer, _ChatTokenizer) or not tokenizer.chat_template:
+        if tokenizer is None or not tokenizer.chat_template:
             return _error(400, f"{model_name} has no chat template; use /v1/completions", "messages")
         try:
             prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])

@@ -1,5 +1,5 @@
-"""The workload simulator (the engine's scheduler and KV manager on a virtual clock) and
-the ``pagedkv`` command line."""
+"""The workload simulator: the engine's own scheduler and KV manager on a virtual clock,
+priced by a cost model fitted to the real model (the ``pagedkv sim`` commands drive it)."""
 
 from pagedkv.sim.api import SweepResult, run_real, simulate, sweep
 from pagedkv.sim.cost_model import CostModel

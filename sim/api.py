@@ -125,11 +125,11 @@ def sweep(
                 bar.update()
     if latency_budget_s is None:
         latency_budget_s = 3 * min(c[0].normalized_latency_s.p50 for c in curves.values())
-    sustained = {}
-    for policy, summaries in curves.items():
-        sustained[policy] = 0.0
-        for rate, summary in zip(rates, summaries):  # up to the first rate that breaks the budget
+    sustained: dict[str, float] = {}
+    for name, summaries in curves.items():
+        sustained[name] = 0.0
+        for rate, summary in zip(rates, summaries, strict=True):  # up to the first rate that breaks the budget
             if summary.normalized_latency_s.p50 > latency_budget_s:
                 break
-            sustained[policy] = rate
+            sustained[name] = rate
     return SweepResult(rates=list(rates), curves=curves, latency_budget_s=latency_budget_s, sustained_rate=sustained)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from pagedkv.sim.driver import RunResult
-from pagedkv.sim.metrics import Summary
+from pagedkv.sim.metrics import Percentiles, Summary
 
 ROWS = [
     ("completed / rejected", lambda s: f"{s.completed} / {s.rejected}"),
@@ -30,7 +31,7 @@ ROWS = [
 ]
 
 
-def _pct(p) -> str:
+def _pct(p: Percentiles) -> str:
     return f"{p.p50:.2f} / {p.p90:.2f} / {p.p99:.2f}"
 
 
@@ -39,7 +40,10 @@ def table(summaries: Sequence[Summary]) -> str:
     head = ["metric", *[s.policy for s in summaries]]
     body = [[label, *[fmt(s) for s in summaries]] for label, fmt in ROWS]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in [head, *body]]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in [head, *body]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -64,7 +68,7 @@ class Progress:
             self.bar.close()
 
 
-def _pyplot():
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -98,7 +102,7 @@ def plot_latency_cdf(results: Sequence[RunResult], path: str | Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
         rec = np.array(r.records, dtype=float).reshape(-1, 7)
-        for ax, values in zip(axes, (rec[:, 2] - rec[:, 0], rec[:, 3] - rec[:, 0])):
+        for ax, values in zip(axes, (rec[:, 2] - rec[:, 0], rec[:, 3] - rec[:, 0]), strict=True):
             values = np.sort(values)
             ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=r.policy)
     axes[0].set_xlabel("time to first token (s)")
@@ -110,7 +114,7 @@ def plot_latency_cdf(results: Sequence[RunResult], path: str | Path) -> None:
     _save(plt, fig, path)
 
 
-def _save(plt, fig, path: str | Path) -> None:
+def _save(plt: Any, fig: Any, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

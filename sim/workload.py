@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TRACES = Path(__file__).parent / "traces"
+
+
+T = TypeVar("T")
 
 
 class RequestSpec(NamedTuple):
@@ -51,17 +54,25 @@ class LengthDist(BaseModel):
         missing = [n for n in need if getattr(self, n) is None]
         if missing:
             raise ValueError(f"a {self.kind} length needs {', '.join(missing)}")
-        if self.kind == "uniform" and self.low > self.high:
+        if self.kind == "uniform" and _given(self.low) > _given(self.high):
             raise ValueError(f"uniform length: low ({self.low}) > high ({self.high})")
         return self
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         if self.kind == "fixed":
-            return np.full(n, self.value, dtype=np.int64)
+            return np.full(n, _given(self.value), dtype=np.int64)
         if self.kind == "uniform":
-            return rng.integers(self.low, self.high + 1, n)
-        mu = np.log(self.mean) - self.sigma**2 / 2  # so that E[X] = mean
-        return np.maximum(1, np.rint(rng.lognormal(mu, self.sigma, n))).astype(np.int64)
+            return rng.integers(_given(self.low), _given(self.high) + 1, n)
+        mean, sigma = _given(self.mean), _given(self.sigma)
+        mu = np.log(mean) - sigma**2 / 2  # so that E[X] = mean
+        return np.maximum(1, np.rint(rng.lognormal(mu, sigma, n))).astype(np.int64)
+
+
+def _given(value: T | None) -> T:
+    """A parameter that the validator has checked is present for this kind."""
+    if value is None:
+        raise ValueError("a length distribution is missing a parameter its kind needs")
+    return value
 
 
 PRESETS: dict[str, tuple[LengthDist, LengthDist]] = {
@@ -144,18 +155,21 @@ def generate(config: WorkloadConfig) -> list[RequestSpec]:
     if config.trace is not None:
         return load_trace(config.trace, config.max_model_len)
     rng = np.random.default_rng(config.seed)
-    prompt_dist, output_dist = PRESETS[config.preset] if config.preset else (config.prompt, config.output)
+    if config.preset:
+        prompt_dist, output_dist = PRESETS[config.preset]
+    else:
+        prompt_dist, output_dist = _given(config.prompt), _given(config.output)
     n = config.num_requests
     times = arrival_times(config, rng)
     room = config.max_model_len - config.prefix_len
     prompts = np.minimum(prompt_dist.sample(rng, n), room - 1)
     outputs = np.clip(output_dist.sample(rng, n), 1, room - prompts)
     if not config.prefix_groups:
-        return [RequestSpec(float(t), int(p), int(o)) for t, p, o in zip(times, prompts, outputs)]
+        return [RequestSpec(float(t), int(p), int(o)) for t, p, o in zip(times, prompts, outputs, strict=True)]
     prefixes = rng.integers(0, config.vocab_size, (config.prefix_groups, config.prefix_len))
     groups = rng.integers(0, config.prefix_groups, n)
     specs = []
-    for t, p, o, g in zip(times, prompts, outputs, groups):
+    for t, p, o, g in zip(times, prompts, outputs, groups, strict=True):
         ids = (*prefixes[g].tolist(), *rng.integers(0, config.vocab_size, p).tolist())
         specs.append(RequestSpec(float(t), len(ids), int(o), ids, int(g)))
     return specs

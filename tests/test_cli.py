@@ -14,7 +14,7 @@ from pagedkv import cli
 from pagedkv.cli import demo
 from pagedkv.models import GPT, ModelRunner
 from pagedkv.scheduler import EngineConfig, LLMEngine
-from pagedkv.sim.workload import WorkloadConfig
+from pagedkv.sim.workload import LengthDist, WorkloadConfig
 
 
 @pytest.fixture
@@ -46,7 +46,8 @@ def test_generate_streams_one_prompt(engines, capsys):
 
 
 def test_generate_several_prompts_prints_each_and_a_summary(engines, capsys):
-    assert cli.main(["generate", "--max-tokens", "8", "--temperature", "0.7", "--sampling-seed", "3", "One, two,", "Hello"]) == 0
+    argv = ["generate", "--max-tokens", "8", "--temperature", "0.7", "--sampling-seed", "3", "One, two,", "Hello"]
+    assert cli.main(argv) == 0
     out, _ = capsys.readouterr()
     assert "[0]" in out and "[1]" in out
     assert "2 requests" in out and "tok/s" in out
@@ -97,7 +98,8 @@ def test_sim_engine_flags_reach_the_engine_config():
     from pagedkv.cli.sim import engine_from
 
     args = build_parser().parse_args(["sim", "run", "--preemption-mode", "swap", "--swap-space-bytes", "64MiB",
-                                      "--no-enable-chunked-prefill", "--no-enable-prefix-caching", "--max-model-len", "512"])
+                                      "--no-enable-chunked-prefill", "--no-enable-prefix-caching",
+                                      "--max-model-len", "512"])
     config = engine_from(args)
     assert (config.preemption_mode, config.swap_space_bytes, config.max_model_len) == ("swap", 64 * 2**20, 512)
     assert not config.enable_chunked_prefill and not config.enable_prefix_caching
@@ -113,7 +115,8 @@ def test_flag_defaults_are_the_models_defaults():
     assert workload_from(args) == WorkloadConfig()
     assert engine_from(args) == EngineConfig(max_model_len=WorkloadConfig().max_model_len)
     args = build_parser().parse_args(["sim", "run", "--prompt", "fixed:8", "--output", "uniform:2-9"])
-    assert workload_from(args).preset is None and workload_from(args).prompt.value == 8
+    custom = workload_from(args)
+    assert custom.preset is None and custom.prompt == LengthDist(kind="fixed", value=8)
 
 
 def test_every_engine_field_has_a_flag_showing_its_default(capsys):
@@ -122,7 +125,7 @@ def test_every_engine_field_has_a_flag_showing_its_default(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    for name, field in EngineConfig.model_fields.items():
+    for name in EngineConfig.model_fields:
         flag = "--" + name.replace("_", "-")
         assert flag in help_text, flag
     assert "--block-size BLOCK_SIZE Tokens per K/V page (default: 16)" in help_text

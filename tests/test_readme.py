@@ -59,7 +59,8 @@ def test_readme_example_runs(code: str, tmp_path: Path) -> None:
         )
     except subprocess.TimeoutExpired as e:
         pytest.fail(
-            f"the example did not finish within {TIMEOUT_S} s\n--- stdout ---\n{e.stdout}\n--- stderr ---\n{e.stderr}"
+            f"the example did not finish within {TIMEOUT_S} s\n"
+            f"--- stdout ---\n{e.stdout!r}\n--- stderr ---\n{e.stderr!r}"
         )
     assert done.returncode == 0, (
         f"the example exited {done.returncode}\n--- code ---\n{code}\n--- stdout ---\n{done.stdout}\n"

@@ -77,7 +77,7 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def summary(engine: LLMEngine, num_requests: int, generated: int, seconds: float) -> str:
     stats: EngineStats = engine.stats()
-    kib = engine.executor.kv_cache.spec.bytes_per_block(engine.config.block_size) / 1024
+    kib = _runner(engine).model.kv_cache_spec().bytes_per_block(engine.config.block_size) / 1024
     return (
         f"{num_requests} requests, {generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tok/s; "
         f"KV pages used: peak {stats.kv_blocks_peak} of {stats.kv_blocks_total} "
@@ -89,7 +89,7 @@ def run_batch(engine: LLMEngine, prompts: Sequence[str | list[int]], params: Sam
     """Generate ``prompts`` together, streaming into a live view, then print the summary."""
     ids = [f"generate-{i}" for i in range(len(prompts))]
     # generate() numbers its requests the same way, so the view can find them.
-    view = LiveView({rid: label for rid, label in zip(ids, labels)})
+    view = LiveView(dict(zip(ids, labels, strict=True)))
     start = time.perf_counter()
     outputs = engine.generate(list(prompts), params, on_output=lambda o: view(o))
     view.finish()
@@ -112,7 +112,7 @@ def open_engine(args: argparse.Namespace) -> LLMEngine:
     start = time.perf_counter()
     config = given_fields(args, EngineConfig)
     engine = load_engine(args.model, **({"dtype": args.dtype} if args.dtype else {}), **config)
-    runner: ModelRunner = engine.executor  # type: ignore[assignment]  # load_engine runs a real model
+    runner = _runner(engine)
     params = sum(p.numel() for p in runner.model.parameters()) / 1e6
     print(
         f"{args.model}: {params:.0f}M parameters, {runner.model.dtype}, {runner.device}, {torch.get_num_threads()} "
@@ -123,10 +123,20 @@ def open_engine(args: argparse.Namespace) -> LLMEngine:
     return engine
 
 
+def _runner(engine: LLMEngine) -> ModelRunner:
+    """The engine's model runner: the commands' engines run a real model, never a simulation."""
+    from pagedkv.models.runner import ModelRunner
+
+    if not isinstance(engine.executor, ModelRunner):
+        raise TypeError(f"the command needs a model runner, got {type(engine.executor).__name__}")
+    return engine.executor
+
+
 def run_demo(args: argparse.Namespace) -> None:
     engine = open_engine(args)
     seed = engine.config.seed
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    prompts: Sequence[str | list[int]]
     if engine.tokenizer is not None:
         tok = engine.tokenizer
         prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in DEMO_QUESTIONS]
@@ -168,7 +178,8 @@ def run_chat(args: argparse.Namespace) -> None:
     """A short interactive chat: each turn re-sends the conversation through the template."""
     params = _sampling_params(args)
     engine = open_engine(args)
-    if engine.tokenizer is None or not engine.tokenizer.chat_template:
+    tokenizer = engine.tokenizer
+    if tokenizer is None or not tokenizer.chat_template:
         raise ValueError(f"{args.model} has no chat template")
     print("Chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
     messages: list[dict[str, str]] = []
@@ -180,7 +191,7 @@ def run_chat(args: argparse.Namespace) -> None:
         if not user:
             break
         messages.append({"role": "user", "content": user})
-        prompt = engine.tokenizer.apply_chat_template(messages)
+        prompt = tokenizer.apply_chat_template(messages)
         print("bot> ", end="", flush=True)
         out = engine.generate([prompt], params, on_output=lambda o: print(o.new_text, end="", flush=True))[0]
         print()

@@ -41,7 +41,8 @@ def add_model_flags(
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             metavar = None if choices else name.upper()
-            group.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+            group.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, metavar=metavar,
+                               help=help_text)
 
 
 def given_fields(args: argparse.Namespace, model: type[BaseModel], **overrides: Any) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def _flag_type(field: FieldInfo, parsers: Mapping[type, Parser]) -> tuple[Parser
     if annotation in parsers:
         return parsers[annotation], None
     if annotation in (bool, int, float, str) or isinstance(annotation, type):
-        return annotation, None  # type: ignore[return-value]
+        return annotation, None
     raise TypeError(f"no command-line type for field type {annotation!r}")
 
 

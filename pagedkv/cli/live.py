@@ -30,10 +30,11 @@ class LiveView:
         rid = output.request_id
         self.texts[rid] = output.text or " ".join(map(str, output.output_token_ids))
         if output.finished:
-            m = output.metrics
+            m, reason = output.metrics, output.finish_reason
+            done = f"{m.finish_time - m.arrival_time:.2f} s" if m.finish_time is not None else "?"
             self.status[rid] = (
-                f"[{len(output.output_token_ids)} tok, {output.finish_reason.value}, "
-                f"TTFT {m.ttft:.2f} s, done {m.finish_time - m.arrival_time:.2f} s]"
+                f"[{len(output.output_token_ids)} tok, {reason.value if reason else '?'}, "
+                f"TTFT {m.ttft:.2f} s, done {done}]"
             )
             if not self.tty:
                 print(f"{self.labels[rid]} {self.status[rid]}\n{self.texts[rid].strip()}\n", file=self.out, flush=True)

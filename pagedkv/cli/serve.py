@@ -13,7 +13,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     add_engine_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-waiting", type=int, default=256, help="refuse new requests (503) beyond this many waiting")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="refuse new requests (503) beyond this many waiting")
     serve.set_defaults(run=run)
 
 

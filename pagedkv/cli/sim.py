@@ -13,7 +13,7 @@ from pathlib import Path
 from pagedkv.cli.flags import add_model_flags, given_fields
 from pagedkv.scheduler.params import EngineConfig
 from pagedkv.sim.metrics import SLO
-from pagedkv.sim.policies import POLICIES
+from pagedkv.sim.policies import POLICIES, Policy
 from pagedkv.sim.workload import LengthDist, WorkloadConfig
 
 ENGINE_FLAGS_UNUSED = ("seed", "gpu_memory_fraction", "max_model_len")
@@ -47,18 +47,23 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     for parser in (run, sweep):
         add_model_flags(parser, WorkloadConfig, "workload (WorkloadConfig)", parsers={LengthDist: parse_length})
         add_model_flags(parser, EngineConfig, "engine (EngineConfig)", exclude=ENGINE_FLAGS_UNUSED)
-        parser.add_argument("--policy", default="paged", help=f"one of {', '.join(POLICIES)}, comma-separated, or all")
+        parser.add_argument("--policy", default="paged",
+                            help=f"one of {', '.join(POLICIES)}, comma-separated, or all")
         parser.add_argument("--profile", type=Path, help="cost-model JSON (default: the shipped SmolLM2 CPU profile)")
         o = parser.add_argument_group("output")
-        o.add_argument("--slo-ttft", type=float, help=f"goodput SLO on time to first token, s (default: {SLO().ttft_s})")
-        o.add_argument("--slo-tpot", type=float, help=f"goodput SLO on time per output token, s (default: {SLO().tpot_s})")
+        o.add_argument("--slo-ttft", type=float,
+                       help=f"goodput SLO on time to first token, s (default: {SLO().ttft_s})")
+        o.add_argument("--slo-tpot", type=float,
+                       help=f"goodput SLO on time per output token, s (default: {SLO().tpot_s})")
         o.add_argument("--out", type=Path, help="write results.json (and plots with --plots) here")
         o.add_argument("--plots", action="store_true", help="draw PNG plots into --out (needs matplotlib)")
-    run.add_argument("--executor", choices=["sim", "real"], default="sim", help="real: the engine and model, wall clock")
+    run.add_argument("--executor", choices=["sim", "real"], default="sim",
+                     help="real: the engine and model, wall clock")
     run.add_argument("--model", default="smollm2-135m", help="model for --executor real")
     sweep.add_argument("--rates", required=True, type=lambda s: [float(x) for x in s.split(",")],
                        help="comma-separated request rates")
-    sweep.add_argument("--latency-budget", type=float, help="s per output token (default: 3x the best at the lowest rate)")
+    sweep.add_argument("--latency-budget", type=float,
+                       help="s per output token (default: 3x the best at the lowest rate)")
     calibrate = subcommands.add_parser("calibrate", help="time the real model and fit a cost-model profile")
     calibrate.add_argument("--model", default="smollm2-135m")
     calibrate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -68,8 +73,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 def workload_from(args: argparse.Namespace) -> WorkloadConfig:
     """The workload the flags describe; ``--prompt``/``--output`` replace the length preset."""
-    custom = "prompt" in args or "output" in args
-    return WorkloadConfig(**given_fields(args, WorkloadConfig, **({"preset": None} if custom and "preset" not in args else {})))
+    custom = ("prompt" in args or "output" in args) and "preset" not in args
+    return WorkloadConfig(**given_fields(args, WorkloadConfig, **({"preset": None} if custom else {})))
 
 
 def engine_from(args: argparse.Namespace) -> EngineConfig:
@@ -82,12 +87,15 @@ def slo_from(args: argparse.Namespace) -> SLO:
     return SLO(**{k: v for k, v in bounds.items() if v is not None})
 
 
-def policies_from(args: argparse.Namespace) -> list[str]:
-    chosen = list(POLICIES) if args.policy == "all" else args.policy.split(",")
-    unknown = [p for p in chosen if p not in POLICIES]
+def policies_from(args: argparse.Namespace) -> list[Policy]:
+    """``--policy``: names from :data:`POLICIES`, comma-separated, or ``all``."""
+    if args.policy == "all":
+        return list(POLICIES)
+    names: list[str] = args.policy.split(",")
+    unknown = [name for name in names if name not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)} or all")
-    return chosen
+    return [policy for name in names for policy in POLICIES if policy == name]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -125,9 +133,9 @@ def main(args: argparse.Namespace) -> None:
         return
     result = api.sweep(workload, args.rates, policies, engine, args.profile, args.latency_budget, slo, progress=True)
     print(f"\nsustained rate (p50 latency per output token <= {result.latency_budget_s:.3f} s):")
-    for policy, rate in result.sustained_rate.items():
-        waste = [s.kv_waste for s in result.curves[policy]]
-        print(f"  {policy:>18}: {rate:g} req/s   (KV memory waste {min(waste):.0%}-{max(waste):.0%} across rates)")
+    for name, rate in result.sustained_rate.items():
+        waste = [s.kv_waste for s in result.curves[name]]
+        print(f"  {name:>18}: {rate:g} req/s   (KV memory waste {min(waste):.0%}-{max(waste):.0%} across rates)")
     if args.out:
         report.write_json(args.out / "sweep.json", result.model_dump())
         if args.plots:
