@@ -1,11 +1,11 @@
 """A Llama-architecture model (SmolLM2, Llama 2/3, ...): RoPE, RMSNorm, SwiGLU, grouped-query
 attention, optionally tied embeddings.
 
-Like :mod:`models.gpt` it runs on a flat batch of tokens with a pluggable attention backend;
+Like :mod:`pagedkv.models.gpt` it runs on a flat batch of tokens with a pluggable attention backend;
 the paged cache stores only the ``num_key_value_heads`` K/V heads, so GQA shrinks every page.
 Q/K/V and gate/up are fused into one matmul each (as vLLM does): on a CPU, fewer and larger
 matmuls run markedly faster at decode batch sizes. Weights are in the Hugging Face layout
-(rotate-half RoPE); :mod:`models.gguf` undoes llama.cpp's Q/K row permutation on load.
+(rotate-half RoPE); :mod:`pagedkv.models.gguf` undoes llama.cpp's Q/K row permutation on load.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Paged K/V memory: a ref-counted block pool, per-sequence block tables, and the tensors.
 
 The bookkeeping (``BlockPool``, ``BlockTable``, ``KVCacheManager``) is pure Python; only
-``paged.kv_cache`` imports torch, and it is not imported here so the simulator stays
+``pagedkv.paged.kv_cache`` imports torch, and it is not imported here so the simulator stays
 torch-free.
 """
 

@@ -16,7 +16,7 @@ first.
 
 Prefix caching lives here too, because eviction is the free queue's order: a full block
 whose K/V is computed (or being computed by the current step) can be *registered* under a content hash (see
-``paged.prefix``). A registered block that is freed keeps its contents and its index entry
+``pagedkv.paged.prefix``). A registered block that is freed keeps its contents and its index entry
 while it waits in the free queue; a later request with the same prefix can :meth:`take` it
 back. Only when :meth:`allocate` pops it for someone else (least recently freed first) is
 it evicted and its index entry dropped. More invariants:

@@ -24,7 +24,7 @@ each returns the block pairs the executor must copy before the step's forward pa
 
 Bulk decode steps: :meth:`decode_steps` grows many tables by many decode steps at once,
 with exactly the effect of the step-by-step calls and work only where a block is taken or
-filled; the simulator takes most of its steps so (``scheduler.decode_run``).
+filled; the simulator takes most of its steps so (``pagedkv.scheduler.decode_run``).
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ class KVCacheManager:
         effect as ``steps`` rounds of ``allocate_slots(seq, num_tokens + 1)`` then
         ``cache_full_blocks`` over the sequences in order (the same blocks, taken and
         registered in the same order), but with work only where a block is taken or
-        filled. For the simulator's bulk decode steps (``scheduler.decode_run``). The
+        filled. For the simulator's bulk decode steps (``pagedkv.scheduler.decode_run``). The
         caller guarantees what makes that exact: no sequence's last block with room is
         shared, and :meth:`decode_steps_affordable` covers ``steps``. Returns the blocks in
         use during each step.

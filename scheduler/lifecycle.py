@@ -1,6 +1,6 @@
 """The requests a scheduler holds and how each one lives: added (checked to fit), given its
 sampled tokens after every step (forking, stopping), finished, aborted or failed; and the
-counters behind ``stats()``. :class:`scheduler.scheduler.Scheduler` extends this with the
+counters behind ``stats()``. :class:`pagedkv.scheduler.scheduler.Scheduler` extends this with the
 policy that decides each step.
 
 Parallel sampling (``n > 1``): the scheduler runs a request as one sequence until the

@@ -34,7 +34,7 @@ watermark is waived when nothing runs, and a running request only preempts other
 itself, so some request is scheduled in every step while any is unfinished.
 
 The requests themselves, and how each one lives (added, advanced, forked, finished,
-aborted, failed), are :class:`scheduler.lifecycle.RequestLifecycle`, which this class
+aborted, failed), are :class:`pagedkv.scheduler.lifecycle.RequestLifecycle`, which this class
 extends with the policy. Pure Python and torch-free, so the simulator drives this very
 class.
 """
@@ -99,7 +99,7 @@ class Scheduler(RequestLifecycle):
         return plan
 
     def decode_run(self, token: int) -> DecodeRun | None:
-        """Bulk decode steps (:mod:`scheduler.decode_run`), if the next step decodes one
+        """Bulk decode steps (:mod:`pagedkv.scheduler.decode_run`), if the next step decodes one
         token of every running sequence, sampling ``token`` for each, and admits nothing."""
         if self.waiting or not self.running or len(self.running) > self.config.max_num_batched_tokens:
             return None

@@ -4,7 +4,7 @@ The calibration workloads cover the regimes a simulation meets: offline bursts (
 prefills mixed with large decode batches that shrink as requests finish) of short and of
 long requests, a small closed loop (batches of a few sequences), and a light Poisson load
 (single short prefills joining running decodes). Every model step is
-timed with a wall clock and paired with its features; :func:`sim.cost_model.fit` turns
+timed with a wall clock and paired with its features; :func:`pagedkv.sim.cost_model.fit` turns
 the pairs into a profile.
 """
 

@@ -30,7 +30,7 @@ from pagedkv.sim.workload import RequestSpec
 
 
 class Clock(Protocol):
-    """Seconds since the run started (``sim.executor.VirtualClock`` or ``WallClock``)."""
+    """Seconds since the run started (``pagedkv.sim.executor.VirtualClock`` or ``WallClock``)."""
 
     def __call__(self) -> float: ...
 
@@ -41,7 +41,7 @@ class Clock(Protocol):
 @runtime_checkable
 class DecodeFastForward(Protocol):
     """An executor that prices a run of pure decode steps from its size alone
-    (``sim.executor.SimulatedExecutor``), so that the driver can take them in bulk."""
+    (``pagedkv.sim.executor.SimulatedExecutor``), so that the driver can take them in bulk."""
 
     decode_token: int
 
@@ -87,7 +87,7 @@ def run_workload(
     """Run ``specs`` (in arrival order) to completion; ``concurrency`` makes it closed-loop.
 
     With ``fast_forward`` (and the simulated executor), runs of pure decode steps are
-    taken in bulk (``scheduler.decode_run``), with the same result to the last bit:
+    taken in bulk (``pagedkv.scheduler.decode_run``), with the same result to the last bit:
     ``False`` is there to check that."""
     max_model_len = config.resolve_max_model_len(executor.max_model_len)
     num_blocks = executor.initialize_cache(config)

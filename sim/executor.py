@@ -52,7 +52,7 @@ class SimulatedExecutor:
     """Implements ``scheduler.Executor`` with a cost model and a virtual clock.
 
     Runs of pure decode steps reach :meth:`execute_decodes`, not :meth:`execute` (see
-    ``sim.driver.run_workload``): a subclass that watches every plan must run with
+    ``pagedkv.sim.driver.run_workload``): a subclass that watches every plan must run with
     ``fast_forward=False``."""
 
     eos_token_id = None
