@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedkv.errors import InvalidRequestError
+
 
 @dataclass(frozen=True)
 class KVCacheSpec:
@@ -43,16 +45,20 @@ def resolve_num_blocks(
         return num_blocks
     if memory_bytes is None and gpu_memory_fraction is not None:
         if device.type != "cuda":
-            raise ValueError("gpu_memory_fraction needs a CUDA device; give num_blocks or kv_cache_memory_bytes")
+            raise InvalidRequestError(
+                "gpu_memory_fraction needs a CUDA device; give num_blocks or kv_cache_memory_bytes",
+                "gpu_memory_fraction",
+            )
         free, _total = torch.cuda.mem_get_info(device)
         memory_bytes = int(free * gpu_memory_fraction)
     if memory_bytes is None:
-        raise ValueError("give one of num_blocks, kv_cache_memory_bytes or gpu_memory_fraction")
+        raise InvalidRequestError("give one of num_blocks, kv_cache_memory_bytes or gpu_memory_fraction")
     blocks = memory_bytes // spec.bytes_per_block(block_size)
     if blocks < 1:
-        raise ValueError(
-            f"kv cache budget of {memory_bytes} bytes holds no block "
-            f"(one block is {spec.bytes_per_block(block_size)} bytes)"
+        raise InvalidRequestError(
+            f"kv_cache_memory_bytes: a budget of {memory_bytes} bytes holds no block "
+            f"(one block is {spec.bytes_per_block(block_size)} bytes)",
+            "kv_cache_memory_bytes",
         )
     return int(blocks)
 

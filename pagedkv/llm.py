@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -93,10 +94,18 @@ class LLM:
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """A list of prompts: a bare text prompt or a bare list of token ids becomes a list of one."""
+    """A list of prompts: a bare text prompt or a bare sequence of token ids (a list, a
+    tuple, a 1-D array or tensor) becomes a list of one."""
     if isinstance(prompts, str):
         return [prompts]
-    items = list(prompts)
-    if items and isinstance(items[0], int):
-        return [items]  # type: ignore[list-item]  # one prompt of token ids
-    return items  # type: ignore[return-value]
+    items: list[Any] = list(prompts)
+    return [prompts] if items and _is_token_id(items[0]) else items  # type: ignore[list-item]  # one prompt
+
+
+def _is_token_id(item: Any) -> bool:
+    """An integer of any kind (``int``, numpy's, a 0-d integer tensor), not a prompt."""
+    try:
+        operator.index(item)
+    except TypeError:
+        return False
+    return True

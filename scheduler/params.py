@@ -7,9 +7,11 @@ Ranges follow vLLM's so that code written for it behaves the same here.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ByteSize,
@@ -18,6 +20,8 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -51,7 +55,22 @@ MemorySize = Annotated[int, BeforeValidator(_size_from_text)]
 """A number of bytes, given as an integer or as text with a unit."""
 
 
-class SamplingParams(BaseModel):
+class InputModel(BaseModel):
+    """A validated public input (sampling parameters, engine and workload configs): a
+    refused value raises :class:`pagedkv.InvalidRequestError` whose ``param`` names the
+    field, with pydantic's ``ValidationError`` as its ``__cause__``, so that callers catch
+    one error class at every boundary."""
+
+    if not TYPE_CHECKING:  # type checkers keep the pydantic plugin's typed __init__
+
+        def __init__(self, **data: Any) -> None:
+            try:
+                super().__init__(**data)
+            except ValidationError as e:
+                raise invalid_request(e) from e
+
+
+class SamplingParams(InputModel):
     """How to pick each next token of one request, and when to stop.
 
     ``temperature == 0`` means greedy. ``top_k`` of -1 or 0 and ``top_p == 1`` switch
@@ -59,7 +78,7 @@ class SamplingParams(BaseModel):
     of ``stop_token_ids``, or after ``max_tokens`` new tokens.
 
     Out-of-range or wrongly typed values raise :class:`pagedkv.InvalidRequestError` whose
-    ``param`` names the field (pydantic's ``ValidationError`` is its ``__cause__``).
+    ``param`` names the field.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -70,22 +89,17 @@ class SamplingParams(BaseModel):
     max_tokens: int = Field(16, ge=1)
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop_token_ids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = Field((), strict=False)  # a list is fine too
+    stop_token_ids: Annotated[Sequence[Annotated[StrictInt, Field(ge=0)]], AfterValidator(tuple)] = ()
+    """A list or a tuple; kept as a tuple, so that the parameters stay hashable."""
     ignore_eos: bool = False
 
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise invalid_request(e) from e
-
-    @model_validator(mode="after")
-    def _seeds_in_range(self) -> SamplingParams:
-        if self.seed is not None and self.seed + self.n > 2**63:
-            raise ValueError(
-                f"seed + n - 1 must be < 2**63 (sequence i uses seed + i), got seed {self.seed} and n {self.n}"
-            )
-        return self
+    @field_validator("seed")
+    @classmethod
+    def _seeds_in_range(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)  # absent when n itself was refused
+        if seed is not None and seed + n > 2**63:
+            raise ValueError(f"seed + n - 1 must be < 2**63 (sequence i uses seed + i), got n {n}")
+        return seed
 
     @property
     def greedy(self) -> bool:
@@ -98,7 +112,7 @@ class SamplingParams(BaseModel):
         return self.model_copy(update={"n": 1, "seed": seed})
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(InputModel):
     """How big the K/V pool is and how much work one step may take.
 
     The pool size comes from exactly one of ``num_blocks``, ``kv_cache_memory_bytes`` or
@@ -156,8 +170,9 @@ class EngineConfig(BaseModel):
     def resolve_max_model_len(self, model_max_len: int) -> int:
         """The context length to serve: the configured one, checked against the model's."""
         if self.max_model_len is not None and self.max_model_len > model_max_len:
-            raise ValueError(
-                f"max_model_len ({self.max_model_len}) exceeds the model's context length ({model_max_len})"
+            raise InvalidRequestError(
+                f"max_model_len ({self.max_model_len}) exceeds the model's context length ({model_max_len})",
+                "max_model_len",
             )
         return self.max_model_len or model_max_len
 

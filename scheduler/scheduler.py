@@ -45,6 +45,7 @@ import time
 from bisect import insort
 from collections.abc import Callable
 
+from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.paged.prefix import NO_HIT
 from pagedkv.scheduler.decode_run import DecodeRun
@@ -70,9 +71,10 @@ class Scheduler(RequestLifecycle):
         super().__init__(config, kv, max_model_len, eos_token_id, clock)
         config = self.config
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= max_model_len "
-                f"({self.max_model_len}) when enable_chunked_prefill is False: every prompt is prefilled in one step"
+                f"({self.max_model_len}) when enable_chunked_prefill is False: every prompt is prefilled in one step",
+                "max_num_batched_tokens",
             )
         self._watermark = int(config.kv_watermark * self.kv.num_blocks)
         self._head: Request | None = None  # the waiting request at the head in the last step

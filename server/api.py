@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
 from pagedkv.scheduler import RequestOutput, SamplingParams
@@ -77,7 +77,7 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
 
-def _validation_error(e: ValidationError | RequestValidationError) -> JSONResponse:
+def _validation_error(e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0]
     loc = [str(p) for p in first["loc"] if p != "body"]
     field = ".".join(loc) or None
@@ -134,8 +134,6 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
             if first is None:
                 await stream.aclose()  # the client left while it waited: abort
                 return _error(499, "client disconnected")
-        except ValidationError as e:
-            return _validation_error(e)
         except InvalidRequestError as e:
             return _error(400, str(e), e.param)
         except (EngineBusyError, EngineDeadError) as e:

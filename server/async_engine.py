@@ -63,8 +63,8 @@ class AsyncLLMEngine:
         priority: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream ``prompt``'s outputs as they are produced, ending with the finished one.
-        Invalid input raises before anything is queued (``InvalidRequestError`` or
-        pydantic's ``ValidationError``), a full queue raises :class:`EngineBusyError`, a
+        Invalid input raises :class:`InvalidRequestError` before anything is queued, a full
+        queue raises :class:`EngineBusyError`, a
         request the engine failed raises :class:`RequestFailedError`. Closing the stream
         early aborts the request: leaving ``async with contextlib.aclosing(...)``, the
         consuming task being cancelled, or the generator being garbage-collected (a plain

@@ -73,13 +73,11 @@ def run_real(
 ) -> tuple[RunResult, Summary]:
     """The same workload on the real engine and model (a name, or one already loaded), on the
     wall clock. With ``timings``, every step's features and seconds are appended to it."""
-    import torch
-
     from pagedkv.loader import load_model
     from pagedkv.models.runner import ModelRunner
     from pagedkv.sim.calibrate import TimedExecutor, warm_up
 
-    loaded = load_model(model, dtype=getattr(torch, dtype), device="cpu")[0] if isinstance(model, str) else model
+    loaded = load_model(model, dtype=dtype, device="cpu")[0] if isinstance(model, str) else model
     warm_up(loaded, engine.block_size, engine.max_num_batched_tokens)
     runner = ModelRunner(loaded)
     result = run_workload(

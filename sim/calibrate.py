@@ -146,8 +146,8 @@ def profile_name(model_name: str, dtype: torch.dtype) -> str:
 
 
 def calibrate(
-    model_name: str, dtype: torch.dtype, block_size: int = 16, budget: int = 1024, seed: int = 0
+    model_name: str, dtype: str | torch.dtype = "float32", block_size: int = 16, budget: int = 1024, seed: int = 0
 ) -> CostModel:
     model, _ = load_model(model_name, dtype=dtype, device="cpu")
     features, seconds = collect_samples(model, block_size, budget, seed)
-    return fit_profile(model, profile_name(model_name, dtype), features, seconds, budget)
+    return fit_profile(model, profile_name(model_name, model.dtype), features, seconds, budget)

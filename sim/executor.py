@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler.outputs import SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig
 from pagedkv.sim.cost_model import CostModel
@@ -74,10 +75,15 @@ class SimulatedExecutor:
         if config.num_blocks is not None:
             return config.num_blocks
         if config.pool_memory_bytes is None:
-            raise ValueError("a simulated pool needs num_blocks or kv_cache_memory_bytes")
+            raise InvalidRequestError(
+                "a simulated pool needs num_blocks or kv_cache_memory_bytes", "kv_cache_memory_bytes"
+            )
         blocks = config.pool_memory_bytes // (self.cost.kv_bytes_per_token * config.block_size)
         if blocks < 1:
-            raise ValueError(f"a KV budget of {config.pool_memory_bytes} bytes holds no block")
+            raise InvalidRequestError(
+                f"kv_cache_memory_bytes: a budget of {config.pool_memory_bytes} bytes holds no block",
+                "kv_cache_memory_bytes",
+            )
         return blocks
 
     def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:

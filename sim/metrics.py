@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from pagedkv.scheduler.params import InputModel
 from pagedkv.sim.driver import RunResult
 
 
@@ -25,7 +26,7 @@ class Percentiles(BaseModel):
         return cls(mean=float(values.mean()), p50=float(p50), p90=float(p90), p99=float(p99))
 
 
-class SLO(BaseModel):
+class SLO(InputModel):
     """A request is *good* if its first token and its pace both meet these bounds."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

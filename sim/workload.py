@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from pagedkv.scheduler.params import InputModel
 
 TRACES = Path(__file__).parent / "traces"
 
@@ -36,7 +38,7 @@ class RequestSpec(NamedTuple):
     priority: int = 0
 
 
-class LengthDist(BaseModel):
+class LengthDist(InputModel):
     """``fixed`` (value), ``uniform`` (low..high inclusive) or ``lognormal`` (mean, sigma)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -81,13 +83,15 @@ PRESETS: dict[str, tuple[LengthDist, LengthDist]] = {
 }
 
 
-class WorkloadConfig(BaseModel):
+class WorkloadConfig(InputModel):
     """A synthetic workload, or a trace to replay (``trace``), plus how requests arrive.
 
     Arrivals: ``poisson`` at ``rate`` requests/s; ``gamma`` at ``rate`` with coefficient of
     variation ``cv`` (1 is Poisson, more is burstier); ``offline``, all at time zero;
     ``closed``, ``concurrency`` clients that each send their next request as soon as the
-    previous one finishes. Lengths: a ``preset``, or ``prompt``/``output`` distributions.
+    previous one finishes. Lengths: a ``preset`` (ShareGPT's by default), or ``prompt`` and
+    ``output`` distributions, which replace the default preset (a preset and distributions
+    given together are refused).
     ``prefix_groups`` > 0 gives every request one of that many shared ``prefix_len``-token
     prefixes in front of its own prompt.
     """
@@ -123,8 +127,17 @@ class WorkloadConfig(BaseModel):
     seed: int = Field(0, ge=0)
     """Seed of the arrivals and lengths."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _distributions_replace_the_default_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "preset" not in data and ({"prompt", "output"} & data.keys()):
+            return {**data, "preset": None}
+        return data
+
     @model_validator(mode="after")
     def _lengths(self) -> WorkloadConfig:
+        if self.preset is not None and (self.prompt is not None or self.output is not None):
+            raise ValueError(f"give a length preset ({self.preset}) or prompt/output distributions, not both")
         if self.trace is None and self.preset is None and (self.prompt is None or self.output is None):
             raise ValueError("give a length preset, or both prompt and output distributions (or a trace)")
         if self.prefix_groups and not self.prefix_len:

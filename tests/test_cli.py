@@ -1,6 +1,6 @@
 """The ``pagedkv`` command line: demo, generate, chat, and clean errors for bad arguments.
 
-The commands load their model through ``pagedkv.cli.demo.load_engine``; the tests hand them the
+The commands load their model through ``pagedkv.loader.load_engine``; the tests hand them the
 session's SmolLM2 instead of loading it again.
 """
 
@@ -32,7 +32,7 @@ def engines(monkeypatch, smollm2):
         made.append(LLMEngine(ModelRunner(model), EngineConfig(**config), tokenizer=tokenizer))
         return made[-1]
 
-    monkeypatch.setattr(demo, "load_engine", load_engine)
+    monkeypatch.setattr("pagedkv.loader.load_engine", load_engine)
     yield made
     for engine in made:
         assert_drained(engine)
@@ -119,6 +119,20 @@ def test_flag_defaults_are_the_models_defaults():
     assert custom.preset is None and custom.prompt == LengthDist(kind="fixed", value=8)
 
 
+def test_a_preset_and_length_distributions_together_are_refused(capsys):
+    argv = ["sim", "run", "--preset", "alpaca", "--prompt", "fixed:10", "--output", "fixed:5", "--num-requests", "5"]
+    assert cli.main(argv) == 2
+    assert "give a length preset (alpaca) or prompt/output distributions, not both" in capsys.readouterr().err
+
+
+def test_sim_seed_is_the_workloads_not_the_engines():
+    from pagedkv.cli import build_parser
+    from pagedkv.cli.sim import engine_from, workload_from
+
+    args = build_parser().parse_args(["sim", "run", "--seed", "7"])
+    assert workload_from(args).seed == 7 and engine_from(args).seed == EngineConfig().seed
+
+
 def test_every_engine_field_has_a_flag_showing_its_default(capsys):
     from pagedkv.cli import build_parser
 
@@ -128,7 +142,9 @@ def test_every_engine_field_has_a_flag_showing_its_default(capsys):
     for name in EngineConfig.model_fields:
         flag = "--" + name.replace("_", "-")
         assert flag in help_text, flag
-    assert "--block-size BLOCK_SIZE Tokens per K/V page (default: 16)" in help_text
+    assert "--block-size BLOCK_SIZE Tokens per K/V page. (default: 16)" in help_text
+    assert "--swap-space-bytes SWAP_SPACE_BYTES CPU memory for swapped-out blocks" in help_text
+    assert "(default: 256MiB)" in help_text and "e.g. 256MiB or 2GiB" in help_text
     assert "--enable-prefix-caching, --no-enable-prefix-caching" in help_text
 
 

@@ -32,6 +32,18 @@ def test_a_bare_prompt_and_per_prompt_params(tiny_llm):
     assert long.output_token_ids[:2] == short.output_token_ids
 
 
+def test_a_bare_array_or_tensor_is_one_prompt(tiny_llm):
+    import numpy as np
+    import torch
+
+    want = tiny_llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].output_token_ids
+    for bare in (np.array([5, 6, 7]), torch.tensor([5, 6, 7]), (5, 6, 7)):
+        [out] = tiny_llm.generate(bare, GREEDY, use_tqdm=False)
+        assert out.output_token_ids == want
+    two = tiny_llm.generate(np.array([[5, 6, 7], [5, 6, 7]]), GREEDY, use_tqdm=False)
+    assert [o.output_token_ids for o in two] == [want, want]
+
+
 def test_progress_bar_for_a_batch_and_off_on_request(tiny_llm, capsys):
     tiny_llm.generate([[i + 1] * 3 for i in range(6)], GREEDY)
     err = capsys.readouterr().err

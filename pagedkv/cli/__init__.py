@@ -14,8 +14,6 @@ import argparse
 import logging
 import sys
 
-from pydantic import ValidationError
-
 from pagedkv import __version__
 from pagedkv.cli import demo, serve, sim
 from pagedkv.errors import PagedKVError
@@ -37,11 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress notes, on stderr
     try:
         args.run(args)
-    except ValidationError as e:
-        from pagedkv.scheduler.params import invalid_request
-
-        print(f"pagedkv: error: {invalid_request(e)}", file=sys.stderr)
-        return 2
     except (PagedKVError, ValueError, FileNotFoundError) as e:
         print(f"pagedkv: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pagedkv.cli.flags import add_model_flags, given_fields
 from pagedkv.cli.live import LiveView
@@ -97,16 +97,11 @@ def run_batch(engine: LLMEngine, prompts: Sequence[str | list[int]], params: Sam
     print(summary(engine, len(prompts), generated, time.perf_counter() - start))
 
 
-def load_engine(name: str, dtype: str | None = None, **config: Any) -> LLMEngine:
-    """:func:`pagedkv.load_engine`, imported only when a command runs (it imports torch)."""
-    from pagedkv.loader import load_engine
-
-    return load_engine(name, dtype=dtype, **config)
-
-
 def open_engine(args: argparse.Namespace) -> LLMEngine:
     """The engine the command's ``--model``, ``--dtype`` and engine flags ask for, with a note on stderr."""
     import torch
+
+    from pagedkv.loader import load_engine  # imports torch: only when a command runs
 
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()

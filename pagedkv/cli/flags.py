@@ -35,8 +35,8 @@ def add_model_flags(
         if (include is not None and name not in include) or name in exclude:
             continue
         flag = "--" + name.replace("_", "-")
-        help_text = f"{_first_sentence(field.description)} (default: {_default_text(field)})"
         kind, choices = _flag_type(field, parsers or {})
+        help_text = _help(field, text_parsed=kind is str and field.annotation is not str)
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
@@ -45,10 +45,9 @@ def add_model_flags(
                                help=help_text)
 
 
-def given_fields(args: argparse.Namespace, model: type[BaseModel], **overrides: Any) -> dict[str, Any]:
-    """The fields of ``model`` that the user gave on the command line, then ``overrides``."""
-    given = {name: value for name, value in vars(args).items() if name in model.model_fields}
-    return {**given, **overrides}
+def given_fields(args: argparse.Namespace, model: type[BaseModel], exclude: Collection[str] = ()) -> dict[str, Any]:
+    """The fields of ``model`` (less ``exclude``) that the user gave on the command line."""
+    return {name: value for name, value in vars(args).items() if name in model.model_fields and name not in exclude}
 
 
 def _flag_type(field: FieldInfo, parsers: Mapping[type, Parser]) -> tuple[Parser, list[Any] | None]:
@@ -75,14 +74,18 @@ def _strip_optional(annotation: Any) -> Any:
     return annotation
 
 
-def _first_sentence(text: str | None) -> str:
-    return " ".join((text or "").split()).split(". ")[0].rstrip(".")
-
-
-def _default_text(field: FieldInfo) -> str:
+def _help(field: FieldInfo, text_parsed: bool) -> str:
+    """The field's description as one line, with its default unless the description gives it."""
+    text = " ".join((field.description or "").split()).replace("``", "")
+    if "default" in text.lower():
+        return text
     default = field.get_default(call_default_factory=True)
     if default is None:
-        return "none"
-    if isinstance(default, bool):
-        return "on" if default else "off"
-    return str(default)
+        shown = "none"
+    elif isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif text_parsed and isinstance(default, int) and default % 2**20 == 0:  # a memory size, in its units
+        shown = f"{default // 2**20}MiB"
+    else:
+        shown = str(default)
+    return f"{text} (default: {shown})"

@@ -72,14 +72,14 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def workload_from(args: argparse.Namespace) -> WorkloadConfig:
-    """The workload the flags describe; ``--prompt``/``--output`` replace the length preset."""
-    custom = ("prompt" in args or "output" in args) and "preset" not in args
-    return WorkloadConfig(**given_fields(args, WorkloadConfig, **({"preset": None} if custom else {})))
+    """The workload the flags describe (``--prompt``/``--output`` replace the default preset)."""
+    return WorkloadConfig(**given_fields(args, WorkloadConfig))
 
 
 def engine_from(args: argparse.Namespace) -> EngineConfig:
     """The engine config the flags describe; its context length is the workload's."""
-    return EngineConfig(**given_fields(args, EngineConfig, max_model_len=workload_from(args).max_model_len))
+    given = given_fields(args, EngineConfig, exclude=ENGINE_FLAGS_UNUSED)
+    return EngineConfig(**given, max_model_len=workload_from(args).max_model_len)
 
 
 def slo_from(args: argparse.Namespace) -> SLO:
@@ -102,12 +102,10 @@ def main(args: argparse.Namespace) -> None:
     from pagedkv.sim import api, report
 
     if args.sim_command == "calibrate":
-        import torch
-
         from pagedkv.sim.calibrate import calibrate
 
         config = EngineConfig(**given_fields(args, EngineConfig))
-        profile = calibrate(args.model, getattr(torch, args.dtype), config.block_size, config.max_num_batched_tokens)
+        profile = calibrate(args.model, args.dtype, config.block_size, config.max_num_batched_tokens)
         profile.save(args.out)
         print(f"wrote {args.out}: {profile.fit_note}\n{profile.model_dump_json(indent=2)}")
         return

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
@@ -175,7 +174,7 @@ def test_bad_scheduling_settings_name_the_field(engine_with):
                                            ("priority_aging_s", 0.0), ("swap_space_bytes", -1),
                                            ("head_of_line_patience", -1)]
     for field, value in bad_settings:
-        with pytest.raises(ValidationError, match=field):
+        with pytest.raises(InvalidRequestError, match=field):
             EngineConfig(**{field: value})
     engine, _ = engine_with(block_size=4, num_blocks=16)
     for bad in (1.5, "1", True, 2**31):

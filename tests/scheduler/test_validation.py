@@ -4,7 +4,6 @@ the pool, the block tables and the requests already in flight are exactly as bef
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.models import generate_no_cache
@@ -141,7 +140,7 @@ def test_request_exactly_at_the_limits_is_accepted(make_engine):
     ],
 )
 def test_bad_engine_config_names_the_field(config, field):
-    with pytest.raises(ValidationError, match=field.replace("(", r"\(")):
+    with pytest.raises(InvalidRequestError, match=field.replace("(", r"\(")):
         EngineConfig(**config)
 
 
@@ -183,5 +182,5 @@ def test_memory_sizes_take_units(text, size):
 
 @pytest.mark.parametrize("bad", ["lots", "12 parsecs", True, 1.5, "-1MiB"])
 def test_bad_memory_size_names_the_field(bad):
-    with pytest.raises(ValidationError, match="kv_cache_memory_bytes"):
+    with pytest.raises(InvalidRequestError, match="kv_cache_memory_bytes"):
         EngineConfig(kv_cache_memory_bytes=bad)

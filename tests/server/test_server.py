@@ -111,28 +111,29 @@ def test_the_openai_client_package_works(serve, tiny_model):
     assert [m.id for m in client.models.list()] == [MODEL]
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"prompt": [1, 2]}, "model"),
-    ({"model": MODEL}, "prompt"),
-    ({"model": MODEL, "prompt": [1], "temperature": "hot"}, "temperature"),
-    ({"model": MODEL, "prompt": [1], "temperature": 5.0}, "temperature"),
-    ({"model": MODEL, "prompt": [1], "top_p": 0}, "top_p"),
-    ({"model": MODEL, "prompt": [1], "max_tokens": 0}, "max_tokens"),
-    ({"model": MODEL, "prompt": [1], "n": 0}, "n"),
-    ({"model": MODEL, "prompt": [1], "stream": "yes"}, "stream"),
-    ({"model": MODEL, "prompt": "text, but the model has no tokenizer"}, "tokenizer"),
-    ({"model": MODEL, "prompt": [1] * 600}, "max_model_len"),
-    ({"model": MODEL, "prompt": [10**9]}, "vocabulary"),
-    ({"model": "gpt-4", "prompt": [1]}, "unknown model"),
-    ({"model": MODEL, "prompt": [1], "stop": ["\n"]}, "stop"),
+@pytest.mark.parametrize("body, field, says", [
+    ({"prompt": [1, 2]}, "model", "Field required"),
+    ({"model": MODEL}, "prompt", "Field required"),
+    ({"model": MODEL, "prompt": [1], "temperature": "hot"}, "temperature", "valid number"),
+    ({"model": MODEL, "prompt": [1], "temperature": 5.0}, "temperature", "less than or equal to 2"),
+    ({"model": MODEL, "prompt": [1], "top_p": 0}, "top_p", "greater than 0"),
+    ({"model": MODEL, "prompt": [1], "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"model": MODEL, "prompt": [1], "n": 0}, "n", "greater than or equal to 1"),
+    ({"model": MODEL, "prompt": [1], "n": 2, "seed": 2**63 - 1}, "seed", "seed + n - 1"),
+    ({"model": MODEL, "prompt": [1], "stream": "yes"}, "stream", "valid boolean"),
+    ({"model": MODEL, "prompt": "text, but the model has no tokenizer"}, "prompt", "tokenizer"),
+    ({"model": MODEL, "prompt": [1] * 600}, "prompt", "max_model_len"),
+    ({"model": MODEL, "prompt": [10**9]}, "prompt", "vocabulary"),
+    ({"model": "gpt-4", "prompt": [1]}, "model", "unknown model"),
+    ({"model": MODEL, "prompt": [1], "stop": ["\n"]}, "stop", "stop strings are not supported"),
 ])
-def test_bad_bodies_get_a_400_that_says_what_is_wrong(serve, tiny_model, body, field):
+def test_bad_bodies_get_a_400_that_says_what_is_wrong(serve, tiny_model, body, field, says):
     server = serve()
     with httpx.Client(base_url=server.url, timeout=60) as client:
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 400, r.text
         error = r.json()["error"]
-        assert field in f"{error['param']} {error['message']}"
+        assert error["param"] == field and says in error["message"], error
         r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         ok = client.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 2})
