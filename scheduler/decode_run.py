@@ -59,7 +59,7 @@ class DecodeRun:
             computed = seq.num_computed_tokens
             if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens or params.n != 1:
                 return None  # a prefill chunk, or the prompt's last token (it may fork)
-            if token == eos and not params.ignore_eos or params.stop_token_ids and token in params.stop_token_ids:
+            if token == eos and not params.ignore_eos or token in seq.stop_ids:
                 return None
             if kv.needs_copy_on_write(seq.seq_id):
                 return None

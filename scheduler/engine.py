@@ -120,11 +120,12 @@ class LLMEngine:
         if type(priority) is not int or not -(2**31) <= priority < 2**31:
             raise InvalidRequestError(f"priority must be an integer in [-2**31, 2**31), got {priority!r}", "priority")
         prompt_token_ids = self._prompt(prompt)
-        for t in params.stop_token_ids:
-            if t >= self.executor.vocab_size:
-                raise InvalidRequestError(
-                    f"stop_token_ids: {t} is outside the vocabulary [0, {self.executor.vocab_size})", "stop_token_ids"
-                )
+        top_stop = max(params.stop_token_ids, default=-1)  # each one is >= 0 (SamplingParams)
+        if top_stop >= self.executor.vocab_size:
+            raise InvalidRequestError(
+                f"stop_token_ids: {top_stop} is outside the vocabulary [0, {self.executor.vocab_size})",
+                "stop_token_ids",
+            )
         self.scheduler.add_request(
             Request(request_id, prompt_token_ids, params, arrival_time=self.scheduler.clock(), priority=priority)
         )

@@ -7,6 +7,7 @@ Ranges follow vLLM's so that code written for it behaves the same here.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -27,16 +28,28 @@ from pydantic import (
 
 from pagedkv.errors import InvalidRequestError
 
+MAX_STOP_TOKEN_IDS = 1024
+"""The most ``stop_token_ids`` one request may give: a bound on what one request costs to
+validate and to hold (the per-token check itself is a set lookup, see ``Request.stop_ids``)."""
+
+
+_SHORT = reprlib.Repr()
+"""Shows the refused value in a message without echoing all of it: a million stop ids
+must not come back as megabytes of error text."""
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = _SHORT.maxfrozenset = _SHORT.maxdict = 20
+_SHORT.maxstring = _SHORT.maxother = 200
+_SHORT.maxlong = 100
+
 
 def invalid_request(error: ValidationError) -> InvalidRequestError:
     """pydantic's error as ours: one line per refused field (its name, pydantic's message,
-    the value given), with ``param`` naming the first field."""
+    the value given, shortened), with ``param`` naming the first field."""
     problems = error.errors(include_url=False)
     lines = []
     for p in problems:
         where = ".".join(str(part) for part in p["loc"]) or error.title
         message = str(p["ctx"]["error"]) if p["type"] == "value_error" else p["msg"]
-        got = f" (got {p['input']!r})" if p["type"] != "missing" and p["loc"] else ""
+        got = f" (got {_SHORT.repr(p['input'])})" if p["type"] != "missing" and p["loc"] else ""
         lines.append(f"{where}: {message}{got}")
     first = problems[0]["loc"] if problems else ()
     return InvalidRequestError("; ".join(lines), str(first[0]) if first else None)
@@ -89,8 +102,11 @@ class SamplingParams(InputModel):
     max_tokens: int = Field(16, ge=1)
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop_token_ids: Annotated[Sequence[Annotated[StrictInt, Field(ge=0)]], AfterValidator(tuple)] = ()
-    """A list or a tuple; kept as a tuple, so that the parameters stay hashable."""
+    stop_token_ids: Annotated[
+        Sequence[Annotated[StrictInt, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS), AfterValidator(tuple)
+    ] = ()
+    """A list or a tuple (at most ``MAX_STOP_TOKEN_IDS``); kept as a tuple, so that the
+    parameters stay hashable."""
     ignore_eos: bool = False
 
     @field_validator("seed")

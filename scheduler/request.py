@@ -72,12 +72,17 @@ class Request:
     """Prefix-cache keys of its leading full blocks, computed once (``find_prefix``)."""
 
     num_prompt_tokens: int = field(init=False)
+    stop_ids: frozenset[int] = field(init=False, repr=False)
+    """``params.stop_token_ids`` as a set, built once here: the stop check runs for every
+    generated token, and scanning a long tuple there would make each token cost as much
+    as the list is long."""
     seq_id: Hashable = field(init=False)
     group: list[Request] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.stop_ids = frozenset(self.params.stop_token_ids)
         self.seq_id = sequence_id(self.request_id, self.index)
         self.group = [self]
 

@@ -7,7 +7,7 @@ import pytest
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.models import generate_no_cache
-from pagedkv.scheduler import EngineConfig, SamplingParams
+from pagedkv.scheduler import EngineConfig, FinishReason, SamplingParams
 from tests.helpers import random_prompts
 
 
@@ -184,3 +184,61 @@ def test_memory_sizes_take_units(text, size):
 def test_bad_memory_size_names_the_field(bad):
     with pytest.raises(InvalidRequestError, match="kv_cache_memory_bytes"):
         EngineConfig(kv_cache_memory_bytes=bad)
+
+
+def test_stop_token_ids_are_bounded_and_the_longest_list_allowed_works(engine_with):
+    """Issue 15: a request's stop ids are checked for every token it generates, so their
+    number is bounded; a list at the bound is served, one id more is refused by name."""
+    from pagedkv.scheduler.params import MAX_STOP_TOKEN_IDS
+
+    engine, executor = engine_with(num_blocks=64)
+    executor.vocab_size = 2 * MAX_STOP_TOKEN_IDS  # room for that many distinct ids
+    never = list(range(2, MAX_STOP_TOKEN_IDS + 2))  # the executor samples only token 1
+    ending = never[:-1] + [1]
+    outs = engine.generate(
+        [[5, 6], [5, 6]],
+        [SamplingParams(max_tokens=4, stop_token_ids=never), SamplingParams(max_tokens=4, stop_token_ids=ending)],
+    )
+    assert [(o.output_token_ids, o.outputs[0].finish_reason) for o in outs] == [
+        ([1, 1, 1, 1], FinishReason.LENGTH),
+        ([1], FinishReason.STOP),
+    ]
+    too_many = list(range(MAX_STOP_TOKEN_IDS + 1))
+    with pytest.raises(InvalidRequestError) as err:
+        engine.add_request("long", [5, 6], {"stop_token_ids": too_many})
+    assert err.value.param == "stop_token_ids"
+    assert str(MAX_STOP_TOKEN_IDS) in str(err.value)
+    assert len(str(err.value)) < 500  # the refused list is not echoed whole
+
+
+class _CountingTuple(tuple):
+    """Stop ids that count how often they are scanned."""
+
+    scans = 0
+
+    def __contains__(self, item: object) -> bool:
+        type(self).scans += 1
+        return super().__contains__(item)
+
+    def __iter__(self):
+        type(self).scans += 1
+        return super().__iter__()
+
+
+def test_the_per_token_stop_check_does_not_scan_the_stop_ids(engine_with):
+    """Issue 15: the stop ids become a set once per request; generating tokens never
+    scans the list again, so a token costs the same however many ids were given."""
+    from pagedkv.scheduler.request import Request
+
+    engine, _ = engine_with(num_blocks=64)
+    ids = _CountingTuple(range(2, 50))
+    params = SamplingParams(max_tokens=30).model_copy(update={"stop_token_ids": ids})
+    # Straight to the scheduler: add_request would revalidate the ids into a plain tuple.
+    engine.scheduler.add_request(Request("r", [5, 6], params, arrival_time=0.0))
+    scans_at_admission = _CountingTuple.scans
+    assert scans_at_admission <= 1
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[-1].output_token_ids == [1] * 30
+    assert _CountingTuple.scans == scans_at_admission
