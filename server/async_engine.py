@@ -11,6 +11,10 @@ The model step runs in a worker thread, so the event loop stays responsive. The
 ``LLMEngine`` is touched only under one asyncio lock: adds happen between steps, and
 aborts (a consumer that stops listening) are queued and applied before the next step,
 never between a step's schedule and its update.
+
+Each stream holds at most one output for its consumer (:class:`_Stream`): outputs that
+arrive while the consumer is behind merge into it, so a client that stops reading costs
+memory linear in its output, not quadratic.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import replace
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
 from pagedkv.scheduler import EngineStats, LLMEngine, RequestOutput, SamplingParams
@@ -26,11 +31,72 @@ from pagedkv.scheduler.engine import Tokenizer
 from pagedkv.server.metrics import latency_histograms
 
 
+class _Stream:
+    """One request's outputs on their way to its consumer, holding at most one of them.
+
+    Every output the engine hands back carries a fresh copy of all the sequence's tokens
+    and text so far, so a queue of them, for a consumer that stops reading, would hold
+    O(output²) tokens. Instead an output that arrives while an earlier one still waits
+    is merged with it: the waiting news (new tokens and new text) is kept as pieces, the
+    rest (``output_token_ids``, ``text``, ``finish_reason``, ``metrics``) is the newest
+    output's. The consumer then reads one output whose news is all it missed: the news of
+    the outputs read, concatenated, is the whole, and a stalled stream holds O(output).
+    """
+
+    def __init__(self) -> None:
+        self._latest: RequestOutput | None = None
+        self._merged = 0  # outputs merged into the waiting one
+        self._tokens: dict[int, list[int]] = {}  # per sequence index: the news since the last read
+        self._texts: dict[int, list[str]] = {}
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, out: RequestOutput) -> None:
+        for s in out.outputs:
+            self._tokens.setdefault(s.index, []).extend(s.new_token_ids)
+            self._texts.setdefault(s.index, []).append(s.new_text)
+        self._latest = out
+        self._merged += 1
+        self._ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error``, raised once the waiting output is read."""
+        self._error = error
+        self._ready.set()
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def held(self) -> list[RequestOutput]:
+        """The output waiting to be read, if any (the merge of all that came since the last read)."""
+        if self._latest is None:
+            return []
+        out = self._latest
+        if self._merged > 1:
+            out = replace(out, outputs=tuple(
+                replace(s, new_token_ids=self._tokens.get(s.index, []), new_text="".join(self._texts.get(s.index, [])))
+                for s in out.outputs))
+        return [out]
+
+    async def get(self) -> RequestOutput:
+        """The next (merged) output; the error, once every output has been read."""
+        while self._latest is None and self._error is None:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._latest is None:
+            assert self._error is not None
+            raise self._error
+        (out,) = self.held()
+        self._latest, self._merged, self._tokens, self._texts = None, 0, {}, {}
+        return out
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, _Stream] = {}
         self._to_abort: set[str] = set()
         self._lock: asyncio.Lock | None = None
         self._work: asyncio.Event | None = None
@@ -71,7 +137,7 @@ class AsyncLLMEngine:
         ``break`` closes it only then)."""
         lock, work = self._start()
         request_id = request_id or f"async-{next(self._ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
+        stream = _Stream()
         async with lock:
             if self._dead is not None:
                 raise EngineDeadError(f"the engine has stopped: {self._dead!r}")
@@ -81,15 +147,16 @@ class AsyncLLMEngine:
                 raise InvalidRequestError(f"request_id {request_id!r} is already streaming", "request_id")
             self.engine.add_request(request_id, prompt, sampling_params, priority=priority)
             self._to_abort.discard(request_id)  # an earlier stream's pending abort is not for this one
-            self._streams[request_id] = queue
+            self._streams[request_id] = stream
             work.set()
         finished = False
         try:
             while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
+                try:
+                    item = await stream.get()
+                except BaseException:
+                    finished = stream.failed  # else the consumer was cancelled while it waited
+                    raise
                 finished = item.finished
                 if item.finished and item.error:
                     raise RequestFailedError(f"request {request_id!r} failed: {item.error}")
@@ -164,19 +231,19 @@ class AsyncLLMEngine:
                 else:
                     self.itl.observe(now - last)
                 self._last_token[rid] = now
-            queue = self._streams.get(rid)
+            stream = self._streams.get(rid)
             if out.finished:
                 self._streams.pop(rid, None)
                 self._last_token.pop(rid, None)
-            if queue is not None:
-                queue.put_nowait(out)
+            if stream is not None:
+                stream.put(out)
 
     def _fail_all(self, error: BaseException) -> None:
         """End every stream with ``error`` first, then try to free their requests."""
         self._dead = error
         streams, self._streams = self._streams, {}
-        for queue in streams.values():
-            queue.put_nowait(error)
+        for stream in streams.values():
+            stream.fail(error)
         if self._stepping:  # cancelled while a step still runs in its thread: leave the engine alone
             return
         for rid in streams:

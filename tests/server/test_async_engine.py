@@ -4,6 +4,7 @@ failures delivered to the streams they concern only."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -19,6 +20,24 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 def make(tiny_model) -> AsyncLLMEngine:
     return AsyncLLMEngine(LLMEngine(ModelRunner(tiny_model), EngineConfig(block_size=4, num_blocks=64)))
+
+
+class CharTokenizer:
+    """Token ``t`` reads as the character ``chr(0x100 + t)``: text to compare, one character a token."""
+
+    chat_template: str | None = None
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - 0x100 for c in text]
+
+    def detokenizer(self) -> CharTokenizer:
+        return self
+
+    def step(self, token_id: int) -> str:
+        return chr(0x100 + token_id)
 
 
 async def collect(engine: AsyncLLMEngine, prompt, params=GREEDY, **kw) -> list[int]:
@@ -132,3 +151,36 @@ def test_shutdown_ends_every_stream_and_refuses_new_requests(tiny_model):
     engine = asyncio.run(main())
     assert_drained(engine.engine)
     assert not engine.is_running
+
+
+def test_a_stalled_consumer_holds_one_merged_output_and_reads_the_same_result(tiny_model):
+    n = 60
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+    async def main():
+        engine = AsyncLLMEngine(LLMEngine(ModelRunner(tiny_model), EngineConfig(block_size=4, num_blocks=64),
+                                          tokenizer=CharTokenizer()))
+        reference = [out async for out in engine.generate([1, 2, 3], params)]
+        stream = engine.generate([1, 2, 3], params, request_id="slow")
+        first = await anext(stream)
+        buffer = engine._streams["slow"]
+        while "slow" in engine._streams:  # the request runs to its end; its consumer reads nothing
+            await asyncio.sleep(0.001)
+        held = buffer.held()
+        rest = [out async for out in stream]
+        await engine.shutdown()
+        return engine, reference, first, held, rest
+
+    engine, reference, first, held, rest = asyncio.run(main())
+    assert len(held) == 1, "everything generated while the consumer stalled is one merged output"
+    assert sum(len(o.new_token_ids) + len(o.output_token_ids) for o in held) <= 2 * n
+    assert sum(len(o.new_text) + len(o.text) for o in held) <= 2 * n
+    stalled, whole = [first, *rest], reference[-1]
+    assert len(stalled) == 2 and stalled[-1].finished
+    assert [t for o in stalled for t in o.new_token_ids] == whole.output_token_ids
+    assert whole.output_token_ids == [t for o in reference for t in o.new_token_ids]
+    assert len(whole.output_token_ids) == n
+    assert "".join(o.new_text for o in stalled) == whole.text == "".join(o.new_text for o in reference)
+    assert (stalled[-1].output_token_ids, stalled[-1].text, stalled[-1].finish_reason) == (
+        whole.output_token_ids, whole.text, whole.finish_reason)
+    assert_drained(engine.engine)
