@@ -32,7 +32,9 @@ class Sampler:
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             return greedy.tolist()
-        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)[:, None]
+        # Greedy rows (temperature below GREEDY_TEMPERATURE) divide by 1: they take the
+        # argmax below, and a near-zero divisor would only fill their row with NaN.
+        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)[:, None]
         # Shift so the best logit is 0 before dividing: a tiny temperature then sends the
         # others to -inf (greedy in the limit) instead of overflowing everything to NaN.
         logits = logits.float()

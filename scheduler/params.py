@@ -68,6 +68,10 @@ MemorySize = Annotated[int, BeforeValidator(_size_from_text)]
 """A number of bytes, given as an integer or as text with a unit."""
 
 
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily (vLLM's ``_SAMPLING_EPS``)."""
+
+
 class InputModel(BaseModel):
     """A validated public input (sampling parameters, engine and workload configs): a
     refused value raises :class:`pagedkv.InvalidRequestError` whose ``param`` names the
@@ -86,9 +90,10 @@ class InputModel(BaseModel):
 class SamplingParams(InputModel):
     """How to pick each next token of one request, and when to stop.
 
-    ``temperature == 0`` means greedy. ``top_k`` of -1 or 0 and ``top_p == 1`` switch
-    those filters off. A request stops at the model's EOS (unless ``ignore_eos``), at any
-    of ``stop_token_ids``, or after ``max_tokens`` new tokens.
+    ``temperature`` below ``GREEDY_TEMPERATURE`` (0 included) means greedy. ``top_k`` of
+    -1 or 0 and ``top_p == 1`` switch those filters off. A request stops at the model's
+    EOS (unless ``ignore_eos``), at any of ``stop_token_ids``, or after ``max_tokens`` new
+    tokens.
 
     Out-of-range or wrongly typed values raise :class:`pagedkv.InvalidRequestError` whose
     ``param`` names the field.
@@ -119,7 +124,9 @@ class SamplingParams(InputModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Whether to take the argmax. A temperature this close to 0 is greedy in the limit,
+        and dividing by it would not be: 1e-300 is 0 in float32, and logits / 0 is NaN."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     def for_sequence(self, index: int) -> SamplingParams:
         """The parameters of sequence ``index`` of an ``n > 1`` request: one sequence,

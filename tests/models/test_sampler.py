@@ -92,3 +92,35 @@ def test_release_forgets_a_seeded_stream():
     sampler.release(["s"])
     again = [sampler(logits_rows(1), ["s"], [seeded])[0] for _ in range(20)]
     assert first == again
+
+
+def test_a_temperature_below_the_epsilon_is_greedy():
+    """Issue 15: 1e-300 is 0 in float32, and dividing by it gave NaN and token 0 every
+    time. It now takes exactly the argmax (not token 0 here), alone or beside sampled rows."""
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(3))
+    logits[:, 0] = -10.0  # token 0 is never the argmax
+    expected = logits.argmax(-1).tolist()
+    for t in (1e-300, 1e-6):
+        tiny = SamplingParams(temperature=t)
+        ids = [f"r{i}" for i in range(6)]
+        assert Sampler(torch.device("cpu"), 0)(logits, ids, [tiny] * 6) == expected
+        assert tiny.greedy
+        mixed = [tiny, SamplingParams(temperature=1.0)] * 3
+        got = Sampler(torch.device("cpu"), 0)(logits, ids, mixed)
+        assert got[0::2] == expected[0::2]
+        assert all(0 <= tok < VOCAB for tok in got)
+
+
+def test_a_small_temperature_still_samples():
+    """Above the epsilon the temperature path stays: at 0.01 two logits 0.01 apart are
+    drawn about e:1, not always the argmax, and nothing becomes NaN."""
+    params = SamplingParams(temperature=0.01)
+    assert not params.greedy
+    n = 4000
+    logits = torch.full((n, VOCAB), -50.0)
+    logits[:, 3], logits[:, 5] = 0.01, 0.0
+    tokens = torch.tensor(Sampler(torch.device("cpu"), 0)(logits, [f"r{i}" for i in range(n)], [params] * n))
+    share = (tokens == 5).float().mean().item()
+    assert set(tokens.tolist()) == {3, 5}
+    expected = 1 / (1 + torch.e)  # softmax of [0.01, 0] / 0.01 = [1, 0]
+    assert abs(share - expected) < 0.03, share
