@@ -243,6 +243,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this engine has no tokenizer; give the prompt as token ids", "prompt")
+            _check_utf8(prompt)
             prompt = self.tokenizer.encode(prompt)
         elif hasattr(prompt, "tolist"):  # numpy arrays and tensors
             prompt = prompt.tolist()
@@ -262,3 +263,15 @@ class LLMEngine:
                 f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.executor.vocab_size})", "prompt"
             )
         return prompt
+
+
+def _check_utf8(text: str) -> None:
+    """Refuse text that has no UTF-8 form: a lone surrogate (``"\\ud800"``, which JSON's
+    ``\\ud800`` escape and Python strings can carry) makes the tokenizer raise a TypeError
+    that says nothing about the prompt."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"prompt is not valid Unicode: {text[e.start:e.end]!r} at index {e.start} is a lone surrogate", "prompt"
+        ) from None

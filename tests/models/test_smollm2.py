@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pagedkv.errors import InvalidRequestError
 from pagedkv.loader import load_model
 from pagedkv.models import prefill_logits
 from pagedkv.models.gguf import SMOLLM2_INSTALL, smollm2_path, unpermute_rows
@@ -186,3 +187,16 @@ def test_missing_weights_name_the_install_command(monkeypatch):
         smollm2_path()
     with pytest.raises(FileNotFoundError, match=SMOLLM2_INSTALL):
         load_model("smollm2-135m")
+
+
+def test_a_lone_surrogate_is_refused_before_the_real_tokenizer(smollm2, make_engine):
+    """Issue 15: ``tokenizers`` raises TypeError on "a\\ud800b"; the engine refuses it first."""
+    model, tok = smollm2
+    engine = make_engine(model, block_size=16, num_blocks=8)
+    engine.tokenizer = tok
+    with pytest.raises(TypeError):
+        tok.encode("a\ud800b")
+    with pytest.raises(InvalidRequestError) as err:
+        engine.add_request("s", "a\ud800b", SamplingParams(max_tokens=2))
+    assert err.value.param == "prompt"
+    assert not engine.has_unfinished_requests()

@@ -242,3 +242,35 @@ def test_the_per_token_stop_check_does_not_scan_the_stop_ids(engine_with):
         outputs += engine.step()
     assert outputs[-1].output_token_ids == [1] * 30
     assert _CountingTuple.scans == scans_at_admission
+
+
+class _StrictTokenizer:
+    """Encodes like ``tokenizers`` does: text with no UTF-8 form is a TypeError."""
+
+    chat_template = None
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [b % 100 for b in text.encode("utf-8")]
+        except UnicodeEncodeError:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]") from None
+
+    def detokenizer(self) -> _StrictTokenizer:
+        return self
+
+    def step(self, token_id: int) -> str:
+        return chr(token_id)
+
+
+@pytest.mark.parametrize("text", ["a\ud800b", "\udfff", "ok \ud83d"])
+def test_a_lone_surrogate_in_a_text_prompt_is_refused_by_name(engine_with, text):
+    """Issue 15: the tokenizer's TypeError came out of add_request; it is now an
+    InvalidRequestError naming the prompt, and nothing was queued."""
+    engine, _ = engine_with(num_blocks=16)
+    engine.tokenizer = _StrictTokenizer()  # type: ignore[assignment]
+    with pytest.raises(InvalidRequestError, match="lone surrogate") as err:
+        engine.add_request("s", text, {"max_tokens": 2})
+    assert err.value.param == "prompt"
+    assert not engine.has_unfinished_requests()
+    [out] = engine.generate(["a\U0001f389b"], {"max_tokens": 2})  # a whole emoji (a pair in UTF-16) is fine
+    assert out.output_token_ids == [1, 1]
