@@ -267,7 +267,7 @@ def test_a_lone_surrogate_in_a_text_prompt_is_refused_by_name(engine_with, text)
     """Issue 15: the tokenizer's TypeError came out of add_request; it is now an
     InvalidRequestError naming the prompt, and nothing was queued."""
     engine, _ = engine_with(num_blocks=16)
-    engine.tokenizer = _StrictTokenizer()  # type: ignore[assignment]
+    engine.tokenizer = _StrictTokenizer()
     with pytest.raises(InvalidRequestError, match="lone surrogate") as err:
         engine.add_request("s", text, {"max_tokens": 2})
     assert err.value.param == "prompt"
