@@ -6,16 +6,22 @@ Every error is a JSON body in OpenAI's shape, ``{"error": {"message", "type", "p
 503 when too many requests wait; 500 when the engine failed the request. Each choice also
 carries its ``token_ids`` (an extension, like vLLM's), so that clients of models without a
 tokenizer get their output too.
+
+Hostile clients are expected: every request passes :class:`_Gate` (Host allow-list against DNS
+rebinding, API key on ``/v1/*``, body size limit: 401/413/421 before the body is read), a
+nonzero ``priority`` is refused unless the app allows it, and prompts are bounded by length and
+tokenized in a worker thread, so that one large request cannot stall the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Collection
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
@@ -24,6 +30,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
 from pagedkv.scheduler import RequestOutput, SamplingParams
@@ -31,6 +39,14 @@ from pagedkv.server.async_engine import AsyncLLMEngine
 from pagedkv.server.metrics import MetricsPage
 
 _T = TypeVar("_T")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+"""The largest request body accepted (413 beyond): generous for any prompt max_model_len allows."""
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+"""The Host names a server bound to loopback answers to: a DNS-rebinding page sends its own."""
+MAX_PROMPT_CHARS_PER_TOKEN = 32
+"""A text longer than ``max_model_len`` times this is refused without tokenizing: no tokenizer
+makes a token of more than a few dozen characters, so such a prompt is certainly too long."""
 
 
 class _Generation(BaseModel):
@@ -73,8 +89,85 @@ class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+class _BodyTooLarge(Exception):
+    """Raised from the receive channel of a request whose body outgrows the limit."""
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header, lowercased: ``[::1]:8000`` -> ``[::1]``, ``localhost:80`` -> ``localhost``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end != -1 else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class _Gate:
+    """Pure ASGI middleware that refuses a request before the app reads its body (so before
+    FastAPI buffers and parses it): a Host not in ``allowed_hosts`` (421), a missing or wrong
+    API key on ``/v1/*`` (401; ``/health`` and ``/metrics`` stay open for probes), a body over
+    ``max_body_bytes`` (413, from Content-Length, or counted as a chunked body streams in)."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None, allowed_hosts: Collection[str] | None,
+                 max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        refusal = self._refusal(scope["path"], headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        limit, received, too_large, started = self.max_body_bytes, 0, False, False
+
+        async def counted_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    too_large = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if too_large:
+                return  # whatever the app made of the aborted read is replaced by the 413
+            started = True
+            await send(message)
+
+        with contextlib.suppress(_BodyTooLarge):
+            await self.app(scope, counted_receive, guarded_send)
+        if too_large and not started:
+            await self._too_large()(scope, receive, send)
+
+    def _refusal(self, path: str, headers: Headers) -> JSONResponse | None:
+        if self.allowed_hosts is not None and _host_name(headers.get("host", "")) not in self.allowed_hosts:
+            return _error(421, f"this server does not answer to Host {headers.get('host', '')!r}")
+        if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")):
+            scheme, _, key = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key):
+                return _error(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.max_body_bytes):
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, f"the request body is larger than this server's limit of {self.max_body_bytes} bytes")
 
 
 def _validation_error(e: RequestValidationError) -> JSONResponse:
@@ -86,8 +179,26 @@ def _validation_error(e: RequestValidationError) -> JSONResponse:
     return _error(400, message, field)
 
 
-def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
-    """The FastAPI application serving ``engine`` under the name ``model_name``."""
+def build_app(
+    engine: AsyncLLMEngine,
+    model_name: str,
+    *,
+    allow_priority: bool = False,
+    api_key: str | None = None,
+    allowed_hosts: Collection[str] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The FastAPI application serving ``engine`` under the name ``model_name``.
+
+    ``allow_priority``: honour the body's ``priority`` (lower is served first). Off by default,
+    as any client could otherwise starve the others; a nonzero priority is then a 400.
+    ``api_key``: required as ``Authorization: Bearer <key>`` on ``/v1/*``.
+    ``allowed_hosts``: the Host names answered (e.g. :data:`LOOPBACK_HOSTS`), any port; None: all.
+    ``max_body_bytes``: larger request bodies get a 413 before they are read.
+    """
+    if max_body_bytes < 1:
+        raise InvalidRequestError(f"max_body_bytes must be >= 1, got {max_body_bytes}", "max_body_bytes")
+    max_prompt_chars = engine.engine.scheduler.max_model_len * MAX_PROMPT_CHARS_PER_TOKEN
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,6 +206,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
         await engine.shutdown()
 
     app = FastAPI(title="pagedkv", lifespan=lifespan)
+    app.add_middleware(_Gate, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
     created = int(time.time())
     metrics_page = MetricsPage((engine.ttft, engine.itl))  # this app's own registry
 
@@ -125,6 +237,18 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
             return _error(400, f"unknown model {body.model!r}; this server serves {model_name!r}", "model")
         if body.stop:
             return _error(400, "stop strings are not supported; give stop_token_ids", "stop")
+        if body.priority and not allow_priority:
+            return _error(400, "priority is not accepted by this server (start it with --allow-priority)",
+                          "priority")
+        if isinstance(prompt, str):
+            if len(prompt) > max_prompt_chars:  # certainly too many tokens: refused without tokenizing
+                return _error(400, f"the prompt ({len(prompt)} characters) is longer than max_model_len "
+                                   f"({engine.engine.scheduler.max_model_len} tokens) allows", "prompt")
+            try:  # in a worker thread, so the loop serves others meanwhile; with the engine's own
+                # checks (no tokenizer, text without a UTF-8 form), which touch no engine state
+                prompt = await asyncio.to_thread(engine.engine._prompt, prompt)
+            except InvalidRequestError as e:
+                return _error(400, str(e), e.param)
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
@@ -161,8 +285,11 @@ def build_app(engine: AsyncLLMEngine, model_name: str) -> FastAPI:
         tokenizer = engine.tokenizer
         if tokenizer is None or not tokenizer.chat_template:
             return _error(400, f"{model_name} has no chat template; use /v1/completions", "messages")
-        try:
-            prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        if sum(len(m.content) for m in body.messages) > max_prompt_chars:
+            return _error(400, f"the messages are longer than max_model_len "
+                               f"({engine.engine.scheduler.max_model_len} tokens) allows", "messages")
+        try:  # rendered in a worker thread: a large template render does not stall the event loop
+            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, [m.model_dump() for m in body.messages])
         except Exception as e:  # the template refused these messages (e.g. roles out of order)
             return _error(400, f"the chat template cannot render these messages: {e}", "messages")
         return await serve(request, body, prompt, chat=True)

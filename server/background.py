@@ -1,5 +1,8 @@
 """The server in a background thread of this process, on a free port of 127.0.0.1: for
-tests, notebooks and load scripts that want a real HTTP endpoint without a subprocess."""
+tests, notebooks and load scripts that want a real HTTP endpoint without a subprocess.
+
+:func:`uvicorn_config` holds the connection settings ``pagedkv serve`` uses too, so that the
+server tested here is configured as the one deployed."""
 
 from __future__ import annotations
 
@@ -8,23 +11,73 @@ import threading
 import time
 
 import uvicorn
+from fastapi import FastAPI
 
 from pagedkv.scheduler import LLMEngine
-from pagedkv.server.api import build_app
+from pagedkv.server.api import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS, build_app
 from pagedkv.server.async_engine import AsyncLLMEngine
+
+DEFAULT_KEEP_ALIVE_S = 5
+"""An idle keep-alive connection is closed after this long, so idle clients cannot hold sockets."""
+DEFAULT_MAX_CONNECTIONS = 512
+"""Beyond this many open connections (or tasks) uvicorn answers 503 instead of taking more."""
+MAX_HEADER_BYTES = 16 * 1024
+"""h11's bound on an incomplete event: request line and headers larger than this are refused."""
+
+
+def uvicorn_config(
+    app: FastAPI,
+    host: str,
+    port: int,
+    *,
+    timeout_keep_alive: int = DEFAULT_KEEP_ALIVE_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    access_log: bool = False,
+    log_level: str = "warning",
+) -> uvicorn.Config:
+    """uvicorn's settings against idle and flooding clients: a short keep-alive, a cap on
+    connections, a header size bound (h11, uvicorn's parser unless httptools is installed), and
+    quiet logs (no access log: one line per request is a cost any client can make us pay)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http="h11",  # the parser whose header bound is set below (httptools would ignore it)
+        timeout_keep_alive=timeout_keep_alive,
+        limit_concurrency=max_connections,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        access_log=access_log,
+        log_level=log_level,
+        server_header=False,
+    )
 
 
 class BackgroundServer:
-    """uvicorn serving an engine in a background thread, on a free port of 127.0.0.1."""
+    """uvicorn serving an engine in a background thread, on a free port of 127.0.0.1. It
+    answers only to loopback Host names, as ``pagedkv serve`` does on loopback; the other
+    keywords are :func:`~pagedkv.server.api.build_app`'s and :func:`uvicorn_config`'s."""
 
-    def __init__(self, engine: LLMEngine, name: str, max_waiting: int = 256) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        name: str,
+        max_waiting: int = 256,
+        *,
+        allow_priority: bool = False,
+        api_key: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        timeout_keep_alive: int = DEFAULT_KEEP_ALIVE_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
         self.async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        app = build_app(self.async_engine, name)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
+        app = build_app(self.async_engine, name, allow_priority=allow_priority, api_key=api_key,
+                        allowed_hosts=LOOPBACK_HOSTS, max_body_bytes=max_body_bytes)
+        self.config = uvicorn_config(app, "127.0.0.1", self.port, timeout_keep_alive=timeout_keep_alive,
+                                     max_connections=max_connections)
+        self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
