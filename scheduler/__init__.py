@@ -3,7 +3,7 @@
 Torch-free: the engine reaches the model only through the :class:`Executor` protocol.
 """
 
-from pagedkv.scheduler.engine import Executor, LLMEngine
+from pagedkv.scheduler.engine import ConcurrentStepError, Executor, LLMEngine
 from pagedkv.scheduler.outputs import (
     EngineStats,
     RequestMetrics,
@@ -17,6 +17,7 @@ from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
 from pagedkv.scheduler.scheduler import Scheduler
 
 __all__ = [
+    "ConcurrentStepError",
     "EngineConfig",
     "EngineStats",
     "Executor",

@@ -9,6 +9,7 @@ a refused request leaves the queues, the pool and the other requests exactly as 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -20,6 +21,12 @@ from pagedkv.scheduler.outputs import EngineStats, RequestOutput, SampledRow, Sc
 from pagedkv.scheduler.params import EngineConfig, SamplingParams
 from pagedkv.scheduler.request import FinishReason, Request
 from pagedkv.scheduler.scheduler import Scheduler
+
+
+class ConcurrentStepError(EngineBusyError, RuntimeError):
+    """``step()`` was entered while another call was still running (from another thread).
+    An engine is driven by one thread at a time; the second call is refused, not run, so
+    that two steps cannot schedule and update the same queues and blocks at once."""
 
 
 class Executor(Protocol):
@@ -100,6 +107,7 @@ class LLMEngine:
         self._texts: dict[str, list[_TextState]] = {}  # per request, per sequence
         self._aborted: list[RequestOutput] = []  # final outputs of aborts, for the next step()
         self._generate_ids = itertools.count()
+        self._stepping = threading.Lock()  # held while step() runs; never waited for
 
     def add_request(
         self,
@@ -134,7 +142,21 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step. Returns the outputs of requests that got a new token, and
-        the final output (``finish_reason`` abort) of each request aborted since the last step."""
+        the final output (``finish_reason`` abort) of each request aborted since the last step.
+
+        Raises :class:`ConcurrentStepError` (a ``RuntimeError``) if another thread is in
+        ``step()`` right now: the engine is not thread-safe, and this refuses the misuse
+        instead of letting it corrupt the queues."""
+        if not self._stepping.acquire(blocking=False):
+            raise ConcurrentStepError(
+                "step() is already running in another thread; drive an LLMEngine from one thread at a time"
+            )
+        try:
+            return self._step()
+        finally:
+            self._stepping.release()
+
+    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         try:
             sampled = self.executor.execute(plan)
@@ -204,8 +226,14 @@ class LLMEngine:
                 self.abort(rid)
             raise
         final: dict[str, RequestOutput] = {}
-        while self.has_unfinished_requests():
-            for out in self.step():
+        # An abort from on_output leaves its final output for the next step; when it ended
+        # the last request there is no step to run, so the loop takes that output directly.
+        while self.has_unfinished_requests() or self._aborted:
+            if self.has_unfinished_requests():
+                outputs = self.step()
+            else:
+                outputs, self._aborted = self._aborted, []
+            for out in outputs:
                 if on_output is not None:
                     on_output(out)
                 if out.finished:
@@ -213,6 +241,8 @@ class LLMEngine:
         return [final[rid] for rid in ids]
 
     def _params(self, sampling_params: SamplingParams | dict | None) -> SamplingParams:
+        """Validated parameters. A ``SamplingParams`` is validated again: ``model_copy(update=...)``
+        and ``model_construct`` skip pydantic's checks, and the engine must not trust them."""
         if sampling_params is None:
             return SamplingParams()
         if isinstance(sampling_params, dict):
@@ -221,7 +251,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}", "sampling_params"
             )
-        return sampling_params
+        return type(sampling_params)(**sampling_params.model_dump())
 
     def _with_text(self, out: RequestOutput) -> RequestOutput:
         """``out`` with its sequences' text filled in (as is, without a tokenizer)."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pagedkv.errors import EngineBusyError
+from pagedkv.errors import EngineBusyError, InvalidRequestError
 from pagedkv.scheduler import EngineConfig, FinishReason, LLMEngine, RequestStatus, SamplingParams
 from tests.fakes import FailingRunner
-from tests.helpers import assert_drained, random_prompts
+from tests.helpers import assert_drained, drain, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -247,3 +247,80 @@ def test_nan_logits_fail_that_request_alone(tiny_model):
     assert finals["bad"].finish_reason is FinishReason.ERROR and "non-finite logits" in (finals["bad"].error or "")
     assert finals["good"].output_token_ids == generate_no_cache(tiny_model, [1, 2, 3], 4)
     assert_drained(engine)
+
+
+def test_generate_survives_on_output_aborting_its_own_requests(engine_with):
+    """Issue 15: aborting from on_output left the abort's final output for a step that
+    generate() never ran once nothing was left unfinished (a KeyError); now every prompt
+    gets its final output, the aborted ones with finish_reason abort."""
+    engine, _ = engine_with(num_blocks=32)
+    seen: list[str] = []
+
+    def abort_first(out) -> None:
+        if out.request_id not in seen:
+            seen.append(out.request_id)
+            if len(seen) == 1:
+                engine.abort(out.request_id)
+
+    params = SamplingParams(max_tokens=5)
+    outs = engine.generate([[1, 2], [3, 4]], params, on_output=abort_first)
+    assert [o.outputs[0].finish_reason for o in outs] == [FinishReason.ABORT, FinishReason.LENGTH]
+    # The last request aborted: no step is left to hand back its final output.
+    outs = engine.generate([[1, 2]], params, on_output=lambda out: engine.abort(out.request_id))
+    assert [(o.finished, o.outputs[0].finish_reason) for o in outs] == [(True, FinishReason.ABORT)]
+    assert_drained(engine)
+
+
+def test_step_from_a_second_thread_is_refused_while_one_runs(engine_with):
+    """Issue 15: two threads in step() at once would schedule and update the same queues;
+    the second is refused with a clear error and the first completes untouched."""
+    import threading
+
+    from pagedkv.scheduler import ConcurrentStepError
+
+    engine, executor = engine_with(num_blocks=32)
+    entered, release = threading.Event(), threading.Event()
+    plain_execute = executor.execute
+
+    def blocking_execute(plan):
+        if not entered.is_set():  # only the first call waits, so a broken lock fails fast
+            entered.set()
+            assert release.wait(30)
+        return plain_execute(plan)
+
+    executor.execute = blocking_execute
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=3))
+    results: list[object] = []
+    first = threading.Thread(target=lambda: results.append(engine.step()))
+    first.start()
+    assert entered.wait(30)
+    try:
+        with pytest.raises(ConcurrentStepError, match="already running in another thread") as err:
+            engine.step()
+        assert isinstance(err.value, RuntimeError) and isinstance(err.value, EngineBusyError)
+    finally:
+        release.set()
+        first.join(30)
+    [outputs] = results
+    assert [o.output_token_ids for o in outputs] == [[1]]  # type: ignore[attr-defined]
+    drain(engine)  # the lock is free again
+    assert len(executor.plans) == 3
+
+
+def test_sampling_params_copied_past_validation_are_revalidated(engine_with):
+    """Issue 15: ``model_copy(update=...)`` skips pydantic's checks; add_request validates
+    the parameters again, so a copied -5 temperature is refused by name."""
+    engine, _ = engine_with(num_blocks=32)
+    updates: list[tuple[dict[str, object], str]] = [
+        ({"temperature": -5}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop_token_ids": list(range(5000))}, "stop_token_ids"),
+    ]
+    for update, field in updates:
+        bad = SamplingParams().model_copy(update=update)
+        with pytest.raises(InvalidRequestError) as err:
+            engine.add_request("r", [1, 2], bad)
+        assert err.value.param == field
+    assert not engine.has_unfinished_requests()
+    good = SamplingParams(max_tokens=2).model_copy(update={"temperature": 0.5})
+    assert engine.generate([[1, 2]], good)[0].output_token_ids == [1, 1]
