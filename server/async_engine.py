@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncGenerator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
@@ -93,17 +94,32 @@ class _Stream:
 
 
 class AsyncLLMEngine:
+    """Serves one :class:`LLMEngine` to the coroutines of one event loop at a time.
+
+    The background loop starts on first use in the running event loop. If that event loop
+    ends (``asyncio.run`` returns), the loop is cancelled: its open streams end with
+    :class:`EngineDeadError`, their requests are aborted, and the next use, in a new event
+    loop, starts a fresh loop there. Using it from a second event loop while the first
+    still runs raises ``RuntimeError``: the lock that keeps steps and adds apart belongs
+    to one event loop. Only :meth:`shutdown`, or a bug in the loop, stops it for good.
+    """
+
     def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
         self._streams: dict[str, _Stream] = {}
-        self._to_abort: set[str] = set()
-        self._lock: asyncio.Lock | None = None
+        self._to_abort: set[str] = set()  # applied by the loop before its next step
+        self._superseded: set[str] = set()  # aborted for nobody: drop their final output
+        self._lock: asyncio.Lock | None = None  # these three belong to the current event loop
         self._work: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._dead: BaseException | None = None
-        self._stopping = False
-        self._stepping = False  # a step is running in the worker thread
+        self._dead: EngineDeadError | None = None
+        self._closing = False  # shutdown() has begun: new requests are refused
+        self._stopping = False  # the loop is to end after the step in progress
+        # The model steps in this thread, so that a step's future tells when it is over even
+        # if the loop awaiting it was cancelled (a step that had not started never runs).
+        self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedkv-step")
+        self._step: Future[list[RequestOutput]] | None = None
         self.num_cancelled = 0  # requests whose consumer stopped listening before the end
         self._last_token: dict[str, float] = {}
         self._ids = itertools.count()
@@ -119,7 +135,8 @@ class AsyncLLMEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._dead is None
+        """False once :meth:`shutdown` has begun or the loop died."""
+        return self._dead is None and not self._closing
 
     async def generate(
         self,
@@ -134,19 +151,24 @@ class AsyncLLMEngine:
         request the engine failed raises :class:`RequestFailedError`. Closing the stream
         early aborts the request: leaving ``async with contextlib.aclosing(...)``, the
         consuming task being cancelled, or the generator being garbage-collected (a plain
-        ``break`` closes it only then)."""
+        ``break`` closes it only then). Its ``request_id`` is free again as soon as it is closed.
+
+        A consumer that reads slower than the engine generates gets fewer, merged outputs
+        (see :class:`_Stream`): concatenating ``new_token_ids`` and ``new_text`` still gives
+        the whole, and the last output carries all of it."""
         lock, work = self._start()
         request_id = request_id or f"async-{next(self._ids)}"
         stream = _Stream()
         async with lock:
-            if self._dead is not None:
-                raise EngineDeadError(f"the engine has stopped: {self._dead!r}")
+            self._check_serving()
             if len(self.engine.scheduler.waiting) >= self.max_waiting:
                 raise EngineBusyError(f"{self.max_waiting} requests are already waiting; try again later")
             if request_id in self._streams:
                 raise InvalidRequestError(f"request_id {request_id!r} is already streaming", "request_id")
+            if request_id in self._to_abort:  # its last stream closed; abort that request now, not next step
+                self._to_abort.discard(request_id)
+                self._abort_now(request_id)
             self.engine.add_request(request_id, prompt, sampling_params, priority=priority)
-            self._to_abort.discard(request_id)  # an earlier stream's pending abort is not for this one
             self._streams[request_id] = stream
             work.set()
         finished = False
@@ -162,30 +184,66 @@ class AsyncLLMEngine:
                     raise RequestFailedError(f"request {request_id!r} failed: {item.error}")
                 yield item
         finally:
-            if not finished:  # the consumer went away: abort before the next step
+            if not finished and self._streams.get(request_id) is stream:  # the consumer went away
                 self.num_cancelled += 1
-                self._streams.pop(request_id, None)
-                self._to_abort.add(request_id)
-                work.set()
+                del self._streams[request_id]
+                self._to_abort.add(request_id)  # applied before the next step
+                self._wake()
 
-    async def shutdown(self) -> None:
-        """Stop the background loop, abort what is in flight and end every stream with
-        :class:`EngineDeadError`."""
-        if self._task is None or self._task.done():
+    def abort(self, request_id: str) -> None:
+        """Abort the request of an open stream, before the next step: the stream ends with a
+        finished output whose ``finish_reason`` is abort. Other ids are ignored."""
+        if request_id in self._streams:
+            self._to_abort.add(request_id)
+            self._wake()
+
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        """Stop for good. New requests are refused at once; those in flight get ``timeout``
+        seconds to finish (0: none), then the loop stops after the step in progress, what
+        is left is aborted and its streams end with :class:`EngineDeadError`. Idempotent,
+        and fine before first use."""
+        if self._dead is not None:
             return
-        self._stopping = True  # the loop ends after the step in progress, never inside it
-        self._started()[1].set()
-        await self._task
-        self._fail_all(EngineDeadError("the engine was shut down"))
+        self._closing = True
+        task = self._task if self._task is not None and not self._task.done() else None
+        if task is not None and task.get_loop() is not asyncio.get_running_loop():
+            raise RuntimeError(self._OTHER_LOOP)
+        deadline = time.monotonic() + timeout
+        while task is not None and self._streams and time.monotonic() < deadline and not task.done():
+            await asyncio.sleep(0.01)  # polled: one shutdown needs no event of its own
+        if task is not None and not task.done():
+            self._stopping = True  # the loop ends after the step in progress, never inside it
+            self._started()[1].set()
+            await task
+        if self._dead is None:  # else the loop died meanwhile, and said why
+            self._fail_all(EngineDeadError("the engine was shut down"), dead=True)
 
     # ---- the background loop -----------------------------------------------------
 
+    _OTHER_LOOP = ("this AsyncLLMEngine is running in another event loop, which is still running; "
+                   "an engine serves one event loop at a time (it moves to a new one once the old one ended)")
+
+    def _check_serving(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine has stopped: {self._dead}")
+        if self._closing:
+            raise EngineDeadError("the engine is shutting down")
+
     def _start(self) -> tuple[asyncio.Lock, asyncio.Event]:
-        """Start the background loop on first use (inside the running event loop, where the
-        lock and the work event must be created); return them."""
-        if self._task is None:
+        """Start the background loop in the running event loop on first use, or after the
+        event loop it ran in ended (the lock and the work event are made anew: they belong
+        to one event loop); return them."""
+        self._check_serving()
+        loop, task = asyncio.get_running_loop(), self._task
+        if task is not None and task.get_loop() is not loop and not task.done() and not task.get_loop().is_closed():
+            raise RuntimeError(self._OTHER_LOOP)
+        if task is not None and not task.done() and task.get_loop().is_closed():  # closed under it: no cleanup ran
+            self._fail_all(EngineDeadError("the engine's event loop was closed"), dead=False)
+        if task is None or task.done() or task.get_loop() is not loop:
             self._lock, self._work = asyncio.Lock(), asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="pagedkv-engine")
+            if self._to_abort:  # closed streams of the previous event loop
+                self._work.set()
+            self._task = loop.create_task(self._loop(), name="pagedkv-engine")
         return self._started()
 
     def _started(self) -> tuple[asyncio.Lock, asyncio.Event]:
@@ -193,6 +251,10 @@ class AsyncLLMEngine:
         if self._lock is None or self._work is None:
             raise RuntimeError("the engine loop has not been started")
         return self._lock, self._work
+
+    def _wake(self) -> None:
+        if self._work is not None:
+            self._work.set()
 
     async def _loop(self) -> None:
         try:
@@ -203,25 +265,33 @@ class AsyncLLMEngine:
                     return
                 async with lock:
                     for rid in self._to_abort:
-                        self.engine.abort(rid)
+                        self.engine.abort(rid)  # an open stream's (abort()) gets the final output
                         self._last_token.pop(rid, None)
                     self._to_abort.clear()
                     if not self.engine.has_unfinished_requests():
-                        self.engine.step()  # hands back the final outputs of the aborts; nobody listens
+                        outputs = self.engine.step()  # just the final outputs of the aborts
                         work.clear()
-                        continue
-                    self._stepping = True
-                    outputs = await asyncio.to_thread(self.engine.step)
-                    self._stepping = False
+                    else:
+                        self._step = self._stepper.submit(self.engine.step)
+                        outputs = await asyncio.wrap_future(self._step)
                 self._deliver(outputs)
-        except BaseException as e:  # a bug (failed steps fail only their requests), or cancellation
-            self._fail_all(e if isinstance(e, Exception) else EngineDeadError("the engine loop was cancelled"))
+        except asyncio.CancelledError:  # its event loop is ending (or someone cancelled it)
+            self._fail_all(EngineDeadError("the engine's event loop stopped; the engine restarts in the next one"),
+                           dead=False)
+            raise
+        except BaseException as e:  # a bug: failed steps fail only their requests
+            error = EngineDeadError(f"the engine loop failed: {e!r}")
+            error.__cause__ = e
+            self._fail_all(error, dead=True)
             raise
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for out in outputs:
             rid = out.request_id
+            if rid in self._superseded and out.finished:  # a step hands aborted outputs back first
+                self._superseded.discard(rid)
+                continue
             if any(s.new_token_ids for s in out.outputs):
                 last = self._last_token.get(rid)
                 if last is None:
@@ -238,23 +308,37 @@ class AsyncLLMEngine:
             if stream is not None:
                 stream.put(out)
 
-    def _fail_all(self, error: BaseException) -> None:
-        """End every stream with ``error`` first, then try to free their requests."""
-        self._dead = error
+    def _abort_now(self, rid: str) -> None:
+        """Abort ``rid`` between steps (the lock held, or no loop running); its final
+        output, which the next step hands back, is for nobody."""
+        if rid in self.engine.scheduler.requests:
+            self.engine.abort(rid)
+            self._superseded.add(rid)
+        self._last_token.pop(rid, None)
+
+    def _fail_all(self, error: EngineDeadError, dead: bool) -> None:
+        """End every open stream with ``error`` first, then abort their requests and the
+        pending aborts; ``dead``: the engine stops for good."""
+        if dead:
+            self._dead = error
+            self._stepper.shutdown(wait=False)
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.fail(error)
-        if self._stepping:  # cancelled while a step still runs in its thread: leave the engine alone
-            return
-        for rid in streams:
+        self._to_abort.update(streams)
+        if self._step is not None:  # the loop was cancelled inside a step: let it end (one step's time)
+            wait([self._step])
+        for rid in self._to_abort:
             try:
-                self.engine.abort(rid)
+                self._abort_now(rid)
             except Exception:  # the engine may be inconsistent after an unexpected error
                 pass
+        self._to_abort.clear()
 
     async def stats(self) -> EngineStats:
         """The engine's stats, read between steps (never while a step mutates it)."""
-        if self._lock is None:
-            return self.engine.stats()
+        task = self._task
+        if self._lock is None or task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            return self.engine.stats()  # no loop steps it from here
         async with self._lock:
             return self.engine.stats()

@@ -4,13 +4,14 @@ failures delivered to the streams they concern only."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import pytest
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, RequestFailedError
 from pagedkv.models import ModelRunner, generate_no_cache
-from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
+from pagedkv.scheduler import EngineConfig, FinishReason, LLMEngine, SamplingParams
 from pagedkv.server.async_engine import AsyncLLMEngine
 from tests.fakes import FailingRunner
 from tests.helpers import assert_drained
@@ -183,4 +184,162 @@ def test_a_stalled_consumer_holds_one_merged_output_and_reads_the_same_result(ti
     assert "".join(o.new_text for o in stalled) == whole.text == "".join(o.new_text for o in reference)
     assert (stalled[-1].output_token_ids, stalled[-1].text, stalled[-1].finish_reason) == (
         whole.output_token_ids, whole.text, whole.finish_reason)
+    assert_drained(engine.engine)
+
+
+LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+
+def slowed(engine: AsyncLLMEngine, monkeypatch, seconds: float = 0.005) -> AsyncLLMEngine:
+    """``engine`` with every step lasting at least ``seconds``: a long request stays in flight."""
+    step = engine.engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    monkeypatch.setattr(engine.engine, "step", slow_step)
+    return engine
+
+
+def test_a_dying_loop_ends_every_open_stream_with_engine_dead_error(tiny_model, monkeypatch):
+    async def main():
+        engine = make(tiny_model)
+        step, calls = engine.engine.step, 0
+
+        def buggy_step():
+            nonlocal calls
+            calls += 1
+            if calls == 4:
+                raise ZeroDivisionError("a bug in the loop")
+            return step()
+
+        monkeypatch.setattr(engine.engine, "step", buggy_step)
+        outcomes = await asyncio.gather(collect(engine, [1, 2], LONG), collect(engine, [3, 4], LONG),
+                                        return_exceptions=True)
+        with pytest.raises(EngineDeadError):
+            await collect(engine, [1])
+        await engine.shutdown()  # after the loop died: nothing left to do, no error
+        return engine, outcomes
+
+    engine, outcomes = asyncio.run(main())
+    assert all(isinstance(o, EngineDeadError) for o in outcomes), outcomes
+    assert all(isinstance(o.__cause__, ZeroDivisionError) for o in outcomes)
+    assert not engine.is_running
+    assert_drained(engine.engine)
+
+
+def test_abort_ends_the_stream_with_an_abort_output_and_spares_the_others(tiny_model):
+    async def main():
+        engine = make(tiny_model)
+        other = asyncio.create_task(collect(engine, [4, 5, 6]))
+        outs = []
+        async for out in engine.generate([1, 2, 3], LONG, request_id="x"):
+            outs.append(out)
+            if len(outs) == 2:
+                engine.abort("x")
+        engine.abort("x")  # finished: ignored
+        engine.abort("unknown")
+        survivor = await other
+        await engine.shutdown()
+        return engine, outs, survivor
+
+    engine, outs, survivor = asyncio.run(main())
+    assert outs[-1].finished and outs[-1].finish_reason is FinishReason.ABORT
+    assert 2 <= len(outs[-1].output_token_ids) < 200
+    assert survivor == generate_no_cache(tiny_model, [4, 5, 6], 8)
+    assert_drained(engine.engine)
+
+
+def test_shutdown_before_first_use_stops_the_engine_quietly(tiny_model):
+    async def main():
+        engine = make(tiny_model)
+        await engine.shutdown()
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await collect(engine, [1])
+        return engine
+
+    engine = asyncio.run(main())
+    assert not engine.is_running
+    assert_drained(engine.engine)
+
+
+def test_a_request_id_is_free_again_as_soon_as_its_stream_closed(tiny_model):
+    async def main():
+        engine = make(tiny_model)
+        stream = engine.generate([1, 2, 3], LONG, request_id="x")
+        await anext(stream)
+        await stream.aclose()  # aborted, but the abort waits for the next step
+        again = await collect(engine, [4, 5, 6], request_id="x")
+        finished = await collect(engine, [7, 8], request_id="x")  # and after a stream that ran to its end
+        await engine.shutdown()
+        return engine, again, finished
+
+    engine, again, finished = asyncio.run(main())
+    assert again == generate_no_cache(tiny_model, [4, 5, 6], 8)
+    assert finished == generate_no_cache(tiny_model, [7, 8], 8)
+    assert_drained(engine.engine)
+
+
+def test_the_engine_serves_successive_event_loops_but_one_at_a_time(tiny_model):
+    engine = make(tiny_model)
+
+    async def leave_a_request_running():
+        stream = engine.generate([1, 2, 3], LONG, request_id="left")
+        await anext(stream)
+        return stream  # asyncio.run cancels the engine's loop with the request in flight
+
+    async def elsewhere():
+        return await asyncio.to_thread(asyncio.run, collect(engine, [1, 2]))
+
+    async def main():
+        task = asyncio.create_task(collect(engine, [9, 9], LONG))
+        await asyncio.sleep(0.01)
+        with pytest.raises(RuntimeError, match="another event loop"):
+            await elsewhere()
+        task.cancel()
+
+    first = asyncio.run(collect(engine, [1, 2, 3]))
+    asyncio.run(leave_a_request_running())
+    second = asyncio.run(collect(engine, [1, 2, 3], request_id="left"))
+    asyncio.run(main())
+    asyncio.run(engine.shutdown())
+    assert first == second == generate_no_cache(tiny_model, [1, 2, 3], 8)
+    assert_drained(engine.engine)
+
+
+def test_graceful_shutdown_lets_requests_finish_within_its_timeout(tiny_model):
+    async def main():
+        engine = make(tiny_model)
+        task = asyncio.create_task(collect(engine, [1, 2, 3]))
+        while not engine.engine.has_unfinished_requests():
+            await asyncio.sleep(0.001)
+        closing = asyncio.create_task(engine.shutdown(timeout=30))
+        await asyncio.sleep(0)
+        with pytest.raises(EngineDeadError, match="shutting down"):
+            await collect(engine, [1])
+        await closing
+        return engine, await task
+
+    engine, tokens = asyncio.run(main())
+    assert tokens == generate_no_cache(tiny_model, [1, 2, 3], 8)
+    assert_drained(engine.engine)
+
+
+def test_graceful_shutdown_aborts_what_outlasts_its_timeout(tiny_model, monkeypatch):
+    async def main():
+        engine = slowed(make(tiny_model), monkeypatch)
+        task = asyncio.create_task(collect(engine, [1, 2, 3], LONG))
+        while not engine.engine.has_unfinished_requests():
+            await asyncio.sleep(0.001)
+        started = time.monotonic()
+        await engine.shutdown(timeout=0.1)
+        took = time.monotonic() - started
+        with pytest.raises(EngineDeadError):
+            await task
+        return engine, took
+
+    engine, took = asyncio.run(main())
+    assert 0.1 <= took < 0.5  # 200 slowed steps would take a second at least
     assert_drained(engine.engine)
