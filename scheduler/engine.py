@@ -127,7 +127,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}", "request_id")
         if type(priority) is not int or not -(2**31) <= priority < 2**31:
             raise InvalidRequestError(f"priority must be an integer in [-2**31, 2**31), got {priority!r}", "priority")
-        prompt_token_ids = self._prompt(prompt)
+        prompt_token_ids = self.tokenize(prompt)
         top_stop = max(params.stop_token_ids, default=-1)  # each one is >= 0 (SamplingParams)
         if top_stop >= self.executor.vocab_size:
             raise InvalidRequestError(
@@ -268,8 +268,15 @@ class LLMEngine:
             sequences.append(replace(seq, new_text=new_text, text=state.text))
         return replace(out, outputs=tuple(sequences))
 
-    def _prompt(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids from text or from a list/tuple (or array) of ints; bools and bytes are refused."""
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + output this engine serves."""
+        return self.scheduler.max_model_len
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        """The prompt's token ids, checked as :meth:`add_request` checks them: from text (with
+        the tokenizer) or from a list/tuple (or array) of ints; bools and bytes are refused.
+        It touches no engine state, so a server may run it in a worker thread."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this engine has no tokenizer; give the prompt as token ids", "prompt")

@@ -41,6 +41,8 @@ from pagedkv.server.metrics import MetricsPage
 _T = TypeVar("_T")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+ENGINE_STOPPED = "the engine has stopped"
+"""What clients are told when the engine is gone; its internal error stays in the server's log."""
 """The largest request body accepted (413 beyond): generous for any prompt max_model_len allows."""
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 """The Host names a server bound to loopback answers to: a DNS-rebinding page sends its own."""
@@ -187,6 +189,7 @@ def build_app(
     api_key: str | None = None,
     allowed_hosts: Collection[str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    shutdown_timeout_s: float = 0.0,
 ) -> FastAPI:
     """The FastAPI application serving ``engine`` under the name ``model_name``.
 
@@ -195,15 +198,17 @@ def build_app(
     ``api_key``: required as ``Authorization: Bearer <key>`` on ``/v1/*``.
     ``allowed_hosts``: the Host names answered (e.g. :data:`LOOPBACK_HOSTS`), any port; None: all.
     ``max_body_bytes``: larger request bodies get a 413 before they are read.
+    ``shutdown_timeout_s``: on shutdown, how long requests in flight may take to finish
+    before they are aborted (their streams end with an error event).
     """
     if max_body_bytes < 1:
         raise InvalidRequestError(f"max_body_bytes must be >= 1, got {max_body_bytes}", "max_body_bytes")
-    max_prompt_chars = engine.engine.scheduler.max_model_len * MAX_PROMPT_CHARS_PER_TOKEN
+    max_prompt_chars = engine.max_model_len * MAX_PROMPT_CHARS_PER_TOKEN
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await engine.shutdown()
+        await engine.shutdown(timeout=shutdown_timeout_s)
 
     app = FastAPI(title="pagedkv", lifespan=lifespan)
     app.add_middleware(_Gate, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
@@ -217,7 +222,7 @@ def build_app(
     @app.get("/health", response_model=None)
     async def health() -> JSONResponse | dict[str, str]:
         if not engine.is_running:
-            return _error(503, "the engine has stopped", kind="server_error")
+            return _error(503, ENGINE_STOPPED, kind="server_error")
         return {"status": "ok"}
 
     @app.get("/v1/models", response_model=None)
@@ -243,14 +248,14 @@ def build_app(
         if isinstance(prompt, str):
             if len(prompt) > max_prompt_chars:  # certainly too many tokens: refused without tokenizing
                 return _error(400, f"the prompt ({len(prompt)} characters) is longer than max_model_len "
-                                   f"({engine.engine.scheduler.max_model_len} tokens) allows", "prompt")
-            try:  # in a worker thread, so the loop serves others meanwhile; with the engine's own
-                # checks (no tokenizer, text without a UTF-8 form), which touch no engine state
-                prompt = await asyncio.to_thread(engine.engine._prompt, prompt)
+                                   f"({engine.max_model_len} tokens) allows", "prompt")
+            try:  # in a worker thread, so the loop serves others meanwhile
+                prompt = await engine.tokenize(prompt)
             except InvalidRequestError as e:
                 return _error(400, str(e), e.param)
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        received = int(time.time())  # OpenAI's "created": when this request arrived
         try:
             stream = engine.generate(prompt, body.sampling_params(), request_id=rid, priority=body.priority)
             # Raises here, before any byte is sent, if the request is refused.
@@ -260,8 +265,10 @@ def build_app(
                 return _error(499, "client disconnected")
         except InvalidRequestError as e:
             return _error(400, str(e), e.param)
-        except (EngineBusyError, EngineDeadError) as e:
+        except EngineBusyError as e:
             return _error(503, str(e), kind="server_error")
+        except EngineDeadError:
+            return _error(503, ENGINE_STOPPED, kind="server_error")
         except RequestFailedError as e:
             return _error(500, str(e), kind="server_error")
         if body.stream:
@@ -271,10 +278,12 @@ def build_app(
             final = await _unless_disconnected(request, _last(stream, first))
         except RequestFailedError as e:
             return _error(500, str(e), kind="server_error")
+        except EngineDeadError:
+            return _error(503, ENGINE_STOPPED, kind="server_error")
         if final is None:
             await stream.aclose()
             return _error(499, "client disconnected")
-        return _whole(final, rid, kind, model_name, created, chat)
+        return _whole(final, rid, kind, model_name, received, chat)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request, body: CompletionRequest) -> Response | dict[str, Any]:
@@ -287,7 +296,7 @@ def build_app(
             return _error(400, f"{model_name} has no chat template; use /v1/completions", "messages")
         if sum(len(m.content) for m in body.messages) > max_prompt_chars:
             return _error(400, f"the messages are longer than max_model_len "
-                               f"({engine.engine.scheduler.max_model_len} tokens) allows", "messages")
+                               f"({engine.max_model_len} tokens) allows", "messages")
         try:  # rendered in a worker thread: a large template render does not stall the event loop
             prompt = await asyncio.to_thread(tokenizer.apply_chat_template, [m.model_dump() for m in body.messages])
         except Exception as e:  # the template refused these messages (e.g. roles out of order)
@@ -371,8 +380,9 @@ async def _events(first: RequestOutput, stream: AsyncGenerator[RequestOutput, No
         yield chunk(first)
         async for out in stream:
             yield chunk(out)
-    except RequestFailedError as e:
-        error = {"message": str(e), "type": "server_error", "param": None, "code": None}
+    except (RequestFailedError, EngineDeadError) as e:  # one error event, then [DONE]
+        message = str(e) if isinstance(e, RequestFailedError) else ENGINE_STOPPED
+        error = {"message": message, "type": "server_error", "param": None, "code": None}
         yield f"data: {json.dumps({'error': error})}\n\n"
     finally:
         await stream.aclose()  # aborts the request if it has not finished

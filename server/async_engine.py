@@ -130,6 +130,15 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    async def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        """:meth:`LLMEngine.tokenize` in a worker thread, so that a long text does not hold up
+        the event loop (it touches no engine state, so it needs no lock)."""
+        return await asyncio.to_thread(self.engine.tokenize, prompt)
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 

@@ -44,6 +44,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                        help="answer 503 beyond this many open connections (default 512)")
     serve.add_argument("--timeout-keep-alive", type=int, default=5,
                        help="close an idle keep-alive connection after this many seconds (default 5)")
+    serve.add_argument("--shutdown-timeout", type=float, default=5.0,
+                       help="on shutdown, seconds requests in flight may take to finish before they are aborted "
+                            "(default 5)")
     serve.add_argument("--access-log", action="store_true", help="log every request (default: warnings only)")
     serve.set_defaults(run=run)
 
@@ -79,7 +82,7 @@ def server_config(args: argparse.Namespace, engine: AsyncLLMEngine) -> uvicorn.C
     app = build_app(engine, served_model_name(args.model, args.served_model_name),
                     allow_priority=args.allow_priority, api_key=api_key,
                     allowed_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None,
-                    max_body_bytes=args.max_body_bytes)
+                    max_body_bytes=args.max_body_bytes, shutdown_timeout_s=args.shutdown_timeout)
     return uvicorn_config(app, args.host, args.port, timeout_keep_alive=args.timeout_keep_alive,
                           max_connections=args.max_connections, access_log=args.access_log)
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -264,3 +265,44 @@ def test_background_server_limits_connections_and_closes_idle_ones(serve):
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:  # a header without end: refused
         s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Junk: " + b"j" * 40000)
         assert s.recv(65536).startswith(b"HTTP/1.1 4")
+
+
+def test_a_stream_cut_by_a_dead_engine_ends_with_one_error_event_and_done(tiny_model):
+    """The engine stopping mid-stream: the client gets one OpenAI-shaped error event (no
+    internal exception text), then [DONE], instead of a connection cut off."""
+    from pagedkv.errors import EngineDeadError
+    from pagedkv.server.api import ENGINE_STOPPED, _events
+
+    engine = LLMEngine(ModelRunner(tiny_model), EngineConfig(num_blocks=32))
+    engine.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    [first] = engine.step()
+    engine.abort("r")
+    engine.step()
+
+    async def dying() -> Any:
+        raise EngineDeadError("the engine has stopped: ZeroDivisionError('internal detail')")
+        yield  # an async generator
+
+    async def collect() -> list[str]:
+        return [e async for e in _events(first, dying(), "cmpl-1", "text_completion", MODEL, chat=False)]
+
+    events = asyncio.run(collect())
+    assert events[-1] == "data: [DONE]\n\n"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["message"] == ENGINE_STOPPED and error["type"] == "server_error"
+    assert all("internal detail" not in e for e in events)
+
+
+def test_after_shutdown_requests_get_a_503_without_internal_text(tiny_model):
+    from pagedkv.server.api import build_app
+
+    engine = AsyncLLMEngine(LLMEngine(ModelRunner(tiny_model), EngineConfig(num_blocks=32)))
+    with TestClient(build_app(engine, MODEL)) as client:
+        before = int(time.time())
+        ok = client.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["created"] >= before  # the request's time
+        assert client.portal is not None
+        client.portal.call(engine.shutdown)
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["message"] == "the engine has stopped"
+        assert client.get("/health").status_code == 503
