@@ -2,10 +2,10 @@
 (streamed as server-sent events, or whole), ``/v1/models``, ``/health`` and ``/metrics``.
 
 Every error is a JSON body in OpenAI's shape, ``{"error": {"message", "type", "param",
-"code"}}``: 400 for a bad body (naming the field), an unknown model or a prompt too long;
-503 when too many requests wait; 500 when the engine failed the request. Each choice also
-carries its ``token_ids`` (an extension, like vLLM's), so that clients of models without a
-tokenizer get their output too.
+"code"}}``: 400 for a bad body (naming the field), a field or value the server does not support
+(never silently ignored), an unknown model or a prompt too long; 503 when too many requests
+wait; 500 when the engine failed the request. Each choice also carries its ``token_ids`` (an
+extension, like vLLM's), so that clients of models without a tokenizer get their output too.
 
 Hostile clients are expected: every request passes :class:`_Gate` (Host allow-list against DNS
 rebinding, API key on ``/v1/*``, body size limit: 401/413/421 before the body is read), a
@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,12 +51,28 @@ MAX_PROMPT_CHARS_PER_TOKEN = 32
 makes a token of more than a few dozen characters, so such a prompt is certainly too long."""
 
 
-class _Generation(BaseModel):
-    """The fields both endpoints share. Unknown fields are ignored, as OpenAI clients send
-    some we do not use; known ones are strictly typed. Sampling fields left out (or null)
-    take :class:`SamplingParams`' defaults; it also checks their ranges."""
+class _OpenAIBody(BaseModel):
+    """A request body part: strictly typed, and every field not declared is refused (a 400
+    naming it, "not supported by this server") rather than ignored, so that a client never
+    gets a 200 that silently dropped what it asked for (tools, a response format, logprobs...).
+    A field given as ``null`` asks for nothing, so an undeclared one that is null counts as
+    absent: clients that serialize every option, set or not, still work."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+        return data
+
+
+class _Generation(_OpenAIBody):
+    """The fields both endpoints share. Sampling fields left out (or null) take
+    :class:`SamplingParams`' defaults; it also checks their ranges. OpenAI fields we cannot
+    honour are declared only so that their neutral value (what clients often send
+    explicitly) is accepted; any other value is refused by :meth:`unsupported`."""
 
     model: str
     stream: bool = False
@@ -70,25 +86,117 @@ class _Generation(BaseModel):
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
+    user: str | None = None  # only an end-user id for the provider's abuse monitoring: accepted, ignored
+    presence_penalty: float | None = None  # 0 (no penalty) only
+    frequency_penalty: float | None = None  # 0 (no penalty) only
+    logit_bias: dict[str, float] | None = None  # empty only
 
-    def sampling_params(self) -> SamplingParams:
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first field given a value this server cannot honour, as ``(param, message)``;
+        None if every value can be honoured."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name, f"{name} is not supported by this server (only 0)"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported by this server"
+        return None
+
+    def requested_max_tokens(self) -> int | None:
+        """The output budget the client asked for, if any."""
+        return self.max_tokens
+
+    def sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
+        """The engine's parameters for this body; ``default_max_tokens`` is the budget when the
+        client gave none (None: :class:`SamplingParams`' default)."""
         given = self.model_dump(include=set(SamplingParams.model_fields))
+        given["max_tokens"] = self.requested_max_tokens()
+        if given["max_tokens"] is None:
+            given["max_tokens"] = default_max_tokens
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})  # null: the default
 
 
 class CompletionRequest(_Generation):
+    """``/v1/completions``: a text or token-id prompt; ``max_tokens`` defaults to 16 (OpenAI's default)."""
+
     prompt: str | list[int]
+    best_of: int | None = None  # 1 only: we do not sample extra candidates to rank them
+    echo: bool | None = None  # false only
+    suffix: str | None = None  # empty only: no insertion (fill-in-the-middle) prompts
+    logprobs: int | None = None  # null only: token logprobs are not computed yet
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.best_of is not None and self.best_of > 1:
+            return "best_of", "best_of > 1 is not supported by this server; use n"
+        if self.echo:
+            return "echo", "echo is not supported by this server"
+        if self.suffix:
+            return "suffix", "suffix (insertion prompts) is not supported by this server"
+        if self.logprobs is not None:
+            return "logprobs", "logprobs are not supported by this server yet"
+        return super().unsupported()
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class ChatContentPart(BaseModel):
+    """One part of a message's ``content`` list. Only ``{"type": "text", "text": ...}`` can be
+    rendered; other types (``image_url``, ``input_audio``, ``file``...) keep their own fields
+    (hence ``extra="allow"``) so that :meth:`ChatMessage.text` can refuse them by name."""
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_OpenAIBody):
+    """One message. ``developer`` is OpenAI's newer name for ``system`` (rendered as such, as
+    chat templates know only ``system``); tool and function messages are refused."""
+
+    role: Literal["developer", "system", "user", "assistant"]
+    content: str | list[ChatContentPart]
+
+    def text(self, index: int) -> str:
+        """The content as one string: text parts joined by newlines (as vLLM does). Raises
+        :class:`InvalidRequestError` naming ``messages`` for a part that is not text."""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for i, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise InvalidRequestError(
+                    f"messages[{index}].content[{i}]: content parts of type {part.type!r} are not supported "
+                    "by this server; only {'type': 'text', 'text': ...}", "messages")
+            texts.append(part.text)
+        return "\n".join(texts)
+
+    def for_template(self, index: int) -> dict[str, str]:
+        """The message as a chat template takes it: ``{"role", "content"}``, both strings."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text(index)}
 
 
 class ChatCompletionRequest(_Generation):
+    """``/v1/chat/completions``. Without ``max_tokens`` or ``max_completion_tokens`` the
+    reply may use what is left of the context (see ``serve``), as OpenAI-compatible servers do.
+    Tools, function calling and response formats are not declared, so they are refused."""
+
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # what current OpenAI clients send
+    logprobs: bool | None = None  # false only: token logprobs are not computed yet
+    top_logprobs: int | None = None  # 0 only
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if (self.max_completion_tokens is not None and self.max_tokens is not None
+                and self.max_completion_tokens != self.max_tokens):
+            return "max_completion_tokens", (
+                f"max_completion_tokens ({self.max_completion_tokens}) and max_tokens ({self.max_tokens}) "
+                "disagree; give one of them")
+        if self.logprobs:
+            return "logprobs", "logprobs are not supported by this server yet"
+        if self.top_logprobs:
+            return "top_logprobs", "top_logprobs are not supported by this server yet"
+        return super().unsupported()
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
@@ -173,12 +281,19 @@ class _Gate:
 
 
 def _validation_error(e: RequestValidationError) -> JSONResponse:
-    first = e.errors()[0]
-    loc = [str(p) for p in first["loc"] if p != "body"]
-    field = ".".join(loc) or None
-    message = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}"
-                        for err in e.errors())
-    return _error(400, message, field)
+    """A refused body as a 400 naming the first field at fault. A field we do not declare
+    (pydantic's ``extra_forbidden``) comes first and is said to be "not supported", so that the
+    client learns the server cannot honour it, not that its value is malformed."""
+    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")  # stable: the rest keep their order
+
+    def where(err: Any) -> str:
+        return ".".join(str(p) for p in err["loc"] if p != "body")
+
+    def why(err: Any) -> str:
+        return "not supported by this server" if err["type"] == "extra_forbidden" else str(err["msg"])
+
+    message = "; ".join(f"{where(err) or 'body'}: {why(err)}" for err in errors)
+    return _error(400, message, where(errors[0]) or None)
 
 
 def build_app(
@@ -256,8 +371,14 @@ def build_app(
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         received = int(time.time())  # OpenAI's "created": when this request arrived
+        # A chat reply without a budget may use the rest of the context (as OpenAI-compatible
+        # servers do: 16 tokens would cut most replies short); at least 1, so that a prompt
+        # that fills the context is refused by the engine for its length. Completions keep
+        # OpenAI's default of 16.
+        default_max_tokens = max(1, engine.max_model_len - len(prompt)) if chat else None
         try:
-            stream = engine.generate(prompt, body.sampling_params(), request_id=rid, priority=body.priority)
+            params = body.sampling_params(default_max_tokens)
+            stream = engine.generate(prompt, params, request_id=rid, priority=body.priority)
             # Raises here, before any byte is sent, if the request is refused.
             first = await _unless_disconnected(request, anext(stream))
             if first is None:
@@ -287,18 +408,26 @@ def build_app(
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request, body: CompletionRequest) -> Response | dict[str, Any]:
+        if (refused := body.unsupported()) is not None:
+            return _error(400, refused[1], refused[0])
         return await serve(request, body, body.prompt, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response | dict[str, Any]:
+        if (refused := body.unsupported()) is not None:
+            return _error(400, refused[1], refused[0])
         tokenizer = engine.tokenizer
         if tokenizer is None or not tokenizer.chat_template:
             return _error(400, f"{model_name} has no chat template; use /v1/completions", "messages")
-        if sum(len(m.content) for m in body.messages) > max_prompt_chars:
+        try:
+            messages = [m.for_template(i) for i, m in enumerate(body.messages)]
+        except InvalidRequestError as e:
+            return _error(400, str(e), e.param)
+        if sum(len(m["content"]) for m in messages) > max_prompt_chars:
             return _error(400, f"the messages are longer than max_model_len "
                                f"({engine.max_model_len} tokens) allows", "messages")
         try:  # rendered in a worker thread: a large template render does not stall the event loop
-            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, [m.model_dump() for m in body.messages])
+            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages)
         except Exception as e:  # the template refused these messages (e.g. roles out of order)
             return _error(400, f"the chat template cannot render these messages: {e}", "messages")
         return await serve(request, body, prompt, chat=True)
