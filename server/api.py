@@ -119,7 +119,7 @@ class CompletionRequest(_Generation):
     """``/v1/completions``: a text or token-id prompt; ``max_tokens`` defaults to 16 (OpenAI's default)."""
 
     prompt: str | list[int]
-    best_of: int | None = None  # 1 only: we do not sample extra candidates to rank them
+    best_of: int | None = Field(None, ge=1)  # 1 only: we do not sample extra candidates to rank them
     echo: bool | None = None  # false only
     suffix: str | None = None  # empty only: no insertion (fill-in-the-middle) prompts
     logprobs: int | None = None  # null only: token logprobs are not computed yet

@@ -193,6 +193,10 @@ def test_completions_refuse_what_they_cannot_honour(client: TestClient, field: s
     refused(client.post("/v1/completions", json=COMPLETION | {field: value}), field, "not supported")
 
 
+def test_best_of_below_1_is_a_bad_value(client: TestClient) -> None:
+    refused(client.post("/v1/completions", json=COMPLETION | {"best_of": 0}), "best_of", "greater than or equal to 1")
+
+
 def test_neutral_values_and_user_are_accepted(client: TestClient) -> None:
     neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u-1", "tools": None,
                "response_format": None, "stream_options": None}
