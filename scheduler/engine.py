@@ -74,10 +74,55 @@ class Tokenizer(Protocol):
 
 @dataclass
 class _TextState:
-    """One sequence's incremental detokenization."""
+    """One sequence's incremental detokenization, and its stop strings.
+
+    ``text`` is all the text decoded so far (cut right before a stop string once one is
+    found); ``sent`` is how much of it has been streamed. What lies between is held back
+    because it could still be the start of a stop string."""
 
     detokenizer: Detokenizer
+    stop: Sequence[str] = ()
     text: str = ""
+    sent: int = 0
+
+    def add(self, token_id: int) -> bool:
+        """Decode one more token; return whether the text now contains a stop string (and
+        cut it there). Only the new piece and the ``longest stop - 1`` characters before it
+        are searched: the text before held no stop string, so any match ends in the piece."""
+        piece = self.detokenizer.step(token_id)
+        if not piece:
+            return False
+        if not self.stop:
+            self.text += piece
+            return False
+        start = max(0, len(self.text) - max(map(len, self.stop)) + 1)
+        window = self.text[start:] + piece
+        found = [i for i in (window.find(s) for s in self.stop) if i >= 0]
+        self.text += piece
+        if found:  # the earliest match wins
+            self.text = self.text[: start + min(found)]
+            return True
+        return False
+
+    def release(self, finished: bool) -> str:
+        """The text to stream now: everything not yet sent, but while the sequence runs, not
+        a suffix that could be the start of a stop string."""
+        end = len(self.text) if finished else max(self.sent, len(self.text) - self._held())
+        new_text, self.sent = self.text[self.sent : end], end
+        return new_text
+
+    def _held(self) -> int:
+        """The length of the longest suffix of the text that is a proper prefix of a stop string."""
+        text, held = self.text, 0
+        for stop in self.stop:
+            tail = text[len(text) - len(stop) + 1 :] if len(stop) <= len(text) else text
+            i = tail.find(stop[0])
+            while 0 <= i and len(tail) - i > held:  # longest candidates first
+                if stop.startswith(tail[i:]):
+                    held = len(tail) - i
+                    break
+                i = tail.find(stop[0], i + 1)
+        return held
 
 
 class LLMEngine:
@@ -127,6 +172,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}", "request_id")
         if type(priority) is not int or not -(2**31) <= priority < 2**31:
             raise InvalidRequestError(f"priority must be an integer in [-2**31, 2**31), got {priority!r}", "priority")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need an engine with a tokenizer; give stop_token_ids", "stop")
         prompt_token_ids = self.tokenize(prompt)
         top_stop = max(params.stop_token_ids, default=-1)  # each one is >= 0 (SamplingParams)
         if top_stop >= self.executor.vocab_size:
@@ -168,6 +215,9 @@ class LLMEngine:
             news: dict[str, tuple[list[Request], set[int]]] = {}
             for seq in self.scheduler.update(plan, sampled):
                 news.setdefault(seq.request_id, (seq.group, set()))[1].add(seq.index)
+                if self.tokenizer is not None and seq.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR):
+                    if self._text_state(seq).add(seq.token_ids[-1]):  # a stop string: this sequence is done
+                        self.scheduler.finish_sequence(seq, FinishReason.STOP)
             for s in plan.scheduled:  # failed rows: their requests end with no new token
                 if s.request.finish_reason is FinishReason.ERROR:
                     news.setdefault(s.request.request_id, (s.request.group, set()))
@@ -253,19 +303,29 @@ class LLMEngine:
             )
         return type(sampling_params)(**sampling_params.model_dump())
 
+    def _text_state(self, seq: Request) -> _TextState:
+        """The detokenization state of ``seq`` (made at its first token: forks appear late)."""
+        assert self.tokenizer is not None
+        states = self._texts[seq.request_id]
+        while len(states) <= seq.index:
+            states.append(_TextState(self.tokenizer.detokenizer(), seq.params.stop))
+        return states[seq.index]
+
     def _with_text(self, out: RequestOutput) -> RequestOutput:
-        """``out`` with its sequences' text filled in (as is, without a tokenizer)."""
+        """``out`` with its sequences' text filled in (as is, without a tokenizer): what
+        each one may stream now (``new_text``) and all it has streamed (``text``), so that
+        the ``new_text`` of a sequence's outputs add up to its final ``text``."""
         if self.tokenizer is None:
             return out
         states = self._texts[out.request_id] if not out.finished else self._texts.pop(out.request_id)
         sequences = []
         for seq in out.outputs:
-            while len(states) <= seq.index:  # a sequence's first token: forks appear late
-                states.append(_TextState(self.tokenizer.detokenizer()))
-            state = states[seq.index]
-            new_text = "".join(state.detokenizer.step(t) for t in seq.new_token_ids)
-            state.text += new_text
-            sequences.append(replace(seq, new_text=new_text, text=state.text))
+            if seq.index < len(states):
+                state = states[seq.index]
+                new_text = state.release(seq.finished)
+                sequences.append(replace(seq, new_text=new_text, text=state.text[: state.sent]))
+            else:  # no token yet, so no text
+                sequences.append(seq)
         return replace(out, outputs=tuple(sequences))
 
     @property

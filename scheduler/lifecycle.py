@@ -117,6 +117,23 @@ class RequestLifecycle:
             self._finish(seq, FinishReason.ABORT, now)
         return request
 
+    def finish_sequence(self, seq: Request, reason: FinishReason) -> None:
+        """End one sequence for ``reason`` and free its blocks; its siblings (``n > 1``) go
+        on, and the request is over when its last sequence is. The engine calls this for
+        stop strings, which only it can see (they need the text). A sequence that already
+        ended in this step's :meth:`update` for stop or length (its last token also reached
+        ``max_tokens``) takes ``reason`` instead; one aborted or failed keeps its reason."""
+        if seq.status is RequestStatus.FINISHED:
+            if seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+                seq.finish_reason = reason
+            return
+        if seq.status is RequestStatus.RUNNING:
+            self.running.remove(seq)
+            self._fork_seats -= seq.params.n - 1
+        else:
+            self.waiting.remove(seq)
+        self._finish(seq, reason, self.clock())
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

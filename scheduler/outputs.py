@@ -125,10 +125,13 @@ class SequenceOutput:
     output_token_ids: list[int]
     finish_reason: FinishReason | None
     new_text: str = ""
-    """Text of ``new_token_ids``; empty when the engine has no tokenizer, or while a
+    """The text streamed now: that of ``new_token_ids``, except what is held back while it
+    could still be the start of a stop string (``SamplingParams.stop``; released when it
+    cannot, or when the sequence ends). Empty when the engine has no tokenizer, or while a
     multi-byte character is still incomplete."""
     text: str = ""
-    """All the output text so far."""
+    """All the output text streamed so far: the ``new_text`` of the sequence's outputs add
+    up to it. A sequence ended by a stop string ends right before it."""
     error: str | None = None
     """What went wrong, when ``finish_reason`` is error."""
 

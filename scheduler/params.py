@@ -32,6 +32,21 @@ MAX_STOP_TOKEN_IDS = 1024
 """The most ``stop_token_ids`` one request may give: a bound on what one request costs to
 validate and to hold (the per-token check itself is a set lookup, see ``Request.stop_ids``)."""
 
+MAX_STOP_STRINGS = 16
+"""The most ``stop`` strings one request may give."""
+MAX_STOP_STRING_LENGTH = 256
+"""The longest ``stop`` string, in characters: the engine searches only each step's new
+text and the last ``MAX_STOP_STRING_LENGTH - 1`` characters before it."""
+
+
+def _stop_strings_as_tuple(value: object) -> object:
+    """``stop`` as given: one string (a sequence of one), or a list or tuple of them; any
+    other value goes on unchanged to the type check."""
+    return (value,) if isinstance(value, str) else value
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_LENGTH)]
+
 
 _SHORT = reprlib.Repr()
 """Shows the refused value in a message without echoing all of it: a million stop ids
@@ -93,7 +108,7 @@ class SamplingParams(InputModel):
     ``temperature`` below ``GREEDY_TEMPERATURE`` (0 included) means greedy. ``top_k`` of
     -1 or 0 and ``top_p == 1`` switch those filters off. A request stops at the model's
     EOS (unless ``ignore_eos``), at any of ``stop_token_ids``, or after ``max_tokens`` new
-    tokens.
+    tokens, or when its generated text contains any of the ``stop`` strings.
 
     Out-of-range or wrongly typed values raise :class:`pagedkv.InvalidRequestError` whose
     ``param`` names the field.
@@ -112,6 +127,20 @@ class SamplingParams(InputModel):
     ] = ()
     """A list or a tuple (at most ``MAX_STOP_TOKEN_IDS``); kept as a tuple, so that the
     parameters stay hashable."""
+    stop: Annotated[
+        Sequence[StopString],
+        BeforeValidator(_stop_strings_as_tuple),
+        Field(max_length=MAX_STOP_STRINGS),
+        AfterValidator(tuple),
+    ] = ()
+    """Stop strings (vLLM's and OpenAI's ``stop``): one string or a list of them (at most
+    ``MAX_STOP_STRINGS``, each 1 to ``MAX_STOP_STRING_LENGTH`` characters), kept as a tuple.
+    A sequence ends (``finish_reason`` stop) as soon as its generated text contains one of
+    them, and its text ends right before the first occurrence: the stop string itself is
+    not returned. Its ``output_token_ids`` keep every token generated, the one that
+    completed the stop string included (as vLLM does). While streaming, text that could
+    still be the start of a stop string is held back from ``new_text`` until it cannot
+    match (or the sequence ends for another reason). Needs an engine with a tokenizer."""
     ignore_eos: bool = False
 
     @field_validator("seed")

@@ -1,4 +1,5 @@
-"""Helpers the tests share: the drain check, random prompts, a recording executor.
+"""Helpers the tests share: the drain check, random prompts, a recording executor, a
+scripted one and a tokenizer of fixed pieces.
 
 Plain functions and classes, imported as ``from tests.helpers import ...``; the fixtures
 built on them live in ``conftest.py``.
@@ -7,6 +8,7 @@ built on them live in ``conftest.py``.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from pagedkv.scheduler import EngineConfig, LLMEngine, SchedulerOutput
 
@@ -54,3 +56,49 @@ def drain(engine: LLMEngine, max_steps: int = 1000) -> None:
             return
         engine.step()
     raise AssertionError("engine did not finish")
+
+
+class ScriptedExecutor(RecordingExecutor):
+    """Samples chosen tokens: sequence ``i`` of every request gets ``scripts[i]`` in order
+    (then ``filler``); a forking row gets the first token of each script."""
+
+    def __init__(self, scripts: list[list[int]], filler: int = 0) -> None:
+        super().__init__()
+        self.scripts, self.filler = scripts, filler
+
+    def _token(self, index: int, position: int) -> int:
+        script = self.scripts[index] if index < len(self.scripts) else []
+        return script[position] if position < len(script) else self.filler
+
+    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+        self.plans.append(plan)
+        rows = []
+        for s in plan.scheduled:
+            seq = s.request
+            if s.samples > 1:
+                rows.append(tuple(self._token(i, 0) for i in range(s.samples)))
+            else:
+                rows.append((self._token(seq.index, seq.num_output_tokens),) * s.samples)
+        return rows
+
+
+class PieceTokenizer:
+    """Token ``t`` reads as ``pieces[t]`` (a fixed string, maybe empty or several characters),
+    whatever came before it. Prompts are given as token ids."""
+
+    chat_template: str | None = None
+
+    def __init__(self, pieces: dict[int, str]) -> None:
+        self.pieces = pieces
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError("give the prompt as token ids")
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        raise NotImplementedError
+
+    def detokenizer(self) -> PieceTokenizer:
+        return self
+
+    def step(self, token_id: int) -> str:
+        return self.pieces[token_id]
