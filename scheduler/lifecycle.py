@@ -71,11 +71,11 @@ class RequestLifecycle:
                 f"request_id {request_id!r} is already in use by an unfinished request", "request_id"
             )
         total = num_prompt_tokens + max_tokens
-        if total > self.max_model_len:
+        if total > self.max_model_len:  # blame the prompt only if it leaves no room for one token
             raise InvalidRequestError(
                 f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
                 f"exceeds max_model_len ({self.max_model_len})",
-                "prompt",
+                "prompt" if num_prompt_tokens >= self.max_model_len else "max_tokens",
             )
         # The last sampled token is never fed back, so it needs no slot.
         blocks = self.kv.blocks_for(total - 1)

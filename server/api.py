@@ -76,7 +76,7 @@ class _Generation(_OpenAIBody):
 
     model: str
     stream: bool = False
-    stop: str | list[str] | None = None  # OpenAI's stop strings: refused (400) rather than ignored
+    stop: str | list[str] | None = None  # OpenAI's stop strings: SamplingParams.stop
     priority: int = 0
     max_tokens: int | None = None
     temperature: float | None = None
@@ -355,8 +355,6 @@ def build_app(
     ) -> Response | dict[str, Any]:
         if body.model != model_name:
             return _error(400, f"unknown model {body.model!r}; this server serves {model_name!r}", "model")
-        if body.stop:
-            return _error(400, "stop strings are not supported; give stop_token_ids", "stop")
         if body.priority and not allow_priority:
             return _error(400, "priority is not accepted by this server (start it with --allow-priority)",
                           "priority")

@@ -5,6 +5,7 @@ OpenAI field we cannot honour is a 400 naming it, never a 200 that ignored it.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -212,5 +213,16 @@ def test_an_unsupported_field_is_named_before_other_errors(client: TestClient) -
     assert "prompt" in r.json()["error"]["message"] and "temperature" in r.json()["error"]["message"]
 
 
-def test_stop_strings_are_still_refused(client: TestClient) -> None:
-    refused(client.post("/v1/chat/completions", json=CHAT | {"stop": ["\n"]}), "stop", "not supported")
+def test_stop_strings_end_the_answer_before_them(client: TestClient) -> None:
+    """Each token reads "x" here: a stop string of three x's stops at the third token, and the
+    answer ends before it (so it is empty), whole or streamed."""
+    body = CHAT | {"stop": ["yy", "xxx"], "max_tokens": 10}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    assert whole["choices"][0]["finish_reason"] == "stop" and whole["choices"][0]["message"]["content"] == ""
+    assert whole["usage"]["completion_tokens"] == 3
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == "[DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == ""
+    refused(client.post("/v1/chat/completions", json=CHAT | {"stop": [""]}), "stop", "stop")

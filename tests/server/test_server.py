@@ -125,7 +125,7 @@ def test_the_openai_client_package_works(serve, tiny_model):
     ({"model": MODEL, "prompt": [1] * 600}, "prompt", "max_model_len"),
     ({"model": MODEL, "prompt": [10**9]}, "prompt", "vocabulary"),
     ({"model": "gpt-4", "prompt": [1]}, "model", "unknown model"),
-    ({"model": MODEL, "prompt": [1], "stop": ["\n"]}, "stop", "stop strings are not supported"),
+    ({"model": MODEL, "prompt": [1], "stop": ["\n"]}, "stop", "stop strings need an engine with a tokenizer"),
 ])
 def test_bad_bodies_get_a_400_that_says_what_is_wrong(serve, tiny_model, body, field, says):
     server = serve()
