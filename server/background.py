@@ -6,12 +6,14 @@ server tested here is configured as the one deployed."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pagedkv.scheduler import LLMEngine
 from pagedkv.server.api import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS, build_app
@@ -23,6 +25,52 @@ DEFAULT_MAX_CONNECTIONS = 512
 """Beyond this many open connections (or tasks) uvicorn answers 503 instead of taking more."""
 MAX_HEADER_BYTES = 16 * 1024
 """h11's bound on an incomplete event: request line and headers larger than this are refused."""
+
+
+class HeadTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request head: a connection must send a
+    complete request line and headers within ``timeout_keep_alive`` seconds of opening, or of
+    its previous response, or it is closed.
+
+    uvicorn's own keep-alive timer starts only after a response, and any byte stops it, so a
+    client that connects and sends nothing, or half a request line, would otherwise hold its
+    socket, and a place under ``--max-connections``, for as long as it likes: enough such
+    sockets and every other client gets a 503."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._finished_cycle: object | None = None  # the cycle whose response armed the deadline
+        self._arm_head_deadline()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not self._finished_cycle:  # a new request head arrived in time
+            self._disarm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.cycle is not None and self.cycle.response_complete:
+            self._finished_cycle = self.cycle
+            self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        self._disarm_head_deadline()
+        self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self._head_timed_out)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 def uvicorn_config(
@@ -42,7 +90,7 @@ def uvicorn_config(
         app,
         host=host,
         port=port,
-        http="h11",  # the parser whose header bound is set below (httptools would ignore it)
+        http=HeadTimeoutH11Protocol,  # h11 (whose header bound is set below), with a deadline per request head
         timeout_keep_alive=timeout_keep_alive,
         limit_concurrency=max_connections,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,

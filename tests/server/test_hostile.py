@@ -262,6 +262,10 @@ def test_background_server_limits_connections_and_closes_idle_ones(serve):
             reply += s.recv(65536)
         assert reply.startswith(b"HTTP/1.1 200")
         assert s.recv(65536) == b"", "the server closed the idle connection (a 30 s socket timeout would raise)"
+    for idle in (b"", b"GET /hea", b"GET /health HTTP/1.1\r\nHost: localhost\r\n"):  # nothing, or half a head
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(idle)
+            assert s.recv(65536) == b"", f"the server closed a connection that sent only {idle!r}"
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:  # a header without end: refused
         s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Junk: " + b"j" * 40000)
         assert s.recv(65536).startswith(b"HTTP/1.1 4")
