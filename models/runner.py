@@ -17,7 +17,7 @@ from pagedkv.models.base import PagedLM
 from pagedkv.models.host_memory import keep_freed_memory
 from pagedkv.models.sampler import Sampler
 from pagedkv.paged.kv_cache import KVCache, resolve_num_blocks
-from pagedkv.scheduler.outputs import SampledRow, SchedulerOutput
+from pagedkv.scheduler.outputs import SampledRow, SampledTokens, SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig
 from pagedkv.scheduler.request import sequence_id
 
@@ -128,13 +128,19 @@ class ModelRunner:
                 seq_ids += [sequence_id(r.request_id, i) for i in range(s.samples)]
                 params += [r.params.for_sequence(i) for i in range(s.samples)]
         tokens = sampler(logits, seq_ids, params)
+        # Only when a row asks for them (None per row otherwise): most steps compute none.
+        logprobs = sampler.logprobs(logits, tokens, params) if any(p.logprobs is not None for p in params) else None
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         out: list[SampledRow] = []
         i = 0
         for s in plan.scheduled:
             rows = slice(i, i + s.samples)
+            row_logprobs = logprobs[rows] if logprobs is not None and s.request.params.logprobs is not None else None
             if all(finite[rows]):
-                out.append(tuple(tokens[rows]))
+                if row_logprobs is None:
+                    out.append(tuple(tokens[rows]))
+                else:  # a row's sequences share their request's logprobs setting: all are set
+                    out.append(SampledTokens(tokens[rows], [lp for lp in row_logprobs if lp is not None]))
             else:  # NaN or inf logits fail this request alone (see Scheduler.update)
                 out.append(FloatingPointError("non-finite logits"))
                 sampler.release(seq_ids[rows])  # forks that will never exist keep no generator

@@ -12,6 +12,7 @@ from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 
+from pagedkv.scheduler.outputs import TokenLogprobs
 from pagedkv.scheduler.params import SamplingParams
 
 
@@ -48,6 +49,40 @@ class Sampler:
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         return torch.where(is_greedy, greedy, sampled).tolist()
+
+    def logprobs(
+        self, logits: torch.Tensor, tokens: Sequence[int], params: Sequence[SamplingParams]
+    ) -> list[TokenLogprobs | None]:
+        """For each row of ``logits`` ([B, V]) whose parameters ask for ``logprobs``: the
+        log-probability of its sampled token (``tokens``, one per row) and its
+        ``params.logprobs`` most likely tokens with theirs, most likely first; None for the
+        other rows, which cost nothing.
+
+        These are log-probabilities of the model's raw distribution, ``log_softmax(logits)``
+        in float32, before temperature, top-k and top-p: what vLLM returns. So a greedy
+        token's logprob is that of the top-1, and a sampled token that top-k or top-p could
+        not have drawn still has its (finite) raw logprob. One ``log_softmax`` over the rows
+        that asked, one gather and one ``topk`` (as wide as the widest request) for all."""
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        out: list[TokenLogprobs | None] = [None] * len(params)
+        if not asked:
+            return out
+        rows = torch.tensor(asked, device=logits.device)
+        logprobs = logits.index_select(0, rows).float().log_softmax(dim=-1)
+        chosen = torch.tensor([tokens[i] for i in asked], device=logits.device)
+        sampled = logprobs.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+        widths = [params[i].logprobs or 0 for i in asked]
+        width = min(max(widths), logprobs.shape[-1])
+        top_values: list[list[float]] = []
+        top_ids: list[list[int]] = []
+        if width:
+            top = logprobs.topk(width, dim=-1)
+            top_values, top_ids = top.values.tolist(), top.indices.tolist()
+        for j, i in enumerate(asked):
+            k = widths[j]
+            pairs = tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True)) if width else ()
+            out[i] = TokenLogprobs(sampled[j], pairs)
+        return out
 
     def _seeded_generator(self, seq_id: Hashable, seed: int) -> torch.Generator:
         g = self._seeded.get(seq_id)

@@ -8,9 +8,11 @@ from pagedkv.scheduler.outputs import (
     EngineStats,
     RequestMetrics,
     RequestOutput,
+    SampledTokens,
     ScheduledRequest,
     SchedulerOutput,
     SequenceOutput,
+    TokenLogprobs,
 )
 from pagedkv.scheduler.params import EngineConfig, SamplingParams
 from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
@@ -27,9 +29,11 @@ __all__ = [
     "RequestMetrics",
     "RequestOutput",
     "RequestStatus",
+    "SampledTokens",
     "SamplingParams",
     "ScheduledRequest",
     "Scheduler",
     "SchedulerOutput",
     "SequenceOutput",
+    "TokenLogprobs",
 ]

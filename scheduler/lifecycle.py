@@ -24,7 +24,7 @@ from operator import attrgetter
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
-from pagedkv.scheduler.outputs import EngineStats, SampledRow, SchedulerOutput
+from pagedkv.scheduler.outputs import EngineStats, SampledRow, SampledTokens, SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig
 from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
 
@@ -167,8 +167,14 @@ class RequestLifecycle:
                 finished = failed = True
                 continue
             seqs = self._fork(request, len(tokens)) if len(tokens) > 1 else (request,)
-            for seq, token in zip(seqs, tokens, strict=True):
+            logprobs = tokens.logprobs if isinstance(tokens, SampledTokens) else None
+            for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
                 seq.token_ids.append(token)
+                if seq.logprobs is not None:  # asked for: kept while the executor computes them
+                    if logprobs is None:
+                        seq.logprobs = None
+                    else:
+                        seq.logprobs.append(logprobs[i])
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 reason = self._stop_reason(seq, token)

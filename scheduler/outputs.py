@@ -3,15 +3,42 @@ and the engine's stats."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeAlias
 
 from pagedkv.scheduler.request import FinishReason, Request
 
+
+class TokenLogprobs(NamedTuple):
+    """The log-probabilities of one generated token (``SamplingParams.logprobs``)."""
+
+    logprob: float
+    """The sampled token's log-probability."""
+    top: tuple[tuple[int, float], ...]
+    """The ``SamplingParams.logprobs`` most likely tokens as ``(token id, logprob)``, most
+    likely first."""
+
+
+class SampledTokens(tuple[int, ...]):
+    """A row's sampled tokens (a tuple of ints, so it is a :data:`SampledRow`) with the
+    log-probabilities of each, for the rows whose request asked for them. Executors that
+    compute none (the simulator, test fakes) return plain tuples."""
+
+    logprobs: tuple[TokenLogprobs, ...]
+
+    def __new__(cls, tokens: Iterable[int], logprobs: Iterable[TokenLogprobs]) -> SampledTokens:
+        row = super().__new__(cls, tokens)
+        row.logprobs = tuple(logprobs)
+        if len(row.logprobs) != len(row):
+            raise ValueError(f"{len(row.logprobs)} logprobs for {len(row)} tokens")
+        return row
+
+
 SampledRow: TypeAlias = "tuple[int, ...] | BaseException"
 """What an executor returns for one scheduled sequence of a step: the tokens it sampled
-(as many as its ``samples``), or an exception instance if its row failed alone."""
+(as many as its ``samples``; a :class:`SampledTokens` when they come with logprobs), or an
+exception instance if its row failed alone."""
 
 
 class ScheduledRequest(NamedTuple):
@@ -134,6 +161,11 @@ class SequenceOutput:
     up to it. A sequence ended by a stop string ends right before it."""
     error: str | None = None
     """What went wrong, when ``finish_reason`` is error."""
+    new_logprobs: list[TokenLogprobs] | None = None
+    """The log-probabilities of ``new_token_ids``, one per token (``SamplingParams.logprobs``);
+    None when the request asked for none."""
+    logprobs: list[TokenLogprobs] | None = None
+    """Those of all of ``output_token_ids``; None when the request asked for none."""
 
     @property
     def finished(self) -> bool:
@@ -164,7 +196,10 @@ class RequestOutput:
             request_id=group[0].request_id,
             outputs=tuple(
                 SequenceOutput(s.index, s.token_ids[-1:] if s.index in advanced else [], s.output_token_ids,
-                               s.finish_reason, error=s.error)
+                               s.finish_reason, error=s.error,
+                               new_logprobs=None if s.logprobs is None else s.logprobs[-1:] if s.index in advanced
+                               else [],
+                               logprobs=None if s.logprobs is None else list(s.logprobs))
                 for s in group
             ),
             finished=all(s.finished for s in group),

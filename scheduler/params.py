@@ -32,6 +32,9 @@ MAX_STOP_TOKEN_IDS = 1024
 """The most ``stop_token_ids`` one request may give: a bound on what one request costs to
 validate and to hold (the per-token check itself is a set lookup, see ``Request.stop_ids``)."""
 
+MAX_LOGPROBS = 20
+"""The most top alternatives ``logprobs`` may ask for per token (vLLM's and OpenAI's limit)."""
+
 MAX_STOP_STRINGS = 16
 """The most ``stop`` strings one request may give."""
 MAX_STOP_STRING_LENGTH = 256
@@ -142,6 +145,11 @@ class SamplingParams(InputModel):
     still be the start of a stop string is held back from ``new_text`` until it cannot
     match (or the sequence ends for another reason). Needs an engine with a tokenizer."""
     ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """Token log-probabilities (vLLM's ``logprobs``): None computes none; N (0 to
+    ``MAX_LOGPROBS``) returns, for every generated token, its log-probability and the N most
+    likely tokens with theirs (``SequenceOutput.logprobs``). They are those of the model's
+    raw distribution, before temperature, top-k and top-p (as vLLM returns them)."""
 
     @field_validator("seed")
     @classmethod

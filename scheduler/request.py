@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedkv.scheduler.params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedkv.scheduler.outputs import TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -70,6 +74,9 @@ class Request:
     """The scheduler's ordering key (smaller first), set when the request is added."""
     block_keys: list[bytes] = field(default_factory=list, repr=False)
     """Prefix-cache keys of its leading full blocks, computed once (``find_prefix``)."""
+    logprobs: list[TokenLogprobs] | None = field(init=False, repr=False)
+    """Those of each generated token, when ``params.logprobs`` asks for them and the executor
+    computes them (None otherwise)."""
 
     num_prompt_tokens: int = field(init=False)
     stop_ids: frozenset[int] = field(init=False, repr=False)
@@ -85,6 +92,7 @@ class Request:
         self.stop_ids = frozenset(self.params.stop_token_ids)
         self.seq_id = sequence_id(self.request_id, self.index)
         self.group = [self]
+        self.logprobs = None if self.params.logprobs is None else []
 
     @property
     def num_tokens(self) -> int:

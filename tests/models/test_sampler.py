@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pagedkv.models import Sampler
@@ -124,3 +125,56 @@ def test_a_small_temperature_still_samples():
     assert set(tokens.tolist()) == {3, 5}
     expected = 1 / (1 + torch.e)  # softmax of [0.01, 0] / 0.01 = [1, 0]
     assert abs(share - expected) < 0.03, share
+
+
+# logprobs (SamplingParams.logprobs)
+
+
+def test_logprobs_are_the_raw_log_softmax_and_top_n_sorted(tiny_model) -> None:
+    """Float32 tiny-model logits: the sampled token's logprob is ``log_softmax(logits)``
+    gathered, whatever the temperature, top-k or top-p; the top N are sorted, most likely
+    first, and begin with the greedy token; rows that did not ask get None."""
+    from pagedkv.models import prefill_logits
+
+    with torch.inference_mode():
+        logits = prefill_logits(tiny_model, list(range(1, 9)))  # [8, V]
+    assert logits.dtype == torch.float32
+    params = [
+        SamplingParams(temperature=0.0, logprobs=5),
+        SamplingParams(temperature=0.7, top_k=3, logprobs=0),
+        SamplingParams(temperature=1.3, top_p=0.5, seed=3, logprobs=20),
+        SamplingParams(temperature=1.0),  # asks for none
+        SamplingParams(temperature=0.0, logprobs=1),
+        SamplingParams(temperature=1.0, logprobs=2),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.5, logprobs=3),
+    ]
+    sampler = Sampler(torch.device("cpu"), 0)
+    tokens = sampler(logits, [f"s{i}" for i in range(8)], params)
+    out = sampler.logprobs(logits, tokens, params)
+    expected = torch.log_softmax(logits, dim=-1)
+    for row, (p, lp) in enumerate(zip(params, out, strict=True)):
+        if p.logprobs is None:
+            assert lp is None
+            continue
+        assert lp is not None
+        assert lp.logprob == pytest.approx(float(expected[row, tokens[row]]), abs=1e-6)
+        assert len(lp.top) == p.logprobs
+        ids = [t for t, _ in lp.top]
+        values = [v for _, v in lp.top]
+        assert values == sorted(values, reverse=True)
+        assert ids == expected[row].topk(p.logprobs).indices.tolist()
+        for t, v in lp.top:
+            assert v == pytest.approx(float(expected[row, t]), abs=1e-6)
+        if lp.top:
+            assert ids[0] == int(logits[row].argmax())
+        if p.greedy:
+            assert tokens[row] == int(logits[row].argmax())
+            if lp.top:
+                assert lp.logprob == lp.top[0][1]  # greedy: the sampled token is the top-1
+
+
+def test_no_row_asking_costs_nothing() -> None:
+    sampler = Sampler(torch.device("cpu"), 0)
+    params = [SamplingParams(temperature=0.0)] * 3
+    assert sampler.logprobs(logits_rows(3), [0, 0, 0], params) == [None, None, None]
