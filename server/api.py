@@ -21,7 +21,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
@@ -31,10 +31,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
-from pagedkv.scheduler import RequestOutput, SamplingParams
+from pagedkv.scheduler import RequestOutput, SamplingParams, SequenceOutput, TokenLogprobs
+from pagedkv.scheduler.engine import Tokenizer
+from pagedkv.scheduler.params import MAX_LOGPROBS
 from pagedkv.server.async_engine import AsyncLLMEngine
 from pagedkv.server.metrics import MetricsPage
 
@@ -54,7 +57,7 @@ makes a token of more than a few dozen characters, so such a prompt is certainly
 class _OpenAIBody(BaseModel):
     """A request body part: strictly typed, and every field not declared is refused (a 400
     naming it, "not supported by this server") rather than ignored, so that a client never
-    gets a 200 that silently dropped what it asked for (tools, a response format, logprobs...).
+    gets a 200 that silently dropped what it asked for (tools, a response format...).
     A field given as ``null`` asks for nothing, so an undeclared one that is null counts as
     absent: clients that serialize every option, set or not, still work."""
 
@@ -105,6 +108,10 @@ class _Generation(_OpenAIBody):
         """The output budget the client asked for, if any."""
         return self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        """``SamplingParams.logprobs``: how many top alternatives per token, None for no logprobs."""
+        return None
+
     def sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
         """The engine's parameters for this body; ``default_max_tokens`` is the budget when the
         client gave none (None: :class:`SamplingParams`' default)."""
@@ -112,6 +119,7 @@ class _Generation(_OpenAIBody):
         given["max_tokens"] = self.requested_max_tokens()
         if given["max_tokens"] is None:
             given["max_tokens"] = default_max_tokens
+        given["logprobs"] = self.requested_logprobs()
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})  # null: the default
 
 
@@ -122,7 +130,7 @@ class CompletionRequest(_Generation):
     best_of: int | None = Field(None, ge=1)  # 1 only: we do not sample extra candidates to rank them
     echo: bool | None = None  # false only
     suffix: str | None = None  # empty only: no insertion (fill-in-the-middle) prompts
-    logprobs: int | None = None  # null only: token logprobs are not computed yet
+    logprobs: int | None = None  # OpenAI's legacy logprobs: that many top alternatives per token (0..20)
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.best_of is not None and self.best_of > 1:
@@ -131,9 +139,10 @@ class CompletionRequest(_Generation):
             return "echo", "echo is not supported by this server"
         if self.suffix:
             return "suffix", "suffix (insertion prompts) is not supported by this server"
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported by this server yet"
         return super().unsupported()
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs  # SamplingParams checks the range (param logprobs)
 
 
 class ChatContentPart(BaseModel):
@@ -180,8 +189,8 @@ class ChatCompletionRequest(_Generation):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # what current OpenAI clients send
-    logprobs: bool | None = None  # false only: token logprobs are not computed yet
-    top_logprobs: int | None = None  # 0 only
+    logprobs: bool | None = None  # true: each token's logprob, and top_logprobs alternatives
+    top_logprobs: int | None = None  # 0..MAX_LOGPROBS, with logprobs true only
 
     def unsupported(self) -> tuple[str, str] | None:
         if (self.max_completion_tokens is not None and self.max_tokens is not None
@@ -189,11 +198,14 @@ class ChatCompletionRequest(_Generation):
             return "max_completion_tokens", (
                 f"max_completion_tokens ({self.max_completion_tokens}) and max_tokens ({self.max_tokens}) "
                 "disagree; give one of them")
-        if self.logprobs:
-            return "logprobs", "logprobs are not supported by this server yet"
-        if self.top_logprobs:
-            return "top_logprobs", "top_logprobs are not supported by this server yet"
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            return "top_logprobs", f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs set to true"
         return super().unsupported()
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
@@ -280,20 +292,135 @@ class _Gate:
         return _error(413, f"the request body is larger than this server's limit of {self.max_body_bytes} bytes")
 
 
-def _validation_error(e: RequestValidationError) -> JSONResponse:
-    """A refused body as a 400 naming the first field at fault. A field we do not declare
-    (pydantic's ``extra_forbidden``) comes first and is said to be "not supported", so that the
-    client learns the server cannot honour it, not that its value is malformed."""
-    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")  # stable: the rest keep their order
+class ErrorDetail(BaseModel):
+    """OpenAI's error object."""
 
-    def where(err: Any) -> str:
-        return ".".join(str(p) for p in err["loc"] if p != "body")
+    message: str
+    type: str = Field(description="invalid_request_error, not_found_error or server_error")
+    param: str | None = Field(description="the request field at fault (messages.0.role), or null")
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response, in OpenAI's shape: ``{"error": {...}}``."""
+
+    error: ErrorDetail
+
+
+_ERROR_WHEN = {
+    400: "An invalid request: a body that is not valid JSON or not an object, a bad value or a field this server "
+         "does not support (named by param), an unknown model, or a prompt too long",
+    401: "No valid API key (only on a server started with one)",
+    413: "A request body larger than the server's limit",
+    421: "A Host header this server does not answer to (only on a server with a Host allow-list)",
+    500: "The engine failed the request",
+    503: "Too many requests wait, or the engine has stopped",
+}
+
+
+def _responses(*statuses: int, v1: bool, api_key: str | None,
+               allowed_hosts: Collection[str] | None) -> dict[int | str, dict[str, Any]]:
+    """A route's error responses for the OpenAPI schema (``responses=``), each with :class:`ErrorBody`:
+    ``statuses``, those of :class:`_Gate` that apply (413; 401 on ``/v1/*`` with an API key; 421 with a
+    Host allow-list), and ``default`` for any other. A ``default`` also keeps FastAPI from advertising its
+    422, which this server never returns (:func:`_validation_error` makes them 400s)."""
+    codes = {*statuses, 413}
+    if v1 and api_key:
+        codes.add(401)
+    if allowed_hosts is not None:
+        codes.add(421)
+    responses: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorBody, "description": _ERROR_WHEN[code]} for code in sorted(codes)}
+    responses["default"] = {"model": ErrorBody, "description": "Any other error, in the same shape"}
+    return responses
+
+
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+_MAX_ERRORS_TOLD = 10
+
+
+def _param(loc: Sequence[Any], body: Any, missing: bool) -> str | None:
+    """The dotted path of the field an error is about (``messages.0.role``), or None for the body
+    itself: ``loc`` without its leading ``"body"`` and without the names pydantic gives the members
+    of a union (``prompt.str``, ``prompt.list[int]``) or to dict keys (``[key]``), which are told
+    apart from the client's own keys by walking the body: it has no such key there. The last part of
+    a ``missing`` error is the required field not given."""
+    parts: list[str] = []
+    value = body
+    for i, part in enumerate(loc[1:], start=1):
+        if isinstance(value, dict) and isinstance(part, str) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        elif not (missing and i == len(loc) - 1):
+            continue
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
+def _whole_body_problem(kind: str, body: Any) -> str:
+    """What is wrong with a body refused as a whole (empty, or not a JSON object)."""
+    if kind == "missing":
+        return "the request body is empty; it must be a JSON object"
+    if isinstance(body, bytes | bytearray):  # FastAPI parses JSON only when the Content-Type says so
+        return "the request body must be a JSON object, sent with Content-Type: application/json"
+    return f"the request body must be a JSON object, not {_JSON_KINDS.get(type(body), 'that')}"
+
+
+def _validation_error(e: RequestValidationError) -> JSONResponse:
+    """A refused body as a 400 naming the first field at fault (never a 422). A field we do not
+    declare (pydantic's ``extra_forbidden``) comes first and is said to be "not supported", so that
+    the client learns the server cannot honour it, not that its value is malformed. A body that is
+    not valid JSON, empty or not an object is refused as a whole, with ``param`` null (FastAPI's
+    ``json_invalid`` error puts a character offset where the field would be)."""
+    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")  # stable: the rest keep their order
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        offset = first["loc"][-1] if len(first["loc"]) > 1 else None
+        where = f" (at character {offset})" if isinstance(offset, int) else ""
+        return _error(400, "the request body is not valid JSON" + (f": {reason}" if reason else "") + where)
+    if len(first["loc"]) <= 1:
+        return _error(400, _whole_body_problem(first["type"], e.body))
 
     def why(err: Any) -> str:
         return "not supported by this server" if err["type"] == "extra_forbidden" else str(err["msg"])
 
-    message = "; ".join(f"{where(err) or 'body'}: {why(err)}" for err in errors)
-    return _error(400, message, where(errors[0]) or None)
+    params = [_param(err["loc"], e.body, err["type"] == "missing") for err in errors]
+    def named(param: str | None, err: Any) -> str:
+        if param is None and err["type"] == "extra_forbidden":
+            return "'' (an empty field name)"  # the body's own key "", not the body
+        return param or "body"
+
+    told = [f"{named(param, err)}: {why(err)}" for param, err in zip(params, errors, strict=True)][:_MAX_ERRORS_TOLD]
+    if len(errors) > _MAX_ERRORS_TOLD:
+        told.append(f"and {len(errors) - _MAX_ERRORS_TOLD} more")
+    return _error(400, "; ".join(told), params[0])
+
+
+def _http_error(request: Request, e: StarletteHTTPException) -> Response:
+    """Starlette's and FastAPI's HTTP errors (404 for an unknown path, 405 for a wrong method, 400
+    for a body that cannot be decoded) in OpenAI's shape, keeping their headers (``Allow``)."""
+    headers = dict(e.headers or {})
+    if e.status_code in (204, 304):  # no body allowed
+        return Response(status_code=e.status_code, headers=headers)
+    kind = "invalid_request_error"
+    if e.status_code == 404:
+        message, kind = f"Invalid URL ({request.method} {request.url.path}): this server has no such path", \
+            "not_found_error"
+    elif e.status_code == 405:
+        allowed = headers.get("allow") or headers.get("Allow")
+        message = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
+    elif e.status_code == 400 and e.detail == "There was an error parsing the body":
+        message = "the request body is not valid JSON (it cannot be decoded)"
+    else:
+        message = str(e.detail)
+        if e.status_code >= 500:
+            kind = "server_error"
+    response = _error(e.status_code, message, kind=kind)
+    response.headers.update(headers)
+    return response
 
 
 def build_app(
@@ -334,18 +461,28 @@ def build_app(
     async def bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
         return _validation_error(e)
 
-    @app.get("/health", response_model=None)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        return _http_error(request, e)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception) -> JSONResponse:  # logged by Starlette, which re-raises it
+        return _error(500, "the server failed to handle this request", kind="server_error")
+
+    @app.get("/health", response_model=None,
+             responses=_responses(503, v1=False, api_key=api_key, allowed_hosts=allowed_hosts))
     async def health() -> JSONResponse | dict[str, str]:
         if not engine.is_running:
             return _error(503, ENGINE_STOPPED, kind="server_error")
         return {"status": "ok"}
 
-    @app.get("/v1/models", response_model=None)
+    @app.get("/v1/models", response_model=None,
+             responses=_responses(v1=True, api_key=api_key, allowed_hosts=allowed_hosts))
     async def models() -> dict[str, Any]:
         model = {"id": model_name, "object": "model", "created": created, "owned_by": "pagedkv"}
         return {"object": "list", "data": [model]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=_responses(v1=False, api_key=api_key, allowed_hosts=allowed_hosts))
     async def metrics() -> Response:
         # The stats are awaited between engine steps, then rendered without a further await.
         return Response(metrics_page.render(await engine.stats()), media_type=CONTENT_TYPE_LATEST)
@@ -391,7 +528,7 @@ def build_app(
         except RequestFailedError as e:
             return _error(500, str(e), kind="server_error")
         if body.stream:
-            events = _events(first, stream, rid, kind, model_name, chat)
+            events = _events(first, stream, rid, kind, model_name, chat, engine.tokenizer)
             return StreamingResponse(events, media_type="text/event-stream")
         try:
             final = await _unless_disconnected(request, _last(stream, first))
@@ -402,15 +539,17 @@ def build_app(
         if final is None:
             await stream.aclose()
             return _error(499, "client disconnected")
-        return _whole(final, rid, kind, model_name, received, chat)
+        return _whole(final, rid, kind, model_name, received, chat, engine.tokenizer)
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None,
+              responses=_responses(400, 500, 503, v1=True, api_key=api_key, allowed_hosts=allowed_hosts))
     async def completions(request: Request, body: CompletionRequest) -> Response | dict[str, Any]:
         if (refused := body.unsupported()) is not None:
             return _error(400, refused[1], refused[0])
         return await serve(request, body, body.prompt, chat=False)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None,
+               responses=_responses(400, 500, 503, v1=True, api_key=api_key, allowed_hosts=allowed_hosts))
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response | dict[str, Any]:
         if (refused := body.unsupported()) is not None:
             return _error(400, refused[1], refused[0])
@@ -461,26 +600,99 @@ def _usage(out: RequestOutput) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _whole(out: RequestOutput, rid: str, kind: str, model: str, created: int, chat: bool) -> dict:
+class _TokenTexts:
+    """Token ids as the text logprobs show them: the tokenizer's ``decode([id])`` (special tokens
+    kept) where it has one, else what a fresh detokenizer makes of the id alone; without a
+    tokenizer, ``"token_id:<id>"``. Each id is decoded once per response."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self._decode(token_id)
+        return text
+
+    def _decode(self, token_id: int) -> str:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            return f"token_id:{token_id}"
+        decode = getattr(tokenizer, "decode", None)  # not on the Tokenizer protocol (models.TextTokenizer has it)
+        if callable(decode):
+            return str(decode([token_id], skip_special_tokens=False))
+        return tokenizer.detokenizer().step(token_id)
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: a token the model rules out shows vLLM's -9999.0."""
+    return max(logprob, -9999.0)
+
+
+def _completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs], texts: _TokenTexts,
+                         offset: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy completions ``logprobs``; ``offset``: where the first token's text begins."""
+    tokens = [texts(t) for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [_finite(lp.logprob) for lp in logprobs],
+        "top_logprobs": [{texts(t): _finite(v) for t, v in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs], texts: _TokenTexts) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = texts(token_id)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8", "replace"))}
+
+    return {"content": [entry(t, lp.logprob) | {"top_logprobs": [entry(i, v) for i, v in lp.top]}
+                        for t, lp in zip(token_ids, logprobs, strict=True)]}
+
+
+def _choice_logprobs(s: SequenceOutput, texts: _TokenTexts, chat: bool, new: bool,
+                     offset: int = 0) -> dict[str, Any] | None:
+    """A choice's ``logprobs``: of all its tokens, or (``new``) of its new ones; None when not asked for."""
+    token_ids, logprobs = (s.new_token_ids, s.new_logprobs) if new else (s.output_token_ids, s.logprobs)
+    if logprobs is None:
+        return None
+    if chat:
+        return _chat_logprobs(token_ids, logprobs, texts)
+    return _completion_logprobs(token_ids, logprobs, texts, offset)
+
+
+def _whole(out: RequestOutput, rid: str, kind: str, model: str, created: int, chat: bool,
+           tokenizer: Tokenizer | None = None) -> dict:
     choices = []
+    texts = _TokenTexts(tokenizer)
     for s in out.outputs:
         reason = s.finish_reason.value if s.finish_reason else None  # set: the request has finished
         choice: dict[str, Any] = {"index": s.index, "finish_reason": reason, "token_ids": s.output_token_ids}
         if chat:
             choice["message"] = {"role": "assistant", "content": s.text}
+            choice["logprobs"] = _choice_logprobs(s, texts, chat, new=False)
         else:
-            choice |= {"text": s.text, "logprobs": None}
+            choice |= {"text": s.text, "logprobs": _choice_logprobs(s, texts, chat, new=False)}
         choices.append(choice)
     return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, "usage": _usage(out)}
 
 
 async def _events(first: RequestOutput, stream: AsyncGenerator[RequestOutput, None], rid: str, kind: str, model: str,
-                  chat: bool) -> AsyncIterator[str]:
+                  chat: bool, tokenizer: Tokenizer | None = None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per output with the news of every sequence, then
     ``[DONE]``. A client that disconnects closes this generator, which aborts the request."""
     created, chunk_kind = int(time.time()), f"{kind}.chunk" if chat else kind
     started: set[int] = set()
     ended: set[int] = set()
+    texts = _TokenTexts(tokenizer)
+    offsets: dict[int, int] = {}  # per sequence: text_offset of its next token (completions logprobs)
 
     def chunk(out: RequestOutput) -> str:
         choices = []
@@ -490,13 +702,16 @@ async def _events(first: RequestOutput, stream: AsyncGenerator[RequestOutput, No
             if s.finished:
                 ended.add(s.index)
             reason = s.finish_reason.value if s.finish_reason else None
+            logprobs = _choice_logprobs(s, texts, chat, new=True, offset=offsets.get(s.index, 0))
+            if logprobs is not None and not chat:
+                offsets[s.index] = offsets.get(s.index, 0) + sum(map(len, logprobs["tokens"]))
             if chat:
                 delta = {"content": s.new_text} | ({"role": "assistant"} if s.index not in started else {})
-                choices.append({"index": s.index, "delta": delta, "token_ids": s.new_token_ids,
+                choices.append({"index": s.index, "delta": delta, "token_ids": s.new_token_ids, "logprobs": logprobs,
                                 "finish_reason": reason})
             else:
-                choices.append({"index": s.index, "text": s.new_text, "token_ids": s.new_token_ids, "logprobs": None,
-                                "finish_reason": reason})
+                choices.append({"index": s.index, "text": s.new_text, "token_ids": s.new_token_ids,
+                                "logprobs": logprobs, "finish_reason": reason})
             started.add(s.index)
         body = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": choices}
         if out.finished:

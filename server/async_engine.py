@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
-from pagedkv.scheduler import EngineStats, LLMEngine, RequestOutput, SamplingParams
+from pagedkv.scheduler import EngineStats, LLMEngine, RequestOutput, SamplingParams, TokenLogprobs
 from pagedkv.scheduler.engine import Tokenizer
 from pagedkv.server.metrics import latency_histograms
 
@@ -38,7 +38,7 @@ class _Stream:
     Every output the engine hands back carries a fresh copy of all the sequence's tokens
     and text so far, so a queue of them, for a consumer that stops reading, would hold
     O(output²) tokens. Instead an output that arrives while an earlier one still waits
-    is merged with it: the waiting news (new tokens and new text) is kept as pieces, the
+    is merged with it: the waiting news (new tokens, their logprobs and new text) is kept as pieces, the
     rest (``output_token_ids``, ``text``, ``finish_reason``, ``metrics``) is the newest
     output's. The consumer then reads one output whose news is all it missed: the news of
     the outputs read, concatenated, is the whole, and a stalled stream holds O(output).
@@ -49,6 +49,7 @@ class _Stream:
         self._merged = 0  # outputs merged into the waiting one
         self._tokens: dict[int, list[int]] = {}  # per sequence index: the news since the last read
         self._texts: dict[int, list[str]] = {}
+        self._logprobs: dict[int, list[TokenLogprobs]] = {}  # (only for requests that asked for them)
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
@@ -56,6 +57,8 @@ class _Stream:
         for s in out.outputs:
             self._tokens.setdefault(s.index, []).extend(s.new_token_ids)
             self._texts.setdefault(s.index, []).append(s.new_text)
+            if s.new_logprobs is not None:
+                self._logprobs.setdefault(s.index, []).extend(s.new_logprobs)
         self._latest = out
         self._merged += 1
         self._ready.set()
@@ -76,7 +79,8 @@ class _Stream:
         out = self._latest
         if self._merged > 1:
             out = replace(out, outputs=tuple(
-                replace(s, new_token_ids=self._tokens.get(s.index, []), new_text="".join(self._texts.get(s.index, [])))
+                replace(s, new_token_ids=self._tokens.get(s.index, []), new_text="".join(self._texts.get(s.index, [])),
+                        new_logprobs=None if s.new_logprobs is None else self._logprobs.get(s.index, []))
                 for s in out.outputs))
         return [out]
 
@@ -89,7 +93,7 @@ class _Stream:
             assert self._error is not None
             raise self._error
         (out,) = self.held()
-        self._latest, self._merged, self._tokens, self._texts = None, 0, {}, {}
+        self._latest, self._merged, self._tokens, self._texts, self._logprobs = None, 0, {}, {}, {}
         return out
 
 
