@@ -601,9 +601,9 @@ def _usage(out: RequestOutput) -> dict:
 
 
 class _TokenTexts:
-    """Token ids as the text logprobs show them: the tokenizer's ``decode([id])`` (special tokens
-    kept) where it has one, else what a fresh detokenizer makes of the id alone; without a
-    tokenizer, ``"token_id:<id>"``. Each id is decoded once per response."""
+    """Token ids as the text logprobs show them: what a fresh detokenizer makes of the id alone
+    (the engine's Tokenizer protocol; a token holding part of a UTF-8 character shows as ""), or
+    without a tokenizer ``"token_id:<id>"``. Each id is decoded once per response."""
 
     def __init__(self, tokenizer: Tokenizer | None) -> None:
         self.tokenizer = tokenizer
@@ -619,9 +619,6 @@ class _TokenTexts:
         tokenizer = self.tokenizer
         if tokenizer is None:
             return f"token_id:{token_id}"
-        decode = getattr(tokenizer, "decode", None)  # not on the Tokenizer protocol (models.TextTokenizer has it)
-        if callable(decode):
-            return str(decode([token_id], skip_special_tokens=False))
         return tokenizer.detokenizer().step(token_id)
 
 
