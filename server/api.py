@@ -170,10 +170,12 @@ class ChatMessage(_OpenAIBody):
             return self.content
         texts = []
         for i, part in enumerate(self.content):
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise InvalidRequestError(
                     f"messages[{index}].content[{i}]: content parts of type {part.type!r} are not supported "
                     "by this server; only {'type': 'text', 'text': ...}", "messages")
+            if part.text is None:
+                raise InvalidRequestError(f"messages[{index}].content[{i}]: a text part needs its 'text'", "messages")
             texts.append(part.text)
         return "\n".join(texts)
 

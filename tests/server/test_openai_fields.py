@@ -133,16 +133,16 @@ def test_content_may_be_a_list_of_text_parts(client: TestClient, tokenizer: Temp
     assert tokenizer.rendered == [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "one\ntwo"}]]
 
 
-@pytest.mark.parametrize("part", [
-    {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
-    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
-    {"type": "text"},  # no text
+@pytest.mark.parametrize("part, says", [
+    ({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}, "not supported"),
+    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "not supported"),
+    ({"type": "text"}, "a text part needs its 'text'"),
 ])
 def test_parts_other_than_text_are_refused(client: TestClient, tokenizer: TemplateTokenizer,
-                                           part: dict[str, Any]) -> None:
+                                           part: dict[str, Any], says: str) -> None:
     content = [{"type": "text", "text": "what is this?"}, part]
     r = client.post("/v1/chat/completions", json=CHAT | {"messages": [{"role": "user", "content": content}]})
-    refused(r, "messages", "not supported")
+    refused(r, "messages", says)
     assert "content[1]" in r.json()["error"]["message"]
     assert tokenizer.rendered == [], "refused before rendering"
 
