@@ -503,8 +503,8 @@ def build_app(
                                    f"({engine.max_model_len} tokens) allows", "prompt")
             try:  # in a worker thread, so the loop serves others meanwhile
                 prompt = await engine.tokenize(prompt)
-            except InvalidRequestError as e:
-                return _error(400, str(e), e.param)
+            except InvalidRequestError as e:  # a chat prompt is the rendered messages: blame those
+                return _error(400, str(e), "messages" if chat and e.param == "prompt" else e.param)
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         received = int(time.time())  # OpenAI's "created": when this request arrived

@@ -223,3 +223,9 @@ def test_stop_strings_end_the_answer_before_them(client: TestClient) -> None:
     assert events[-1] == "[DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == ""
     refused(client.post("/v1/chat/completions", json=CHAT | {"stop": [""]}), "stop", "stop")
+
+
+def test_a_lone_surrogate_in_chat_content_is_a_400_naming_messages(client: TestClient) -> None:
+    body = json.dumps(CHAT | {"messages": [{"role": "user", "content": "a\ud800b"}]})  # \ud800 in the JSON
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    refused(r, "messages", "lone surrogate")
