@@ -102,3 +102,22 @@ class PieceTokenizer:
 
     def step(self, token_id: int) -> str:
         return self.pieces[token_id]
+
+
+class CharTokenizer:
+    """One token per character, every token reading "x", and a chat template of ``role:
+    content`` lines: enough for text prompts, chat and stop strings on the tiny random model."""
+
+    chat_template: str | None = "role: content lines"
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 200 + 1 for c in text]
+
+    def detokenizer(self) -> CharTokenizer:
+        return self
+
+    def step(self, token_id: int) -> str:
+        return "x"
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages)

@@ -21,30 +21,13 @@ from pagedkv.models import ModelRunner  # noqa: E402
 from pagedkv.scheduler import EngineConfig, LLMEngine  # noqa: E402
 from pagedkv.server.api import ErrorBody, build_app  # noqa: E402
 from pagedkv.server.async_engine import AsyncLLMEngine  # noqa: E402
+from tests.helpers import CharTokenizer  # noqa: E402
 
 MODEL = "tiny"
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 JSON = {"content-type": "application/json"}
 
 
-class _Detok:
-    def step(self, token_id: int) -> str:
-        return "x"
-
-
-class CharTokenizer:
-    """One token per character, and a chat template of ``role: content`` lines."""
-
-    chat_template: str | None = "role: content lines"
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) % 200 + 1 for c in text]
-
-    def detokenizer(self) -> _Detok:
-        return _Detok()
-
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
 
 def make_engine(tiny_model: Any) -> AsyncLLMEngine:

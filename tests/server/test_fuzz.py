@@ -16,7 +16,7 @@ import copy
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,7 +30,7 @@ from pagedkv.models import ModelRunner  # noqa: E402
 from pagedkv.scheduler import EngineConfig, LLMEngine  # noqa: E402
 from pagedkv.server.api import ErrorBody, build_app  # noqa: E402
 from pagedkv.server.async_engine import AsyncLLMEngine  # noqa: E402
-from tests.helpers import assert_drained  # noqa: E402
+from tests.helpers import CharTokenizer, assert_drained  # noqa: E402
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 48
@@ -39,31 +39,17 @@ ROUTES = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatC
 ERROR_TYPES = {"invalid_request_error", "not_found_error", "server_error"}
 
 
-class _Detok:
+class LetterTokenizer(CharTokenizer):
+    """Tokens read as letters, so that generated text varies and stop strings can match."""
+
     def step(self, token_id: int) -> str:
         return chr(ord("a") + token_id % 26)
-
-
-class CharTokenizer:
-    """One token per character, and a chat template of ``role: content`` lines, so that text
-    prompts, chat and stop strings work on the tiny random model."""
-
-    chat_template: str | None = "role: content lines"
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) % 200 + 1 for c in text]
-
-    def detokenizer(self) -> _Detok:
-        return _Detok()
-
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
 
 @pytest.fixture
 def served(tiny_model: Any) -> Iterator[tuple[TestClient, LLMEngine]]:
     engine = LLMEngine(ModelRunner(tiny_model), EngineConfig(num_blocks=64, max_model_len=MAX_MODEL_LEN),
-                       tokenizer=CharTokenizer())
+                       tokenizer=LetterTokenizer())
     with TestClient(build_app(AsyncLLMEngine(engine), MODEL)) as client:
         yield client, engine
     assert_drained(engine)  # after shutdown too
