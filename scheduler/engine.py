@@ -333,6 +333,12 @@ class LLMEngine:
         """The longest prompt + output this engine serves."""
         return self.scheduler.max_model_len
 
+    @property
+    def max_request_tokens(self) -> int:
+        """The longest prompt + output a request can have here: ``max_model_len``, or less when
+        the pool is smaller (the last sampled token needs no slot)."""
+        return min(self.max_model_len, self.kv_manager.num_blocks * self.config.block_size + 1)
+
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         """The prompt's token ids, checked as :meth:`add_request` checks them: from text (with
         the tokenizer) or from a list/tuple (or array) of ints; bools and bytes are refused.

@@ -44,9 +44,9 @@ from pagedkv.server.metrics import MetricsPage
 _T = TypeVar("_T")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+"""The largest request body accepted (413 beyond): generous for any prompt max_model_len allows."""
 ENGINE_STOPPED = "the engine has stopped"
 """What clients are told when the engine is gone; its internal error stays in the server's log."""
-"""The largest request body accepted (413 beyond): generous for any prompt max_model_len allows."""
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 """The Host names a server bound to loopback answers to: a DNS-rebinding page sends its own."""
 MAX_PROMPT_CHARS_PER_TOKEN = 32
@@ -291,7 +291,9 @@ class _Gate:
         return None
 
     def _too_large(self) -> JSONResponse:
-        return _error(413, f"the request body is larger than this server's limit of {self.max_body_bytes} bytes")
+        response = _error(413, f"the request body is larger than this server's limit of {self.max_body_bytes} bytes")
+        response.headers["connection"] = "close"  # else uvicorn reads and discards the rest of the body
+        return response
 
 
 class ErrorDetail(BaseModel):
@@ -497,6 +499,9 @@ def build_app(
         if body.priority and not allow_priority:
             return _error(400, "priority is not accepted by this server (start it with --allow-priority)",
                           "priority")
+        if not isinstance(prompt, str) and len(prompt) > engine.max_model_len:  # before the engine's checks
+            return _error(400, f"the prompt ({len(prompt)} tokens) is longer than max_model_len "
+                               f"({engine.max_model_len})", "prompt")
         if isinstance(prompt, str):
             if len(prompt) > max_prompt_chars:  # certainly too many tokens: refused without tokenizing
                 return _error(400, f"the prompt ({len(prompt)} characters) is longer than max_model_len "
@@ -508,11 +513,11 @@ def build_app(
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         received = int(time.time())  # OpenAI's "created": when this request arrived
-        # A chat reply without a budget may use the rest of the context (as OpenAI-compatible
-        # servers do: 16 tokens would cut most replies short); at least 1, so that a prompt
-        # that fills the context is refused by the engine for its length. Completions keep
-        # OpenAI's default of 16.
-        default_max_tokens = max(1, engine.max_model_len - len(prompt)) if chat else None
+        # A chat reply without a budget may use the rest of what a request can hold (the context,
+        # or the pool if smaller; as OpenAI-compatible servers do: 16 tokens would cut most
+        # replies short); at least 1, so that a prompt that fills it is refused by the engine for
+        # its length. Completions keep OpenAI's default of 16.
+        default_max_tokens = max(1, engine.max_request_tokens - len(prompt)) if chat else None
         try:
             params = body.sampling_params(default_max_tokens)
             stream = engine.generate(prompt, params, request_id=rid, priority=body.priority)

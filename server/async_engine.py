@@ -137,6 +137,10 @@ class AsyncLLMEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def max_request_tokens(self) -> int:
+        return self.engine.max_request_tokens
+
     async def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         """:meth:`LLMEngine.tokenize` in a worker thread, so that a long text does not hold up
         the event loop (it touches no engine state, so it needs no lock)."""

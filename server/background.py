@@ -82,10 +82,14 @@ def uvicorn_config(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     access_log: bool = False,
     log_level: str = "warning",
+    shutdown_timeout_s: float | None = None,
 ) -> uvicorn.Config:
     """uvicorn's settings against idle and flooding clients: a short keep-alive, a cap on
     connections, a header size bound (h11, uvicorn's parser unless httptools is installed), and
-    quiet logs (no access log: one line per request is a cost any client can make us pay)."""
+    quiet logs (no access log: one line per request is a cost any client can make us pay).
+    ``shutdown_timeout_s``: how long a shutdown waits for open requests before cancelling them
+    (uvicorn waits for its connections before the app's own shutdown runs, so a stalled client
+    would otherwise hold the server up for ever); None: wait."""
     return uvicorn.Config(
         app,
         host=host,
@@ -97,6 +101,7 @@ def uvicorn_config(
         access_log=access_log,
         log_level=log_level,
         server_header=False,
+        timeout_graceful_shutdown=None if shutdown_timeout_s is None else max(1, round(shutdown_timeout_s)),
     )
 
 

@@ -84,7 +84,8 @@ def server_config(args: argparse.Namespace, engine: AsyncLLMEngine) -> uvicorn.C
                     allowed_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None,
                     max_body_bytes=args.max_body_bytes, shutdown_timeout_s=args.shutdown_timeout)
     return uvicorn_config(app, args.host, args.port, timeout_keep_alive=args.timeout_keep_alive,
-                          max_connections=args.max_connections, access_log=args.access_log)
+                          max_connections=args.max_connections, access_log=args.access_log,
+                          shutdown_timeout_s=args.shutdown_timeout)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -157,11 +157,14 @@ def test_pagedkv_serve_builds_the_guarded_app_and_uvicorn_limits(tiny_model, mon
     config = server_config(serve_args("--model", "/srv/weights/my-model.gguf"), engine)
     assert (config.timeout_keep_alive, config.limit_concurrency, config.access_log) == (5, 512, False)
     assert config.log_level == "warning" and config.h11_max_incomplete_event_size == 16 * 1024
+    assert config.timeout_graceful_shutdown == 5, "a stalled client cannot hold shutdown up"
     client = TestClient(app_of(config), base_url="http://127.0.0.1:8000")  # no lifespan: the engine stays idle
     assert client.get("/v1/models").json()["data"][0]["id"] == "my-model"
     assert TestClient(app_of(config)).get("/health").status_code == 421  # Host "testserver": not loopback
     assert_openai_error(client.post("/v1/completions", json={"model": "my-model", "prompt": [1], "priority": 1}),
                         400, "priority")
+    long_ids = client.post("/v1/completions", json={"model": "my-model", "prompt": [1] * 600})  # max_model_len 512
+    assert_openai_error(long_ids, 400, "prompt")
 
     monkeypatch.setenv("PAGEDKV_API_KEY", "k")
     config = server_config(serve_args("--host", "0.0.0.0", "--served-model-name", "m", "--allow-priority",
@@ -172,8 +175,10 @@ def test_pagedkv_serve_builds_the_guarded_app_and_uvicorn_limits(tiny_model, mon
     assert client.get("/health").status_code == 200
     assert_openai_error(client.get("/v1/models"), 401)
     assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).json()["data"][0]["id"] == "m"
-    assert_openai_error(client.post("/v1/completions", content=b"x" * 101, headers={"Authorization": "Bearer k"}),
-                        413)
+    too_large = client.post("/v1/completions", content=b"x" * 101, headers={"Authorization": "Bearer k"})
+    assert_openai_error(too_large, 413)
+    assert too_large.headers["connection"] == "close", "the rest of the body is not read"
+
 
 
 # 1. One big request must not block the event loop

@@ -229,3 +229,15 @@ def test_a_lone_surrogate_in_chat_content_is_a_400_naming_messages(client: TestC
     body = json.dumps(CHAT | {"messages": [{"role": "user", "content": "a\ud800b"}]})  # \ud800 in the JSON
     r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     refused(r, "messages", "lone surrogate")
+
+
+def test_the_chat_default_budget_fits_a_pool_smaller_than_the_context(tiny_model: Any,
+                                                                      tokenizer: TemplateTokenizer) -> None:
+    """A pool of 8 blocks of 4 tokens holds 33 tokens of one request, less than max_model_len
+    (48): the default budget is what the pool holds, not a 400 about a max_tokens never sent."""
+    engine = LLMEngine(ModelRunner(tiny_model), EngineConfig(block_size=4, num_blocks=8, max_model_len=MAX_MODEL_LEN),
+                       tokenizer=tokenizer)
+    with TestClient(build_app(AsyncLLMEngine(engine), MODEL)) as c:
+        r = c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["total_tokens"] == 33
