@@ -305,10 +305,12 @@ class LLMEngine:
 
     def _text_state(self, seq: Request) -> _TextState:
         """The detokenization state of ``seq`` (made at its first token: forks appear late)."""
-        assert self.tokenizer is not None
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise RuntimeError("text state asked of an engine without a tokenizer")
         states = self._texts[seq.request_id]
         while len(states) <= seq.index:
-            states.append(_TextState(self.tokenizer.detokenizer(), seq.params.stop))
+            states.append(_TextState(tokenizer.detokenizer(), seq.params.stop))
         return states[seq.index]
 
     def _with_text(self, out: RequestOutput) -> RequestOutput:

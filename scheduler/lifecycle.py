@@ -107,14 +107,9 @@ class RequestLifecycle:
             return None
         now = self.clock()
         for seq in list(request.group):
-            if seq.status is RequestStatus.WAITING:
-                self.waiting.remove(seq)
-            elif seq.status is RequestStatus.RUNNING:
-                self.running.remove(seq)
-                self._fork_seats -= seq.params.n - 1
-            else:
-                continue
-            self._finish(seq, FinishReason.ABORT, now)
+            if seq.status is not RequestStatus.FINISHED:
+                self._leave_queue(seq)
+                self._finish(seq, FinishReason.ABORT, now)
         return request
 
     def finish_sequence(self, seq: Request, reason: FinishReason) -> None:
@@ -127,11 +122,7 @@ class RequestLifecycle:
             if seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                 seq.finish_reason = reason
             return
-        if seq.status is RequestStatus.RUNNING:
-            self.running.remove(seq)
-            self._fork_seats -= seq.params.n - 1
-        else:
-            self.waiting.remove(seq)
+        self._leave_queue(seq)
         self._finish(seq, reason, self.clock())
 
     def has_unfinished_requests(self) -> bool:
@@ -214,6 +205,15 @@ class RequestLifecycle:
 
     # ---- internals -----------------------------------------------------------------
 
+    def _leave_queue(self, seq: Request) -> None:
+        """Take an unfinished sequence out of its queue; a running one gives back the seats
+        held for its request's forks."""
+        if seq.status is RequestStatus.RUNNING:
+            self.running.remove(seq)
+            self._fork_seats -= seq.params.n - 1
+        else:
+            self.waiting.remove(seq)
+
     def fail(self, request: Request, error: BaseException, now: float | None = None) -> None:
         """End every unfinished sequence of ``request``'s group because the engine failed
         it. Their blocks leave the prefix cache first: what they hold cannot be trusted."""
@@ -221,11 +221,7 @@ class RequestLifecycle:
         for seq in request.group:
             if seq.status is RequestStatus.FINISHED:
                 continue
-            if seq.status is RequestStatus.RUNNING:
-                self.running.remove(seq)
-                self._fork_seats -= seq.params.n - 1
-            else:
-                self.waiting.remove(seq)
+            self._leave_queue(seq)
             self.kv.forget_cached(seq.seq_id)
             seq.error = f"{type(error).__name__}: {error}"
             self._finish(seq, FinishReason.ERROR, now)
