@@ -280,7 +280,7 @@ def test_a_stream_cut_by_a_dead_engine_ends_with_one_error_event_and_done(tiny_m
     """The engine stopping mid-stream: the client gets one OpenAI-shaped error event (no
     internal exception text), then [DONE], instead of a connection cut off."""
     from pagedkv.errors import EngineDeadError
-    from pagedkv.server.api import ENGINE_STOPPED, _events
+    from pagedkv.server.responses import ENGINE_STOPPED, events as sse_events
 
     engine = LLMEngine(ModelRunner(tiny_model), EngineConfig(num_blocks=32))
     engine.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -293,7 +293,7 @@ def test_a_stream_cut_by_a_dead_engine_ends_with_one_error_event_and_done(tiny_m
         yield  # an async generator
 
     async def collect() -> list[str]:
-        return [e async for e in _events(first, dying(), "cmpl-1", "text_completion", MODEL, chat=False)]
+        return [e async for e in sse_events(first, dying(), "cmpl-1", "text_completion", MODEL, chat=False)]
 
     events = asyncio.run(collect())
     assert events[-1] == "data: [DONE]\n\n"
