@@ -12,7 +12,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Protocol
 
 from pagedkv.errors import EngineBusyError, InvalidRequestError
@@ -21,6 +21,7 @@ from pagedkv.scheduler.outputs import EngineStats, RequestOutput, SampledRow, Sc
 from pagedkv.scheduler.params import EngineConfig, SamplingParams
 from pagedkv.scheduler.request import FinishReason, Request
 from pagedkv.scheduler.scheduler import Scheduler
+from pagedkv.scheduler.text_stream import Detokenizer, TextStream
 
 
 class ConcurrentStepError(EngineBusyError, RuntimeError):
@@ -54,11 +55,6 @@ class Executor(Protocol):
         is scheduled."""
 
 
-class Detokenizer(Protocol):
-    def step(self, token_id: int) -> str:
-        """The text this token completes (possibly empty, while a character is partial)."""
-
-
 class Tokenizer(Protocol):
     """What the engine needs to take text prompts and stream text back, and what its users
     (``LLM.chat``, the server, the CLI) need to turn a conversation into a prompt."""
@@ -70,59 +66,6 @@ class Tokenizer(Protocol):
     def detokenizer(self) -> Detokenizer: ...
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
-
-
-@dataclass
-class _TextState:
-    """One sequence's incremental detokenization, and its stop strings.
-
-    ``text`` is all the text decoded so far (cut right before a stop string once one is
-    found); ``sent`` is how much of it has been streamed. What lies between is held back
-    because it could still be the start of a stop string."""
-
-    detokenizer: Detokenizer
-    stop: Sequence[str] = ()
-    text: str = ""
-    sent: int = 0
-
-    def add(self, token_id: int) -> bool:
-        """Decode one more token; return whether the text now contains a stop string (and
-        cut it there). Only the new piece and the ``longest stop - 1`` characters before it
-        are searched: the text before held no stop string, so any match ends in the piece."""
-        piece = self.detokenizer.step(token_id)
-        if not piece:
-            return False
-        if not self.stop:
-            self.text += piece
-            return False
-        start = max(0, len(self.text) - max(map(len, self.stop)) + 1)
-        window = self.text[start:] + piece
-        found = [i for i in (window.find(s) for s in self.stop) if i >= 0]
-        self.text += piece
-        if found:  # the earliest match wins
-            self.text = self.text[: start + min(found)]
-            return True
-        return False
-
-    def release(self, finished: bool) -> str:
-        """The text to stream now: everything not yet sent, but while the sequence runs, not
-        a suffix that could be the start of a stop string."""
-        end = len(self.text) if finished else max(self.sent, len(self.text) - self._held())
-        new_text, self.sent = self.text[self.sent : end], end
-        return new_text
-
-    def _held(self) -> int:
-        """The length of the longest suffix of the text that is a proper prefix of a stop string."""
-        text, held = self.text, 0
-        for stop in self.stop:
-            tail = text[len(text) - len(stop) + 1 :] if len(stop) <= len(text) else text
-            i = tail.find(stop[0])
-            while 0 <= i and len(tail) - i > held:  # longest candidates first
-                if stop.startswith(tail[i:]):
-                    held = len(tail) - i
-                    break
-                i = tail.find(stop[0], i + 1)
-        return held
 
 
 class LLMEngine:
@@ -149,7 +92,7 @@ class LLMEngine:
             clock=clock,
         )
         self.tokenizer = tokenizer
-        self._texts: dict[str, list[_TextState]] = {}  # per request, per sequence
+        self._texts: dict[str, list[TextStream]] = {}  # per request, per sequence
         self._aborted: list[RequestOutput] = []  # final outputs of aborts, for the next step()
         self._generate_ids = itertools.count()
         self._stepping = threading.Lock()  # held while step() runs; never waited for
@@ -303,14 +246,14 @@ class LLMEngine:
             )
         return type(sampling_params)(**sampling_params.model_dump())
 
-    def _text_state(self, seq: Request) -> _TextState:
+    def _text_state(self, seq: Request) -> TextStream:
         """The detokenization state of ``seq`` (made at its first token: forks appear late)."""
         tokenizer = self.tokenizer
         if tokenizer is None:
             raise RuntimeError("text state asked of an engine without a tokenizer")
         states = self._texts[seq.request_id]
         while len(states) <= seq.index:
-            states.append(_TextState(tokenizer.detokenizer(), seq.params.stop))
+            states.append(TextStream(tokenizer.detokenizer(), seq.params.stop))
         return states[seq.index]
 
     def _with_text(self, out: RequestOutput) -> RequestOutput:
