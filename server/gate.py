@@ -92,7 +92,8 @@ class Gate:
         return None
 
     def _too_large(self) -> JSONResponse:
+        # No "Connection: close": closing while the client still uploads resets the connection
+        # before it reads the 413. uvicorn discards the rest of the body instead, for at most
+        # the head deadline of HeadTimeoutH11Protocol (armed when this response completes).
         limit = self.max_body_bytes
-        response = error_response(413, f"the request body is larger than this server's limit of {limit} bytes")
-        response.headers["connection"] = "close"  # else uvicorn reads and discards the rest of the body
-        return response
+        return error_response(413, f"the request body is larger than this server's limit of {limit} bytes")

@@ -177,7 +177,6 @@ def test_pagedkv_serve_builds_the_guarded_app_and_uvicorn_limits(tiny_model, mon
     assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).json()["data"][0]["id"] == "m"
     too_large = client.post("/v1/completions", content=b"x" * 101, headers={"Authorization": "Bearer k"})
     assert_openai_error(too_large, 413)
-    assert too_large.headers["connection"] == "close", "the rest of the body is not read"
 
 
 
