@@ -1,8 +1,8 @@
 """Attention backends. A model layer hands its new q, k, v (one row per token of a flat
 batch) to a backend, which decides where keys and values come from:
 
-- :class:`PagedAttention` writes the new K/V into their cache slots, then gathers each
-  sequence's whole context back through its block table;
+- :class:`PagedAttention` writes the new K/V into their cache slots, then reads each
+  sequence's context through its block table (in place with the CPU kernel, or gathered);
 - :class:`DenseAttention` attends over the given tokens only (full recompute, the
   reference);
 - :class:`ContiguousCacheAttention` keeps one growing tensor per layer for a single
@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from pagedkv.models.cpu_kernel import CPUPagedAttention
 from pagedkv.paged.kv_cache import KVCache
 
 
@@ -79,29 +80,44 @@ def gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """The sequences of a step with exactly one new token (decodes, mostly), attended
+    together: in one padded gather on the reference path, in one kernel call otherwise."""
+
+    tokens: torch.Tensor  # [Bs] each one's token index in the flat batch
+    context: torch.Tensor  # [Bs] its context length once this step's token is written
+    tables: torch.Tensor  # [Bs, max_blocks] its block table, cut to the longest context's blocks
+    ones: torch.Tensor  # [Bs] its number of new tokens (the kernel takes any; here all are 1)
+
+
+@dataclass(frozen=True)
 class PagedMetadata:
     """Where a flat batch's tokens go in the cache and which context each sequence sees.
 
-    Sequences with one new token (decodes, mostly) are attended together in one padded
-    gather; sequences with several (prefill chunks) one at a time, so a long prompt
-    never pads the decodes.
+    Sequences with one new token are attended together (:class:`DecodeBatch`); sequences
+    with several (prefill chunks) one at a time, so a long prompt never pads the decodes.
     """
 
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     block_tables: torch.Tensor  # [B, max_blocks] physical block ids, zero-padded
     context_lens: list[int]  # tokens in the cache per sequence once this step's are written
     query_starts: list[int]  # B + 1 offsets of each sequence's new tokens in the flat batch
-    single_rows: torch.Tensor  # [Bs] sequences with exactly one new token
-    single_tokens: torch.Tensor  # [Bs] their token index in the flat batch
-    single_context: torch.Tensor  # [Bs] their context lengths
-    single_max_blocks: int  # blocks covering the longest of them (a host int: no device sync per layer)
+    decodes: DecodeBatch | None
     multi_rows: list[int]  # sequences with several new tokens
 
 
 class PagedAttention:
-    def __init__(self, cache: KVCache, meta: PagedMetadata) -> None:
+    """Writes the new K/V into their slots, then attends each sequence over its context.
+
+    With ``kernel`` (the CPU paged-attention kernel, :mod:`pagedkv.models.cpu_kernel`) the
+    decode batch reads the cache in place; without it (other devices, other dtypes, no
+    compiler) it goes through :func:`gather`, the reference the kernel is tested against.
+    """
+
+    def __init__(self, cache: KVCache, meta: PagedMetadata, kernel: CPUPagedAttention | None = None) -> None:
         self.cache = cache
         self.meta = meta
+        self.kernel = kernel
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta, bs = self.meta, self.cache.block_size
@@ -111,12 +127,15 @@ class PagedAttention:
         v_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
 
-        if len(meta.single_rows):
-            tables = meta.block_tables[meta.single_rows, : meta.single_max_blocks]
-            keys, values = gather(k_cache, tables), gather(v_cache, tables)  # [Bs, num_blocks * bs, Hkv, D]
-            visible = torch.arange(keys.shape[1], device=q.device) < meta.single_context[:, None]
-            qs = q[meta.single_tokens].unsqueeze(1)  # [Bs, 1, H, D]
-            out[meta.single_tokens] = attend(qs, keys, values, visible[:, None, :]).squeeze(1)
+        decodes = meta.decodes
+        if decodes is not None and self.kernel is not None:
+            self.kernel(q.contiguous(), k_cache, v_cache, out, decodes.tables, decodes.tokens, decodes.ones,
+                        decodes.context)
+        elif decodes is not None:
+            keys, values = gather(k_cache, decodes.tables), gather(v_cache, decodes.tables)  # [Bs, S, Hkv, D]
+            visible = torch.arange(keys.shape[1], device=q.device) < decodes.context[:, None]
+            qs = q[decodes.tokens].unsqueeze(1)  # [Bs, 1, H, D]
+            out[decodes.tokens] = attend(qs, keys, values, visible[:, None, :]).squeeze(1)
 
         for row in meta.multi_rows:
             start, end = meta.query_starts[row], meta.query_starts[row + 1]

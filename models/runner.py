@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from typing import Literal
 
 import torch
 
-from pagedkv.models.attention import PagedAttention, PagedMetadata
+from pagedkv.errors import InvalidRequestError
+from pagedkv.models.attention import DecodeBatch, PagedAttention, PagedMetadata
 from pagedkv.models.base import PagedLM
+from pagedkv.models.cpu_kernel import CPUPagedAttention, load_cpu_kernel
 from pagedkv.models.host_memory import keep_freed_memory
 from pagedkv.models.sampler import Sampler
 from pagedkv.paged.kv_cache import KVCache, resolve_num_blocks
@@ -59,21 +62,46 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
             block_tables=dev(tables),
             context_lens=context.tolist(),
             query_starts=[0, *torch.cumsum(lens, 0).tolist()],
-            single_rows=dev(single),
-            single_tokens=dev(offsets[single]),
-            single_context=dev(context[single]),
-            single_max_blocks=-(-int(context[single].max()) // block_size) if len(single) else 0,
+            decodes=DecodeBatch(
+                tokens=dev(offsets[single]),
+                context=dev(context[single]),
+                tables=dev(tables[single, : -(-int(context[single].max()) // block_size)].contiguous()),
+                ones=dev(lens[single]),
+            ) if len(single) else None,
             multi_rows=[i for i, n in enumerate(q_lens) if n > 1],
         ),
         logits_indices=dev((offsets + lens - 1).repeat_interleave(samples)),
     )
 
 
+AttentionBackend = Literal["auto", "kernel", "gather"]
+
+
+def _attention_kernel(model: PagedLM, backend: AttentionBackend) -> CPUPagedAttention | None:
+    """The paged-attention kernel a runner uses: ``"gather"`` is the reference path (none),
+    ``"kernel"`` insists on the CPU kernel, ``"auto"`` takes it where it applies (a CPU
+    model in float32 or bfloat16, a C compiler present)."""
+    if backend == "gather":
+        return None
+    applies = model.device.type == "cpu"
+    kernel = load_cpu_kernel() if applies else None
+    if kernel is not None and kernel.supports(model.dtype):
+        return kernel
+    if backend == "kernel":
+        raise InvalidRequestError(
+            f"attention_backend: the CPU kernel does not run a {model.dtype} model on {model.device} "
+            "(it needs a CPU model in float32 or bfloat16 and a C compiler); use 'auto' or 'gather'",
+            "attention_backend",
+        )
+    return None
+
+
 class ModelRunner:
     """Runs a model (``models.GPT``, ``models.Llama`` or any other :class:`PagedLM`) for the engine."""
 
-    def __init__(self, model: PagedLM) -> None:
+    def __init__(self, model: PagedLM, attention_backend: AttentionBackend = "auto") -> None:
         self.model = model
+        self.attention_kernel = _attention_kernel(model, attention_backend)
         self.vocab_size: int = model.vocab_size
         self.max_model_len: int = model.max_model_len
         self.eos_token_id: int | None = model.eos_token_id
@@ -116,7 +144,7 @@ class ModelRunner:
         if plan.is_empty:
             return []
         inputs = prepare_inputs(plan, kv_cache.block_size, self.device)
-        attention = PagedAttention(kv_cache, inputs.attention)
+        attention = PagedAttention(kv_cache, inputs.attention, self.attention_kernel)
         logits = self.model(inputs.input_ids, inputs.positions, attention, inputs.logits_indices)
         seq_ids, params = [], []
         for s in plan.scheduled:

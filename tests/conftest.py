@@ -37,8 +37,8 @@ def make_engine(tiny_model):
     """Build engines on the tiny model (or another); each one is drain-checked at teardown."""
     engines: list[LLMEngine] = []
 
-    def make(model=None, **config) -> LLMEngine:
-        engine = LLMEngine(ModelRunner(model or tiny_model), EngineConfig(**config))
+    def make(model=None, attention_backend="auto", **config) -> LLMEngine:
+        engine = LLMEngine(ModelRunner(model or tiny_model, attention_backend), EngineConfig(**config))
         engines.append(engine)
         return engine
 

@@ -10,7 +10,18 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import pytest
+
+from pagedkv.models.cpu_kernel import load_cpu_kernel
 from pagedkv.scheduler import EngineConfig, LLMEngine, SchedulerOutput
+
+# Both attention paths of the CPU runner: the C kernel (skipped where no C compiler builds it)
+# and the gather path, the reference it is checked against.
+needs_cpu_kernel = pytest.mark.skipif(
+    load_cpu_kernel() is None,
+    reason="the CPU attention kernel does not build here (no C compiler)",
+)
+ATTENTION_BACKENDS = pytest.mark.parametrize("backend", [pytest.param("kernel", marks=needs_cpu_kernel), "gather"])
 
 
 def assert_drained(engine: LLMEngine) -> None:

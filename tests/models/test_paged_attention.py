@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedkv.models.attention import PagedAttention, attend, causal_mask
+from pagedkv.models.attention import PagedAttention, attend, causal_mask, gather
+from pagedkv.models.cpu_kernel import load_cpu_kernel
 from pagedkv.models.runner import prepare_inputs
 from pagedkv.paged import blocks_for
 from pagedkv.paged.kv_cache import KVCache, KVCacheSpec
 from pagedkv.scheduler.outputs import ScheduledRequest, SchedulerOutput
 from pagedkv.scheduler.params import SamplingParams
 from pagedkv.scheduler.request import Request
+from tests.helpers import ATTENTION_BACKENDS, needs_cpu_kernel
 
 HEAD_DIM = 8
 NUM_LAYERS = 2
@@ -118,9 +120,11 @@ def plan_for(seqs: list[Seq]) -> SchedulerOutput:
 
 
 def run_case(
-    seed: int, block_size: int, heads: int, kv_heads: int, lengths: list[tuple[int, int]] | None = None
+    seed: int, block_size: int, heads: int, kv_heads: int, lengths: list[tuple[int, int]] | None = None,
+    backend: str = "gather",
 ) -> set[str]:
-    """One step checked end to end; returns which kinds of sequences it contained."""
+    """One step checked end to end through one attention path; returns which kinds of
+    sequences it contained."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     seqs, num_blocks = make_step(rng, gen, block_size, heads, kv_heads, lengths)
     cache = KVCache(KVCacheSpec(NUM_LAYERS, kv_heads, HEAD_DIM, torch.float32), num_blocks, block_size, "cpu")
@@ -143,7 +147,8 @@ def run_case(
     q = torch.cat([s.queries for s in seqs])
     k = torch.cat([s.keys[s.cached :] for s in seqs])
     v = torch.cat([s.values[s.cached :] for s in seqs])
-    out = PagedAttention(cache, inputs.attention)(layer, q, k, v)
+    kernel = load_cpu_kernel() if backend == "kernel" else None
+    out = PagedAttention(cache, inputs.attention, kernel)(layer, q, k, v)
 
     expected = torch.cat([reference(s, heads) for s in seqs])
     error = (out - expected).abs().max().item()
@@ -154,25 +159,27 @@ def run_case(
     return set(kinds)
 
 
+@ATTENTION_BACKENDS
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("block_size", [1, 3, 4, 16])
-def test_paged_attention_matches_dense(block_size: int, heads: int, kv_heads: int) -> None:
+def test_paged_attention_matches_dense(block_size: int, heads: int, kv_heads: int, backend: str) -> None:
     """Over many random steps, every output row equals the dense reference (<= 1e-5) and
     the cache afterwards holds the old contents plus the new K/V at their slots; the steps
     covered decodes, chunks on top of a cache and fresh chunks."""
     seen: set[str] = set()
     for case in range(CASES_PER_CONFIG):
-        seen |= run_case(1000 * block_size + 10 * heads + case, block_size, heads, kv_heads)
+        seen |= run_case(1000 * block_size + 10 * heads + case, block_size, heads, kv_heads, backend=backend)
     assert {"decode", "chunk after cache", "fresh chunk"} <= seen, seen
 
 
+@ATTENTION_BACKENDS
 @pytest.mark.parametrize("seed", range(4))
-def test_only_decodes_and_one_long_chunk(seed: int) -> None:
-    """Each path on its own: a batch of decodes only (one padded gather), and a lone chunk
-    spanning many blocks on top of a long cached prefix."""
+def test_only_decodes_and_one_long_chunk(seed: int, backend: str) -> None:
+    """Each path on its own: a batch of decodes only (one padded gather or one kernel call),
+    and a lone chunk spanning many blocks on top of a long cached prefix."""
     rng = random.Random(seed)
-    assert run_case(seed, 4, 4, 2, [(rng.randint(1, 50), 1) for _ in range(6)]) == {"decode"}
-    assert run_case(seed, 4, 4, 2, [(rng.randint(17, 60), rng.randint(2, 40))]) == {"chunk after cache"}
+    assert run_case(seed, 4, 4, 2, [(rng.randint(1, 50), 1) for _ in range(6)], backend) == {"decode"}
+    assert run_case(seed, 4, 4, 2, [(rng.randint(17, 60), rng.randint(2, 40))], backend) == {"chunk after cache"}
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (9, 3)])
@@ -191,3 +198,38 @@ def test_reduced_precision_cpu_path_matches_float32(heads: int, kv_heads: int, q
     got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
     assert got.dtype == torch.bfloat16
     assert (got.float() - expected).abs().max() < 0.05
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("block_size", "heads", "kv_heads", "head_dim"), [(1, 4, 4, 8), (16, 9, 3, 64), (5, 6, 2, 32)])
+def test_kernel_matches_gather_path_in_each_dtype(dtype: torch.dtype, block_size: int, heads: int, kv_heads: int,
+                                                  head_dim: int) -> None:
+    """The kernel against the gather path on the same cache, in the model's dtype: float32
+    within 1e-5, bfloat16 within 2e-2 (both round their output to bfloat16 once; the kernel
+    accumulates in float32, the gather path's matmuls in bfloat16). Sequences read blocks
+    scattered over the pool; several new tokens per sequence are causal among themselves;
+    rows of the output that no sequence names are left untouched."""
+    g = torch.Generator().manual_seed(block_size * 100 + heads)
+    num_blocks = 200
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    new = [1, 1, 3, 1, 7, 1]
+    context = [1, 90, 40, 33, 7, 150]
+    width = -(-max(context) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in new])
+    starts = torch.tensor([0, *new]).cumsum(0)[:-1]
+    q = torch.randn(sum(new) + 2, heads, head_dim, generator=g).to(dtype)  # two rows nobody names
+    out = torch.full_like(q, 7.0)
+    kernel = load_cpu_kernel()
+    assert kernel is not None
+    kernel(q, k_cache, v_cache, out, tables, starts, torch.tensor(new), torch.tensor(context))
+
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (n, c) in enumerate(zip(new, context, strict=True)):
+        keys = gather(k_cache, tables[i, : -(-c // block_size)])[:c]
+        values = gather(v_cache, tables[i, : -(-c // block_size)])[:c]
+        rows = slice(int(starts[i]), int(starts[i]) + n)
+        expected = attend(q[rows].float(), keys.float(), values.float())
+        assert (out[rows].float() - expected).abs().max() <= tolerance, f"sequence {i}"
+    assert torch.equal(out[-2:], torch.full_like(out[-2:], 7.0))

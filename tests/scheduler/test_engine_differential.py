@@ -1,5 +1,6 @@
 """Greedy tokens from the paged engine equal a full recompute of the same weights, whatever
-the block size, the token budget (chunking) and the pool size (preemption)."""
+the block size, the token budget (chunking), the pool size (preemption) and the attention
+path (the CPU kernel, and the gather path it is checked against)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from pagedkv.models import generate_no_cache
 from pagedkv.paged import blocks_for
 from pagedkv.scheduler import SamplingParams
-from tests.helpers import random_prompts
+from tests.helpers import ATTENTION_BACKENDS, random_prompts
 
 NUM_REQUESTS = 14
 
@@ -31,21 +32,25 @@ def smallest_pool(workload, block_size: int) -> int:
     return max(blocks_for(len(p) + sp.max_tokens - 1, block_size) for p, sp in zip(prompts, params, strict=True))
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 16])
+@ATTENTION_BACKENDS
+@pytest.mark.parametrize("block_size", [1, 5, 16])
 @pytest.mark.parametrize("budget", [1024, 37, 5])
-def test_ample_pool_matches_reference(make_engine, workload, block_size, budget):
+def test_ample_pool_matches_reference(make_engine, workload, block_size, budget, backend):
     prompts, params, expected = workload
-    engine = make_engine(block_size=block_size, num_blocks=512, max_num_batched_tokens=budget)
+    engine = make_engine(attention_backend=backend, block_size=block_size, num_blocks=512,
+                         max_num_batched_tokens=budget)
     outputs = engine.generate(prompts, params)
     assert [o.output_token_ids for o in outputs] == expected
     assert engine.stats().num_preemptions == 0
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 16])
+@ATTENTION_BACKENDS
+@pytest.mark.parametrize("block_size", [1, 5, 16])
 @pytest.mark.parametrize("budget", [1024, 9])
-def test_tiny_pool_preempts_and_matches_reference(make_engine, workload, block_size, budget):
+def test_tiny_pool_preempts_and_matches_reference(make_engine, workload, block_size, budget, backend):
     prompts, params, expected = workload
     engine = make_engine(
+        attention_backend=backend,
         block_size=block_size, num_blocks=smallest_pool(workload, block_size), max_num_batched_tokens=budget
     )
     outputs = engine.generate(prompts, params)

@@ -1,0 +1,127 @@
+"""The CPU paged-attention kernel (``csrc/paged_attention.c``): built once, loaded with ctypes.
+
+Why C and not PyTorch ops: decode attention over a paged cache is a memory-bound read of
+each sequence's own blocks; in PyTorch it takes a padded gather (a copy of every context,
+padded to the longest) and matmuls a few rows tall, which measured several times slower
+than the read itself (docs/benchmarks.md has the profile). The kernel reads the cache in
+place. It is plain C with OpenMP, compiled by the system's C compiler on first use (well
+under a second; no PyTorch headers) and cached under ``~/.cache/pagedkv/kernels`` by a hash
+of its source, the command and the CPU. It shares PyTorch's OpenMP runtime (the library is
+already loaded under the same soname), so its threads are PyTorch's threads.
+
+Without a compiler, or with ``PAGEDKV_CPU_KERNEL=0``, :func:`load_cpu_kernel` returns None
+and attention takes the gather path, which stays the reference the kernel is tested
+against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# q, k_cache, v_cache, out, block_tables, table_width, query_starts, query_lens, context_lens,
+# seqs, heads, kv_heads, head_dim, block_size, scale
+_ARGTYPES: list[type[ctypes.c_void_p] | type[ctypes.c_int64] | type[ctypes.c_float]] = [
+    *[ctypes.c_void_p] * 5, ctypes.c_int64, *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 5, ctypes.c_float,
+]
+
+
+class CPUPagedAttention:
+    """Attention for a set of sequences straight from the paged cache (float32 or bfloat16)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._functions = {torch.float32: library.paged_attention_f32, torch.bfloat16: library.paged_attention_bf16}
+        for function in self._functions.values():
+            function.argtypes = _ARGTYPES
+            function.restype = ctypes.c_int
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype in self._functions
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        out: torch.Tensor,
+        block_tables: torch.Tensor,
+        query_starts: torch.Tensor,
+        query_lens: torch.Tensor,
+        context_lens: torch.Tensor,
+    ) -> None:
+        """Write into ``out`` ([T, H, D], like ``q``) the attention of the ``query_lens[i]`` tokens
+        from ``query_starts[i]`` on over the first ``context_lens[i]`` tokens of sequence i's
+        blocks (``block_tables[i]``), causal within the new tokens. Rows of ``out`` that no
+        sequence names are left as they are. Index tensors are int64, all tensors contiguous
+        and on the CPU; the caller's metadata guarantees every index is in range."""
+        for t in (q, k_cache, v_cache, out, block_tables, query_starts, query_lens, context_lens):
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("CPUPagedAttention takes contiguous CPU tensors")
+        _, heads, dim = q.shape
+        _, block_size, kv_heads, _ = k_cache.shape
+        failed = self._functions[q.dtype](
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+            block_tables.data_ptr(), block_tables.shape[1], query_starts.data_ptr(), query_lens.data_ptr(),
+            context_lens.data_ptr(), len(query_starts), heads, kv_heads, dim, block_size, dim**-0.5,
+        )
+        if failed:
+            raise MemoryError("CPUPagedAttention could not allocate its score buffer")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pagedkv" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(), _cpu_flags().encode()]))
+    target = _cache_dir() / f"paged_attention-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                       check=True, capture_output=True, text=True)
+        os.replace(built, target)  # atomic: a concurrent build of the same source is harmless
+    return target
+
+
+@functools.cache
+def load_cpu_kernel() -> CPUPagedAttention | None:
+    """The kernel, built on first use; None (with one warning) when it cannot be built."""
+    if os.environ.get("PAGEDKV_CPU_KERNEL", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: CPU attention takes the slower gather path (set CC to enable the kernel)")
+        return None
+    try:
+        return CPUPagedAttention(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = error.stderr if isinstance(error, subprocess.CalledProcessError) else error
+        log.warning("the CPU attention kernel did not build (%s): attention takes the slower gather path", detail)
+        return None

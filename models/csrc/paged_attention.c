@@ -1,0 +1,257 @@
+/* Paged attention on the CPU, reading each sequence's K/V in place through its block table.
+ *
+ * The gather-based reference (models/attention.py) copies every sequence's blocks, padded to
+ * the longest context of the batch, into a dense tensor per layer and then runs batched
+ * matmuls whose rows are a handful of query heads: both the copy and the tiny matmuls cost far
+ * more than reading the cache once. Here one work item is one sequence: it reads its keys
+ * (every K/V head of a token is contiguous) once for all its query rows (heads times
+ * the sequence's new tokens), softmaxes in float32, then reads the values once. Sequences are
+ * spread over the OpenMP threads of the process (the runtime PyTorch already loaded).
+ *
+ * Keys and values are converted to float32 a chunk of CHUNK tokens at a time; every row then
+ * works on that chunk with its query (or accumulator) held in vector registers. GCC's vector
+ * extensions give the common head sizes (32, 64, 128) explicit 16-float vectors on any target
+ * (AVX-512, AVX2 pairs, NEON quads); other sizes take plain loops.
+ *
+ * Layouts (all contiguous, row-major):
+ *   q, out        [tokens, heads, head_dim]             the flat batch
+ *   k/v cache     [blocks, block_size, kv_heads, head_dim]
+ *   block_tables  [seqs, table_width]                   int64 physical block ids
+ *   query_starts  [seqs]                                int64 where each sequence's new tokens begin
+ *   query_lens    [seqs]                                int64 how many new tokens it has
+ *   context_lens  [seqs]                                int64 tokens cached once this step's are written
+ * Query j of a sequence with n new tokens sits at position context - n + j and sees keys 0..that.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK 16
+enum dtype { F32 = 0, BF16 = 1 };
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if (f != f) return (uint16_t)((bits >> 16) | 0x40); /* keep NaN a NaN */
+    bits += 0x7fff + ((bits >> 16) & 1);                 /* round to nearest even */
+    return (uint16_t)(bits >> 16);
+}
+
+/* n elements from element offset `at` of a float32 or bfloat16 array, as float32. */
+static inline void load(const void *src, enum dtype dtype, int64_t at, float *dst, int64_t n) {
+    if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src + at;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(s[i]);
+    } else {
+        memcpy(dst, (const float *)src + at, sizeof(float) * (size_t)n);
+    }
+}
+
+static inline void store(void *dst, enum dtype dtype, int64_t at, const float *src, int64_t n) {
+    if (dtype == BF16) {
+        uint16_t *d = (uint16_t *)dst + at;
+        for (int64_t i = 0; i < n; i++) d[i] = float_to_bf16(src[i]);
+    } else {
+        memcpy((float *)dst + at, src, sizeof(float) * (size_t)n);
+    }
+}
+
+/* exp(x) for the softmax's x <= 0, in plain arithmetic so that it vectorizes (libm's expf
+ * does not without -ffast-math, which would also drop NaN and infinity semantics). Cephes'
+ * single-precision polynomial: within 2 ulp of expf; x below -87 gives about 1e-38, not 0;
+ * NaN stays NaN. */
+static inline float softmax_exp(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.0f;
+    const union { uint32_t bits; float value; } scale = {(uint32_t)((int32_t)n + 127) << 23};
+    return y * scale.value;
+}
+
+/* The lane sums of 16 vectors as one vector (lane i: the sum of v[i]'s lanes), by four levels
+ * of "add the two interleaved halves of a pair": 30 shuffles and 15 adds for 16 sums, where
+ * summing each vector on its own would take 16 dependent reductions. */
+static inline v16 sum16(const v16 v[16]) {
+    const vi16 lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const vi16 hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const vi16 lo2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    const vi16 hi2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    const vi16 lo3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+    const vi16 hi3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+    const vi16 lo4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const vi16 hi4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    v16 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) a[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo1) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi1);
+    for (int i = 0; i < 4; i++) b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], lo2) + __builtin_shuffle(a[2 * i], a[2 * i + 1], hi2);
+    for (int i = 0; i < 2; i++) c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], lo3) + __builtin_shuffle(b[2 * i], b[2 * i + 1], hi3);
+    return __builtin_shuffle(c[0], c[1], lo4) + __builtin_shuffle(c[0], c[1], hi4);
+}
+
+struct problem {
+    const void *q, *k_cache, *v_cache;
+    void *out;
+    enum dtype dtype;
+    const int64_t *block_tables, *query_starts, *query_lens, *context_lens;
+    int64_t table_width, heads, kv_heads, block_size;
+    float scale;
+};
+
+/* Convert the next tokens [t, t + n) of a sequence (all K/V heads) into chunk[n][kv_heads *
+ * head_dim]; n <= CHUNK. Walks the block table with a running offset: no division per token. */
+static inline int64_t load_chunk(const struct problem *p, const void *cache, const int64_t *table, int64_t t,
+                                 int64_t context, float *chunk, const int64_t token_stride) {
+    const int64_t n = context - t < CHUNK ? context - t : CHUNK;
+    int64_t block = t / p->block_size, offset = t % p->block_size;
+    for (int64_t i = 0; i < n; i++) {
+        load(cache, p->dtype, (table[block] * p->block_size + offset) * token_stride, chunk + i * token_stride,
+             token_stride);
+        if (++offset == p->block_size) {
+            offset = 0;
+            block++;
+        }
+    }
+    return n;
+}
+
+/* One sequence: query rows r = j * heads + h (token j, head h) read K/V head h / group.
+ * Always inlined into a switch on head_dim, so the common head sizes get constant-length
+ * loops and a register-resident query or accumulator. */
+static inline __attribute__((always_inline)) void attend(const struct problem *p, int64_t seq, float *scores,
+                                                         float *queries, float *acc, float *chunk,
+                                                         const int64_t head_dim) {
+    const int64_t heads = p->heads, group = heads / p->kv_heads, token_stride = p->kv_heads * head_dim;
+    const int64_t n_new = p->query_lens[seq], context = p->context_lens[seq], rows = n_new * heads;
+    const int64_t lanes = head_dim / 16;
+    const int vectors = head_dim % 16 == 0;
+    const int64_t *table = p->block_tables + seq * p->table_width;
+    load(p->q, p->dtype, p->query_starts[seq] * heads * head_dim, queries, rows * head_dim);
+    for (int64_t x = 0; x < rows * head_dim; x++) queries[x] *= p->scale;
+
+    for (int64_t t = 0; t < context;) {
+        const int64_t n = load_chunk(p, p->k_cache, table, t, context, chunk, token_stride);
+        for (int64_t r = 0; r < rows; r++) {
+            const float *qr = queries + r * head_dim, *keys = chunk + (r % heads) / group * head_dim;
+            float *s = scores + r * context + t;
+            if (vectors) {
+                v16 qv[lanes], sums[CHUNK] = {{0}}, kv;
+                memcpy(qv, qr, sizeof qv);
+                for (int64_t i = 0; i < n; i++)
+                    for (int64_t l = 0; l < lanes; l++) {
+                        memcpy(&kv, keys + i * token_stride + 16 * l, sizeof kv);
+                        sums[i] += qv[l] * kv;
+                    }
+                const v16 dots = sum16(sums);
+                memcpy(s, &dots, sizeof(float) * (size_t)n);
+            } else {
+                for (int64_t i = 0; i < n; i++) {
+                    float sum = 0.0f;
+                    for (int64_t d = 0; d < head_dim; d++) sum += qr[d] * keys[i * token_stride + d];
+                    s[i] = sum;
+                }
+            }
+        }
+        t += n;
+    }
+
+    for (int64_t r = 0; r < rows; r++) { /* causal softmax: row r sees keys 0..visible-1 */
+        const int64_t visible = context - n_new + r / heads + 1;
+        float *s = scores + r * context, peak = s[0], total = 0.0f;
+#pragma omp simd reduction(max : peak)
+        for (int64_t t = 1; t < visible; t++) peak = s[t] > peak ? s[t] : peak;
+#pragma omp simd
+        for (int64_t t = 0; t < visible; t++) s[t] = softmax_exp(s[t] - peak);
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < visible; t++) total += s[t];
+        const float inverse = 1.0f / total;
+        for (int64_t t = 0; t < visible; t++) s[t] *= inverse;
+        for (int64_t t = visible; t < context; t++) s[t] = 0.0f;
+    }
+
+    memset(acc, 0, sizeof(float) * (size_t)(rows * head_dim));
+    for (int64_t t = 0; t < context;) {
+        const int64_t n = load_chunk(p, p->v_cache, table, t, context, chunk, token_stride);
+        for (int64_t r = 0; r < rows; r++) {
+            const float *w = scores + r * context + t, *values = chunk + (r % heads) / group * head_dim;
+            float *a = acc + r * head_dim;
+            if (vectors) {
+                v16 av[lanes], vv;
+                memcpy(av, a, sizeof av);
+                for (int64_t i = 0; i < n; i++)
+                    for (int64_t l = 0; l < lanes; l++) {
+                        memcpy(&vv, values + i * token_stride + 16 * l, sizeof vv);
+                        av[l] += w[i] * vv;
+                    }
+                memcpy(a, av, sizeof av);
+            } else {
+                for (int64_t i = 0; i < n; i++)
+                    for (int64_t d = 0; d < head_dim; d++) a[d] += w[i] * values[i * token_stride + d];
+            }
+        }
+        t += n;
+    }
+    store(p->out, p->dtype, p->query_starts[seq] * heads * head_dim, acc, rows * head_dim);
+}
+
+static int paged_attention(const struct problem *p, int64_t seqs, int64_t head_dim) {
+    int64_t most_rows = 0, most_scores = 0;
+    for (int64_t seq = 0; seq < seqs; seq++) {
+        const int64_t rows = p->query_lens[seq] * p->heads;
+        most_rows = rows > most_rows ? rows : most_rows;
+        most_scores = rows * p->context_lens[seq] > most_scores ? rows * p->context_lens[seq] : most_scores;
+    }
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        /* one buffer per thread: scores, scaled queries, accumulators, a chunk of K or V */
+        float *scores = malloc(sizeof(float) * (size_t)(most_scores + 2 * most_rows * head_dim
+                                                        + CHUNK * p->kv_heads * head_dim));
+        float *queries = scores + most_scores, *acc = queries + most_rows * head_dim;
+        float *chunk = acc + most_rows * head_dim;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t seq = 0; seq < seqs; seq++) {
+            if (!scores) {
+                failed = 1;
+                continue;
+            }
+            if (p->query_lens[seq] <= 0 || p->context_lens[seq] <= 0) continue;
+            switch (head_dim) {
+            case 32: attend(p, seq, scores, queries, acc, chunk, 32); break;
+            case 64: attend(p, seq, scores, queries, acc, chunk, 64); break;
+            case 128: attend(p, seq, scores, queries, acc, chunk, 128); break;
+            default: attend(p, seq, scores, queries, acc, chunk, head_dim);
+            }
+        }
+        free(scores);
+    }
+    return failed;
+}
+
+#define ENTRY(NAME, DTYPE)                                                                                 \
+    int NAME(const void *q, const void *k_cache, const void *v_cache, void *out, const int64_t *block_tables, \
+             int64_t table_width, const int64_t *query_starts, const int64_t *query_lens,                   \
+             const int64_t *context_lens, int64_t seqs, int64_t heads, int64_t kv_heads, int64_t head_dim,   \
+             int64_t block_size, float scale) {                                                             \
+        const struct problem p = {q,          k_cache,      v_cache,     out,      DTYPE,   block_tables,   \
+                                  query_starts, query_lens, context_lens, table_width, heads, kv_heads,    \
+                                  block_size, scale};                                                       \
+        return paged_attention(&p, seqs, head_dim);                                                         \
+    }
+ENTRY(paged_attention_f32, F32)
+ENTRY(paged_attention_bf16, BF16)
