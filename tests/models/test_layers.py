@@ -1,4 +1,5 @@
-"""models.layers.Linear computes exactly what nn.Linear does, whichever way it takes."""
+"""models.layers.Linear computes exactly what nn.Linear does, whichever way it takes, and its
+prepacked weight follows every change of the weight."""
 
 from __future__ import annotations
 
@@ -10,15 +11,46 @@ import torch
 from pagedkv.models.layers import Linear
 
 
+def tolerance(dtype: torch.dtype) -> dict[str, Any]:
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_matches_f_linear_for_every_row_count(bias: bool, dtype: torch.dtype) -> None:
+def test_linear_matches_f_linear_for_every_row_count(bias: bool, dtype: torch.dtype, grad: bool) -> None:
     torch.manual_seed(0)
     layer = Linear(48, 80, bias=bias).to(dtype)
-    for rows in (1, 2, 3, 8, 16, 17, 40):
+    for rows in (1, 2, 3, 8, 16, 17, 40, 64, 100):
         x = torch.randn(rows, 48).to(dtype)
-        out = layer(x)
+        with torch.set_grad_enabled(grad):
+            out = layer(x)
         expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
         assert out.shape == (rows, 80) and out.is_contiguous()
-        tolerance: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
-        torch.testing.assert_close(out, expected, **tolerance)
+        torch.testing.assert_close(out, expected, **tolerance(dtype))
+    assert (layer._packed is not None) == (not grad)  # the packed path ran without autograd only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weight_follows_casts_in_place_writes_and_new_weights(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    layer = Linear(32, 24).to(dtype)
+    x = torch.randn(5, 32).to(dtype)
+
+    def check() -> None:
+        with torch.inference_mode():
+            out = layer(x.to(layer.weight.dtype))
+        expected = torch.nn.functional.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
+        torch.testing.assert_close(out, expected, **tolerance(layer.weight.dtype))
+
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # in place
+    check()
+    layer.weight = torch.nn.Parameter(torch.randn(24, 32).to(dtype))  # a new tensor
+    check()
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    layer.to(other)  # cast: new storage in another dtype
+    check()
+    with torch.inference_mode():  # batched leading dimensions keep their shape
+        assert layer(torch.randn(2, 3, 32).to(other)).shape == (2, 3, 24)
