@@ -19,6 +19,7 @@ from pagedkv.models.base import PagedLM
 from pagedkv.models.cpu_kernel import CPUPagedAttention, load_cpu_kernel
 from pagedkv.models.host_memory import keep_freed_memory
 from pagedkv.models.sampler import Sampler
+from pagedkv.models.threads import shared_governor
 from pagedkv.paged.kv_cache import KVCache, resolve_num_blocks
 from pagedkv.scheduler.outputs import SampledRow, SampledTokens, SchedulerOutput
 from pagedkv.scheduler.params import EngineConfig
@@ -99,9 +100,14 @@ def _attention_kernel(model: PagedLM, backend: AttentionBackend) -> CPUPagedAtte
 class ModelRunner:
     """Runs a model (``models.GPT``, ``models.Llama`` or any other :class:`PagedLM`) for the engine."""
 
-    def __init__(self, model: PagedLM, attention_backend: AttentionBackend = "auto") -> None:
+    def __init__(
+        self, model: PagedLM, attention_backend: AttentionBackend = "auto", adapt_threads: bool = True
+    ) -> None:
+        """``adapt_threads`` (CPU only): lower PyTorch's thread count while other processes
+        keep cores busy, and raise it back when they stop (:mod:`pagedkv.models.threads`)."""
         self.model = model
         self.attention_kernel = _attention_kernel(model, attention_backend)
+        self.thread_governor = shared_governor() if adapt_threads and model.device.type == "cpu" else None
         self.vocab_size: int = model.vocab_size
         self.max_model_len: int = model.max_model_len
         self.eos_token_id: int | None = model.eos_token_id
@@ -138,6 +144,8 @@ class ModelRunner:
         if kv_cache is None or sampler is None:
             raise RuntimeError("initialize_cache() must run before execute()")
         sampler.release(plan.finished_seq_ids)
+        if self.thread_governor is not None:
+            self.thread_governor.update()
         kv_cache.swap_out(plan.swap_out)  # first: the freed blocks may be written below
         kv_cache.swap_in(plan.swap_in)
         kv_cache.copy_blocks(plan.block_copies)
