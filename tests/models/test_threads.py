@@ -40,8 +40,13 @@ def test_unknown_load_changes_nothing():
 
 
 def test_samples_at_most_once_per_interval():
-    calls = []
-    governor = ThreadGovernor(2, sample=lambda: calls.append(1) or 1, clock=lambda: 5.0, set_threads=lambda n: None)
+    calls: list[int] = []
+
+    def sample() -> int:
+        calls.append(1)
+        return 1
+
+    governor = ThreadGovernor(2, sample=sample, clock=lambda: 5.0, set_threads=lambda n: None)
     for _ in range(10):
         governor.update()
     assert len(calls) == 1
