@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from pagedkv.models.cpu_kernel import CPUPagedAttention
+from pagedkv.models.cpu_kernel import CPUKernels
 from pagedkv.paged.kv_cache import KVCache
 
 
@@ -114,7 +114,7 @@ class PagedAttention:
     compiler) it goes through :func:`gather`, the reference the kernel is tested against.
     """
 
-    def __init__(self, cache: KVCache, meta: PagedMetadata, kernel: CPUPagedAttention | None = None) -> None:
+    def __init__(self, cache: KVCache, meta: PagedMetadata, kernel: CPUKernels | None = None) -> None:
         self.cache = cache
         self.meta = meta
         self.kernel = kernel
@@ -129,8 +129,8 @@ class PagedAttention:
 
         decodes = meta.decodes
         if decodes is not None and self.kernel is not None:
-            self.kernel(q.contiguous(), k_cache, v_cache, out, decodes.tables, decodes.tokens, decodes.ones,
-                        decodes.context)
+            self.kernel.paged_attention(q.contiguous(), k_cache, v_cache, out, decodes.tables, decodes.tokens,
+                                        decodes.ones, decodes.context)
         elif decodes is not None:
             keys, values = gather(k_cache, decodes.tables), gather(v_cache, decodes.tables)  # [Bs, S, Hkv, D]
             visible = torch.arange(keys.shape[1], device=q.device) < decodes.context[:, None]

@@ -1,17 +1,20 @@
-"""The CPU paged-attention kernel (``csrc/paged_attention.c``): built once, loaded with ctypes.
+"""The CPU kernels (``csrc/``): paged attention and RMSNorm, built once, loaded with ctypes.
 
 Why C and not PyTorch ops: decode attention over a paged cache is a memory-bound read of
 each sequence's own blocks; in PyTorch it takes a padded gather (a copy of every context,
 padded to the longest) and matmuls a few rows tall, which measured several times slower
 than the read itself (docs/benchmarks.md has the profile). The kernel reads the cache in
-place. It is plain C with OpenMP, compiled by the system's C compiler on first use (well
-under a second; no PyTorch headers) and cached under ``~/.cache/pagedkv/kernels`` by a hash
-of its source, the command and the CPU. It shares PyTorch's OpenMP runtime (the library is
-already loaded under the same soname), so its threads are PyTorch's threads.
+place. RMSNorm is about fifteen small PyTorch ops on the CPU, and a decode step runs 61 of
+them; the kernel is one pass per row, fused with the residual add before it.
 
-Without a compiler, or with ``PAGEDKV_CPU_KERNEL=0``, :func:`load_cpu_kernel` returns None
-and attention takes the gather path, which stays the reference the kernel is tested
-against.
+The sources are plain C with OpenMP, compiled by the system's C compiler on first use (about
+a second; no PyTorch headers) and cached under ``~/.cache/pagedkv/kernels`` by a hash of the
+sources, the command and the CPU. The library shares PyTorch's OpenMP runtime (already loaded
+under the same soname), so its threads are PyTorch's threads.
+
+Without a compiler, or with ``PAGEDKV_CPU_KERNEL=0``, :func:`load_cpu_kernel` returns None:
+attention takes the gather path, which stays the reference the kernel is tested against,
+and RMSNorm PyTorch's own.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
+SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.[ch]"))
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # q, k_cache, v_cache, out, block_tables, table_width, query_starts, query_lens, context_lens,
 # seqs, heads, kv_heads, head_dim, block_size, scale
@@ -40,19 +43,46 @@ _ARGTYPES: list[type[ctypes.c_void_p] | type[ctypes.c_int64] | type[ctypes.c_flo
 ]
 
 
-class CPUPagedAttention:
-    """Attention for a set of sequences straight from the paged cache (float32 or bfloat16)."""
+# x, residual, weight, out, rows, dim, eps
+_NORM_ARGTYPES: list[type[ctypes.c_void_p] | type[ctypes.c_int64] | type[ctypes.c_float]] = [
+    *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+]
+
+
+class CPUKernels:
+    """The compiled kernels, for float32 and bfloat16 CPU tensors."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._functions = {torch.float32: library.paged_attention_f32, torch.bfloat16: library.paged_attention_bf16}
-        for function in self._functions.values():
+        self._attention = {torch.float32: library.paged_attention_f32, torch.bfloat16: library.paged_attention_bf16}
+        self._norm = {torch.float32: library.rms_norm_f32, torch.bfloat16: library.rms_norm_bf16}
+        for function in self._attention.values():
             function.argtypes = _ARGTYPES
             function.restype = ctypes.c_int
+        for function in self._norm.values():
+            function.argtypes = _NORM_ARGTYPES
+            function.restype = None
 
     def supports(self, dtype: torch.dtype) -> bool:
-        return dtype in self._functions
+        return dtype in self._attention
 
-    def __call__(
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x / rms(x) * weight`` over the last dimension, in float32, rounded once to x's
+        dtype (torch.nn.RMSNorm's definition). With ``residual``: first ``residual += x`` in
+        place, then the sum is normalized. Tensors contiguous, on the CPU, of one dtype."""
+        dim = x.shape[-1]
+        operands = (x, weight) if residual is None else (x, weight, residual)
+        if any(not t.is_contiguous() or t.device.type != "cpu" or t.dtype != x.dtype for t in operands):
+            raise ValueError("rms_norm takes contiguous CPU tensors of one dtype")
+        if weight.shape != (dim,) or (residual is not None and residual.shape != x.shape):
+            raise ValueError(f"rms_norm: weight must be [{dim}] and residual shaped like x {tuple(x.shape)}")
+        out = torch.empty_like(x)
+        self._norm[x.dtype](x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                            out.data_ptr(), x.numel() // dim, dim, eps)
+        return out
+
+    def paged_attention(
         self,
         q: torch.Tensor,
         k_cache: torch.Tensor,
@@ -70,16 +100,16 @@ class CPUPagedAttention:
         and on the CPU; the caller's metadata guarantees every index is in range."""
         for t in (q, k_cache, v_cache, out, block_tables, query_starts, query_lens, context_lens):
             if not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError("CPUPagedAttention takes contiguous CPU tensors")
+                raise ValueError("paged_attention takes contiguous CPU tensors")
         _, heads, dim = q.shape
         _, block_size, kv_heads, _ = k_cache.shape
-        failed = self._functions[q.dtype](
+        failed = self._attention[q.dtype](
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
             block_tables.data_ptr(), block_tables.shape[1], query_starts.data_ptr(), query_lens.data_ptr(),
             context_lens.data_ptr(), len(query_starts), heads, kv_heads, dim, block_size, dim**-0.5,
         )
         if failed:
-            raise MemoryError("CPUPagedAttention could not allocate its score buffer")
+            raise MemoryError("paged_attention could not allocate its score buffer")
 
 
 def _cache_dir() -> Path:
@@ -96,32 +126,34 @@ def _cpu_flags() -> str:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(), _cpu_flags().encode()]))
-    target = _cache_dir() / f"paged_attention-{key.hexdigest()[:16]}.so"
+    sources = [path.read_bytes() for path in SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join([compiler, *FLAGS]).encode(), _cpu_flags().encode()]))
+    target = _cache_dir() / f"pagedkv-kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+        c_files = [str(path) for path in SOURCES if path.suffix == ".c"]
+        subprocess.run([compiler, *FLAGS, *c_files, "-o", str(built), "-lm"],
                        check=True, capture_output=True, text=True)
         os.replace(built, target)  # atomic: a concurrent build of the same source is harmless
     return target
 
 
 @functools.cache
-def load_cpu_kernel() -> CPUPagedAttention | None:
-    """The kernel, built on first use; None (with one warning) when it cannot be built."""
+def load_cpu_kernel() -> CPUKernels | None:
+    """The kernels, built on first use; None (with one warning) when they cannot be built."""
     if os.environ.get("PAGEDKV_CPU_KERNEL", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler found: CPU attention takes the slower gather path (set CC to enable the kernel)")
+        log.warning("no C compiler found: CPU attention and RMSNorm take slower PyTorch paths "
+                    "(set CC to build the kernels)")
         return None
     try:
-        return CPUPagedAttention(ctypes.CDLL(str(_build(compiler))))
+        return CPUKernels(ctypes.CDLL(str(_build(compiler))))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = error.stderr if isinstance(error, subprocess.CalledProcessError) else error
-        log.warning("the CPU attention kernel did not build (%s): attention takes the slower gather path", detail)
+        log.warning("the CPU kernels did not build (%s): attention and RMSNorm take slower PyTorch paths", detail)
         return None

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedkv.models.cpu_kernel import CPUKernels, load_cpu_kernel
+
 # The batch size the packed layouts are tuned for; any other row count still multiplies correctly.
 PACKING_ROWS = 64
 
@@ -56,3 +58,34 @@ class Linear(nn.Linear):
                     self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACKING_ROWS)
             self._packed_for = key
         return self._packed
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` that runs as one C pass per row on the CPU without autograd (PyTorch's
+    own is about fifteen small ops there), and that can fuse the residual add before it:
+    :meth:`add_and_norm`. Elsewhere, or without the CPU kernels, PyTorch computes it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self._kernels(x)
+        if kernels is None:
+            return super().forward(x)
+        return kernels.rms_norm(x, self.weight, self._eps())
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norm of ``residual + x``, and that sum (the caller's running residual stream).
+        The kernel writes the sum into ``residual``'s own storage; use the returned one."""
+        kernels = self._kernels(x)
+        if kernels is None or not residual.is_contiguous():
+            residual = residual + x
+            return super().forward(residual), residual
+        return kernels.rms_norm(x, self.weight, self._eps(), residual), residual
+
+    def _eps(self) -> float:
+        return self.eps if self.eps is not None else torch.finfo(self.weight.dtype).eps
+
+    def _kernels(self, x: torch.Tensor) -> CPUKernels | None:
+        weight = self.weight
+        if x.device.type != "cpu" or torch.is_grad_enabled() or weight is None or x.dtype != weight.dtype:
+            return None
+        kernels = load_cpu_kernel()
+        return kernels if kernels is not None and kernels.supports(x.dtype) and x.is_contiguous() else None

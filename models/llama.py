@@ -17,7 +17,7 @@ from torch import nn
 
 from pagedkv.models.attention import Attention
 from pagedkv.models.base import PagedLM
-from pagedkv.models.layers import Linear
+from pagedkv.models.layers import Linear, RMSNorm
 
 
 class LlamaConfig(BaseModel):
@@ -107,18 +107,30 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """One block. It takes and returns the residual stream apart from the block's last output,
+    so that each residual add is fused into the norm that follows it (one pass, as vLLM does):
+    ``x + attn(norm(x))`` then ``+ mlp(norm(...))``, with the adds done by the next norm."""
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = LlamaAttention(config)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: Attention, layer: int
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, attention, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+        attention: Attention, layer: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: the previous block's MLP output (the embeddings, with ``residual`` None, for
+        the first); returns this block's MLP output and the residual stream before it."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(x), x
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(x, residual)
+        hidden = self.self_attn(hidden, rope, attention, layer)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class Llama(PagedLM):
@@ -131,15 +143,15 @@ class Llama(PagedLM):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         rope = self.rope(positions)
         for layer, block in enumerate(self.layers):
-            x = block(x, rope, attention, layer)
-        return self.norm(x)
+            x, residual = block(x, residual, rope, attention, layer)
+        return self.norm.add_and_norm(x, residual)[0] if residual is not None else self.norm(x)

@@ -16,7 +16,7 @@ import torch
 from pagedkv.errors import InvalidRequestError
 from pagedkv.models.attention import DecodeBatch, PagedAttention, PagedMetadata
 from pagedkv.models.base import PagedLM
-from pagedkv.models.cpu_kernel import CPUPagedAttention, load_cpu_kernel
+from pagedkv.models.cpu_kernel import CPUKernels, load_cpu_kernel
 from pagedkv.models.host_memory import keep_freed_memory
 from pagedkv.models.sampler import Sampler
 from pagedkv.models.threads import shared_governor
@@ -78,7 +78,7 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
 AttentionBackend = Literal["auto", "kernel", "gather"]
 
 
-def _attention_kernel(model: PagedLM, backend: AttentionBackend) -> CPUPagedAttention | None:
+def _attention_kernel(model: PagedLM, backend: AttentionBackend) -> CPUKernels | None:
     """The paged-attention kernel a runner uses: ``"gather"`` is the reference path (none),
     ``"kernel"`` insists on the CPU kernel, ``"auto"`` takes it where it applies (a CPU
     model in float32 or bfloat16, a C compiler present)."""

@@ -27,25 +27,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define CHUNK 16
 enum dtype { F32 = 0, BF16 = 1 };
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if (f != f) return (uint16_t)((bits >> 16) | 0x40); /* keep NaN a NaN */
-    bits += 0x7fff + ((bits >> 16) & 1);                 /* round to nearest even */
-    return (uint16_t)(bits >> 16);
-}
 
 /* n elements from element offset `at` of a float32 or bfloat16 array, as float32. */
 static inline void load(const void *src, enum dtype dtype, int64_t at, float *dst, int64_t n) {

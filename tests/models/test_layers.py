@@ -1,5 +1,5 @@
 """models.layers.Linear computes exactly what nn.Linear does, whichever way it takes, and its
-prepacked weight follows every change of the weight."""
+prepacked weight follows every change of the weight; RMSNorm's C pass equals torch's."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from pagedkv.models.layers import Linear
+from pagedkv.models.layers import Linear, RMSNorm
+from tests.helpers import needs_cpu_kernel
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, Any]:
@@ -54,3 +55,29 @@ def test_packed_weight_follows_casts_in_place_writes_and_new_weights(dtype: torc
     check()
     with torch.inference_mode():  # batched leading dimensions keep their shape
         assert layer(torch.randn(2, 3, 32).to(other)).shape == (2, 3, 24)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_matches_torch_with_and_without_the_residual_add(dtype: torch.dtype) -> None:
+    """The C pass equals torch.nn.RMSNorm (float32 to 1e-6; bfloat16 to one rounding step),
+    and the fused add equals the add then the norm, its sum landing in the residual."""
+    torch.manual_seed(2)
+    norm = RMSNorm(576, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576))
+    reference = torch.nn.RMSNorm(576, eps=1e-5).to(dtype)
+    reference.load_state_dict(norm.state_dict())
+    x, residual = torch.randn(37, 576).to(dtype) * 3, torch.randn(37, 576).to(dtype)
+    close: dict[str, Any] = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-5}
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x), reference(x), **close)
+        expected_sum = residual + x
+        expected = reference(expected_sum)
+        got, got_sum = norm.add_and_norm(x, residual.clone())
+    torch.testing.assert_close(got_sum, expected_sum, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, **close)
+    with torch.no_grad():  # also without the kernel (autograd off but not inference: same path)
+        torch.testing.assert_close(norm.add_and_norm(x, residual.clone())[0], expected, **close)
+    got_grad, _ = norm.add_and_norm(x, residual)  # autograd on: PyTorch's own, residual untouched
+    torch.testing.assert_close(got_grad.detach(), expected, **close)

@@ -223,7 +223,7 @@ def test_kernel_matches_gather_path_in_each_dtype(dtype: torch.dtype, block_size
     out = torch.full_like(q, 7.0)
     kernel = load_cpu_kernel()
     assert kernel is not None
-    kernel(q, k_cache, v_cache, out, tables, starts, torch.tensor(new), torch.tensor(context))
+    kernel.paged_attention(q, k_cache, v_cache, out, tables, starts, torch.tensor(new), torch.tensor(context))
 
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for i, (n, c) in enumerate(zip(new, context, strict=True)):
