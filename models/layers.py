@@ -12,24 +12,21 @@ from pagedkv.models.cpu_kernel import CPUKernels, load_cpu_kernel
 PACKING_ROWS = 64
 
 
-def _packs(dtype: torch.dtype) -> bool:
-    if dtype == torch.bfloat16:
-        return torch.backends.mkldnn.is_available()
-    return dtype == torch.float32 and torch.backends.mkl.is_available()
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` that, on the CPU and without autograd, multiplies by a copy of its weight
-    prepacked into the BLAS's own blocked layout (oneDNN for bfloat16, MKL for float32), the
-    path ``torch.compile``'s CPU backend takes for frozen weights.
+    prepacked into oneDNN's blocked layout, the path ``torch.compile``'s CPU backend takes for
+    frozen weights.
 
-    A plain ``F.linear`` re-lays the weight out block by block on every call, which dominates
-    at decode batch sizes: on this machine (one core, SmolLM2's four layer shapes) packing
-    halves bfloat16's time for 1-4 rows, saves a third at 8-16 rows and 10% at 64, and cuts
-    float32 from 473 to 167 us for one row (MKL's unpacked kernel for a handful of rows is
-    pathologically slow). The packed copy is rebuilt whenever the weight changes (moved, cast
-    or written in place), so the module behaves exactly like ``nn.Linear``; it costs one more
-    copy of the weight in memory.
+    Measured on this machine (one core, SmolLM2's four layer shapes): in bfloat16 a plain
+    ``F.linear`` re-lays the weight out on every call, and packing halves the time for 1-4 rows,
+    saves a third at 8-16 rows and 10% at 64. In float32 ``F.linear`` goes to MKL, which runs
+    at 100 GFLOP/s on this AMD CPU where oneDNN reaches 245 (2.4x at 64 rows and more; MKL's
+    unpacked kernel for a handful of rows was slower still). The packed copy is rebuilt whenever
+    the weight changes (moved, cast or written in place), so the module behaves exactly like
+    ``nn.Linear``; it costs one more copy of the weight in memory.
     """
 
     _packed: torch.Tensor | None = None
@@ -37,14 +34,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != weight.dtype or not _packs(x.dtype):
+        if (x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != weight.dtype
+                or x.dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available()):
             return F.linear(x, weight, self.bias)
-        packed = self._packed_weight()
         flat = x.reshape(-1, x.shape[-1])
-        if x.dtype == torch.bfloat16:
-            out = torch.ops.mkldnn._linear_pointwise(flat, packed, self.bias, "none", [], "")
-        else:
-            out = torch.ops.mkl._mkl_linear(flat, packed, weight, self.bias, PACKING_ROWS)
+        out = torch.ops.mkldnn._linear_pointwise(flat, self._packed_weight(), self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], -1)
 
     def _packed_weight(self) -> torch.Tensor:
@@ -52,10 +46,7 @@ class Linear(nn.Linear):
         key = (id(weight), weight.data_ptr(), weight.dtype, weight._version)
         if self._packed is None or self._packed_for != key:
             with torch.no_grad():
-                if weight.dtype == torch.bfloat16:
-                    self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_ROWS)
-                else:
-                    self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACKING_ROWS)
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_ROWS)
             self._packed_for = key
         return self._packed
 
