@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -82,6 +82,10 @@ def _attention_kernel(model: PagedLM, backend: AttentionBackend) -> CPUKernels |
     """The paged-attention kernel a runner uses: ``"gather"`` is the reference path (none),
     ``"kernel"`` insists on the CPU kernel, ``"auto"`` takes it where it applies (a CPU
     model in float32 or bfloat16, a C compiler present)."""
+    if backend not in get_args(AttentionBackend):
+        raise InvalidRequestError(
+            f"attention_backend: {backend!r} is not one of {', '.join(get_args(AttentionBackend))}", "attention_backend"
+        )
     if backend == "gather":
         return None
     applies = model.device.type == "cpu"

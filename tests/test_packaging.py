@@ -162,7 +162,7 @@ def test_wheel_holds_modules_data_and_marker(build: Build) -> None:
     names, source = set(_wheel_names(build.wheel)), build.source
     assert "pagedkv/paged/block_pool.py" in names
     assert "pagedkv/py.typed" in names
-    assert {"pagedkv/models/csrc/paged_attention.c", "pagedkv/models/csrc/bf16.h"} <= names  # the kernels build from source
+    assert {"pagedkv/models/csrc/paged_attention.c", "pagedkv/models/csrc/bf16.h"} <= names  # kernels build from it
     profiles = {n for n in names if n.startswith("pagedkv/sim/profiles/") and n.endswith(".json")}
     assert profiles == {f"pagedkv/sim/profiles/{p.name}" for p in (source / "sim" / "profiles").glob("*.json")}
     assert profiles

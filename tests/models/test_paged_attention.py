@@ -233,3 +233,20 @@ def test_kernel_matches_gather_path_in_each_dtype(dtype: torch.dtype, block_size
         expected = attend(q[rows].float(), keys.float(), values.float())
         assert (out[rows].float() - expected).abs().max() <= tolerance, f"sequence {i}"
     assert torch.equal(out[-2:], torch.full_like(out[-2:], 7.0))
+
+
+def test_attention_backend_choices(tiny_model) -> None:
+    """'auto' takes the kernel where it applies and the gather path elsewhere; 'kernel' where
+    it cannot run and an unknown name are refused, naming the field."""
+    from copy import deepcopy
+
+    from pagedkv.errors import InvalidRequestError
+    from pagedkv.models import ModelRunner
+
+    half = deepcopy(tiny_model).half()
+    assert ModelRunner(half, "auto", adapt_threads=False).attention_kernel is None
+    assert ModelRunner(tiny_model, "gather", adapt_threads=False).attention_kernel is None
+    for model, backend in [(half, "kernel"), (tiny_model, "fused")]:
+        with pytest.raises(InvalidRequestError) as refused:
+            ModelRunner(model, backend, adapt_threads=False)  # type: ignore[arg-type]
+        assert refused.value.param == "attention_backend"
