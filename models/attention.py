@@ -129,7 +129,7 @@ class PagedAttention:
 
         decodes = meta.decodes
         if decodes is not None and self.kernel is not None:
-            self.kernel.paged_attention(q.contiguous(), k_cache, v_cache, out, decodes.tables, decodes.tokens,
+            self.kernel.paged_attention(q, k_cache, v_cache, out, decodes.tables, decodes.tokens,
                                         decodes.ones, decodes.context)
         elif decodes is not None:
             keys, values = gather(k_cache, decodes.tables), gather(v_cache, decodes.tables)  # [Bs, S, Hkv, D]

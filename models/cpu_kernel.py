@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.[ch]"))
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-# q, k_cache, v_cache, out, block_tables, table_width, query_starts, query_lens, context_lens,
-# seqs, heads, kv_heads, head_dim, block_size, scale
+# q, q_stride, k_cache, v_cache, out, block_tables, table_width, query_starts, query_lens,
+# context_lens, seqs, heads, kv_heads, head_dim, block_size, scale
 _ARGTYPES: list[type[ctypes.c_void_p] | type[ctypes.c_int64] | type[ctypes.c_float]] = [
-    *[ctypes.c_void_p] * 5, ctypes.c_int64, *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 5, ctypes.c_float,
+    ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, *[ctypes.c_void_p] * 3,
+    *[ctypes.c_int64] * 5, ctypes.c_float,
 ]
 
 
@@ -96,15 +97,16 @@ class CPUKernels:
         """Write into ``out`` ([T, H, D], like ``q``) the attention of the ``query_lens[i]`` tokens
         from ``query_starts[i]`` on over the first ``context_lens[i]`` tokens of sequence i's
         blocks (``block_tables[i]``), causal within the new tokens. Rows of ``out`` that no
-        sequence names are left as they are. Index tensors are int64, all tensors contiguous
-        and on the CPU; the caller's metadata guarantees every index is in range."""
-        for t in (q, k_cache, v_cache, out, block_tables, query_starts, query_lens, context_lens):
+        sequence names are left as they are. Index tensors are int64, all tensors on the CPU and
+        contiguous, except that ``q``'s tokens may lie apart (a slice of the fused QKV output,
+        its heads and dims contiguous); the caller's metadata guarantees every index is in range."""
+        for t in (q[0], k_cache, v_cache, out, block_tables, query_starts, query_lens, context_lens):
             if not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError("paged_attention takes contiguous CPU tensors")
+                raise ValueError("paged_attention takes contiguous CPU tensors (q: each token's heads)")
         _, heads, dim = q.shape
         _, block_size, kv_heads, _ = k_cache.shape
         failed = self._attention[q.dtype](
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
             block_tables.data_ptr(), block_tables.shape[1], query_starts.data_ptr(), query_lens.data_ptr(),
             context_lens.data_ptr(), len(query_starts), heads, kv_heads, dim, block_size, dim**-0.5,
         )

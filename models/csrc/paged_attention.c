@@ -14,7 +14,7 @@
  * (AVX-512, AVX2 pairs, NEON quads); other sizes take plain loops.
  *
  * Layouts (all contiguous, row-major):
- *   q, out        [tokens, heads, head_dim]             the flat batch
+ *   q, out        [tokens, heads, head_dim]             the flat batch; q's tokens q_stride elements apart
  *   k/v cache     [blocks, block_size, kv_heads, head_dim]
  *   block_tables  [seqs, table_width]                   int64 physical block ids
  *   query_starts  [seqs]                                int64 where each sequence's new tokens begin
@@ -96,7 +96,7 @@ struct problem {
     void *out;
     enum dtype dtype;
     const int64_t *block_tables, *query_starts, *query_lens, *context_lens;
-    int64_t table_width, heads, kv_heads, block_size;
+    int64_t table_width, heads, kv_heads, block_size, q_stride;
     float scale;
 };
 
@@ -128,7 +128,9 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
     const int64_t lanes = head_dim / 16;
     const int vectors = head_dim % 16 == 0;
     const int64_t *table = p->block_tables + seq * p->table_width;
-    load(p->q, p->dtype, p->query_starts[seq] * heads * head_dim, queries, rows * head_dim);
+    for (int64_t j = 0; j < n_new; j++)
+        load(p->q, p->dtype, (p->query_starts[seq] + j) * p->q_stride, queries + j * heads * head_dim,
+             heads * head_dim);
     for (int64_t x = 0; x < rows * head_dim; x++) queries[x] *= p->scale;
 
     for (int64_t t = 0; t < context;) {
@@ -231,13 +233,13 @@ static int paged_attention(const struct problem *p, int64_t seqs, int64_t head_d
 }
 
 #define ENTRY(NAME, DTYPE)                                                                                 \
-    int NAME(const void *q, const void *k_cache, const void *v_cache, void *out, const int64_t *block_tables, \
-             int64_t table_width, const int64_t *query_starts, const int64_t *query_lens,                   \
-             const int64_t *context_lens, int64_t seqs, int64_t heads, int64_t kv_heads, int64_t head_dim,   \
-             int64_t block_size, float scale) {                                                             \
-        const struct problem p = {q,          k_cache,      v_cache,     out,      DTYPE,   block_tables,   \
-                                  query_starts, query_lens, context_lens, table_width, heads, kv_heads,    \
-                                  block_size, scale};                                                       \
+    int NAME(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,          \
+             const int64_t *block_tables, int64_t table_width, const int64_t *query_starts,                 \
+             const int64_t *query_lens, const int64_t *context_lens, int64_t seqs, int64_t heads,            \
+             int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale) {                         \
+        const struct problem p = {q,          k_cache,     v_cache,      out,         DTYPE,      block_tables, \
+                                  query_starts, query_lens, context_lens, table_width, heads,    kv_heads,   \
+                                  block_size, q_stride,   scale};                                           \
         return paged_attention(&p, seqs, head_dim);                                                         \
     }
 ENTRY(paged_attention_f32, F32)

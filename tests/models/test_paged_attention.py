@@ -219,8 +219,9 @@ def test_kernel_matches_gather_path_in_each_dtype(dtype: torch.dtype, block_size
     width = -(-max(context) // block_size)
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in new])
     starts = torch.tensor([0, *new]).cumsum(0)[:-1]
-    q = torch.randn(sum(new) + 2, heads, head_dim, generator=g).to(dtype)  # two rows nobody names
-    out = torch.full_like(q, 7.0)
+    # two rows nobody names; q a slice of a wider tensor, as of the fused QKV output
+    q = torch.randn(sum(new) + 2, heads + 2, head_dim, generator=g).to(dtype)[:, :heads]
+    out = torch.full(q.shape, 7.0, dtype=dtype)
     kernel = load_cpu_kernel()
     assert kernel is not None
     kernel.paged_attention(q, k_cache, v_cache, out, tables, starts, torch.tensor(new), torch.tensor(context))
