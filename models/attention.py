@@ -81,27 +81,31 @@ def gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """The sequences of a step with exactly one new token (decodes, mostly), attended
-    together: in one padded gather on the reference path, in one kernel call otherwise."""
+    """The sequences of a step with exactly one new token (decodes, mostly), which the gather
+    path attends together in one padded gather."""
 
     tokens: torch.Tensor  # [Bs] each one's token index in the flat batch
     context: torch.Tensor  # [Bs] its context length once this step's token is written
     tables: torch.Tensor  # [Bs, max_blocks] its block table, cut to the longest context's blocks
-    ones: torch.Tensor  # [Bs] its number of new tokens (the kernel takes any; here all are 1)
 
 
 @dataclass(frozen=True)
 class PagedMetadata:
     """Where a flat batch's tokens go in the cache and which context each sequence sees.
 
-    Sequences with one new token are attended together (:class:`DecodeBatch`); sequences
-    with several (prefill chunks) one at a time, so a long prompt never pads the decodes.
+    The kernel takes every sequence at once (``query_starts_t``, ``query_lens_t``,
+    ``context_lens_t``). The gather path attends the sequences with one new token together
+    (:class:`DecodeBatch`) and those with several (prefill chunks) one at a time, so a long
+    prompt never pads the decodes.
     """
 
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     block_tables: torch.Tensor  # [B, max_blocks] physical block ids, zero-padded
     context_lens: list[int]  # tokens in the cache per sequence once this step's are written
     query_starts: list[int]  # B + 1 offsets of each sequence's new tokens in the flat batch
+    query_starts_t: torch.Tensor  # [B] the same offsets (without the last), int64
+    query_lens_t: torch.Tensor  # [B] new tokens per sequence
+    context_lens_t: torch.Tensor  # [B] context_lens as a tensor
     decodes: DecodeBatch | None
     multi_rows: list[int]  # sequences with several new tokens
 
@@ -109,9 +113,10 @@ class PagedMetadata:
 class PagedAttention:
     """Writes the new K/V into their slots, then attends each sequence over its context.
 
-    With ``kernel`` (the CPU paged-attention kernel, :mod:`pagedkv.models.cpu_kernel`) the
-    decode batch reads the cache in place; without it (other devices, other dtypes, no
-    compiler) it goes through :func:`gather`, the reference the kernel is tested against.
+    With ``kernel`` (the CPU kernels, :mod:`pagedkv.models.cpu_kernel`) every sequence, decode
+    or prefill chunk, reads the cache in place in one call; without it (other devices, other
+    dtypes, no compiler) decodes go through :func:`gather` and chunks through PyTorch's SDPA,
+    the reference the kernel is tested against.
     """
 
     def __init__(self, cache: KVCache, meta: PagedMetadata, kernel: CPUKernels | None = None) -> None:
@@ -125,13 +130,14 @@ class PagedAttention:
         heads, dim = k_cache.shape[2], k_cache.shape[3]
         k_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape)
+        if self.kernel is not None:
+            self.kernel.paged_attention(q, k_cache, v_cache, out, meta.block_tables, meta.query_starts_t,
+                                        meta.query_lens_t, meta.context_lens_t)
+            return out
 
         decodes = meta.decodes
-        if decodes is not None and self.kernel is not None:
-            self.kernel.paged_attention(q, k_cache, v_cache, out, decodes.tables, decodes.tokens,
-                                        decodes.ones, decodes.context)
-        elif decodes is not None:
+        if decodes is not None:
             keys, values = gather(k_cache, decodes.tables), gather(v_cache, decodes.tables)  # [Bs, S, Hkv, D]
             visible = torch.arange(keys.shape[1], device=q.device) < decodes.context[:, None]
             qs = q[decodes.tokens].unsqueeze(1)  # [Bs, 1, H, D]

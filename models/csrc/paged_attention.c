@@ -3,10 +3,12 @@
  * The gather-based reference (models/attention.py) copies every sequence's blocks, padded to
  * the longest context of the batch, into a dense tensor per layer and then runs batched
  * matmuls whose rows are a handful of query heads: both the copy and the tiny matmuls cost far
- * more than reading the cache once. Here one work item is one sequence: it reads its keys
- * (every K/V head of a token is contiguous) once for all its query rows (heads times
- * the sequence's new tokens), softmaxes in float32, then reads the values once. Sequences are
- * spread over the OpenMP threads of the process (the runtime PyTorch already loaded).
+ * more than reading the cache once. Here one work item is one sequence's next (up to) 16 new
+ * tokens: it reads their keys (every K/V head of a token is contiguous) once for all their query
+ * rows (heads times those tokens), softmaxes in float32, then reads the values once, skipping
+ * the keys the causal mask hides from the whole chunk. Work items are spread over
+ * the OpenMP threads of the process (the runtime PyTorch already loaded). Decodes are one item
+ * each; prefill chunks, many (PyTorch's SDPA took 2-4x longer on SmolLM2's prompts).
  *
  * Keys and values are converted to float32 a chunk of CHUNK tokens at a time; every row then
  * works on that chunk with its query (or accumulator) held in vector registers. GCC's vector
@@ -100,6 +102,15 @@ struct problem {
     float scale;
 };
 
+/* Up to TILE consecutive new tokens of one sequence: the unit of parallel work. Tokens j0..j1 of
+ * a sequence with n new tokens and `context` in all attend exactly as a sequence whose new
+ * tokens are those, with context - (n - j1) in all; tiling a long prefill chunk spreads it over
+ * the threads and bounds each thread's score buffer to TILE * heads * context floats. */
+#define TILE 16
+struct tile {
+    int64_t seq, first, n_new, context;
+};
+
 /* Convert the next tokens [t, t + n) of a sequence (all K/V heads) into chunk[n][kv_heads *
  * head_dim]; n <= CHUNK. Walks the block table with a running offset: no division per token. */
 static inline int64_t load_chunk(const struct problem *p, const void *cache, const int64_t *table, int64_t t,
@@ -120,22 +131,24 @@ static inline int64_t load_chunk(const struct problem *p, const void *cache, con
 /* One sequence: query rows r = j * heads + h (token j, head h) read K/V head h / group.
  * Always inlined into a switch on head_dim, so the common head sizes get constant-length
  * loops and a register-resident query or accumulator. */
-static inline __attribute__((always_inline)) void attend(const struct problem *p, int64_t seq, float *scores,
+static inline __attribute__((always_inline)) void attend(const struct problem *p, struct tile tile, float *scores,
                                                          float *queries, float *acc, float *chunk,
                                                          const int64_t head_dim) {
     const int64_t heads = p->heads, group = heads / p->kv_heads, token_stride = p->kv_heads * head_dim;
-    const int64_t n_new = p->query_lens[seq], context = p->context_lens[seq], rows = n_new * heads;
+    const int64_t seq = tile.seq, n_new = tile.n_new, context = tile.context, rows = n_new * heads;
     const int64_t lanes = head_dim / 16;
     const int vectors = head_dim % 16 == 0;
     const int64_t *table = p->block_tables + seq * p->table_width;
     for (int64_t j = 0; j < n_new; j++)
-        load(p->q, p->dtype, (p->query_starts[seq] + j) * p->q_stride, queries + j * heads * head_dim,
+        load(p->q, p->dtype, (tile.first + j) * p->q_stride, queries + j * heads * head_dim,
              heads * head_dim);
     for (int64_t x = 0; x < rows * head_dim; x++) queries[x] *= p->scale;
 
     for (int64_t t = 0; t < context;) {
         const int64_t n = load_chunk(p, p->k_cache, table, t, context, chunk, token_stride);
-        for (int64_t r = 0; r < rows; r++) {
+        /* causal: token j's rows see the chunk only if j >= t - (context - n_new) */
+        const int64_t first_row = t > context - n_new ? (t - (context - n_new)) * heads : 0;
+        for (int64_t r = first_row; r < rows; r++) {
             const float *qr = queries + r * head_dim, *keys = chunk + (r % heads) / group * head_dim;
             float *s = scores + r * context + t;
             if (vectors) {
@@ -176,7 +189,8 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
     memset(acc, 0, sizeof(float) * (size_t)(rows * head_dim));
     for (int64_t t = 0; t < context;) {
         const int64_t n = load_chunk(p, p->v_cache, table, t, context, chunk, token_stride);
-        for (int64_t r = 0; r < rows; r++) {
+        const int64_t first_row = t > context - n_new ? (t - (context - n_new)) * heads : 0; /* as above */
+        for (int64_t r = first_row; r < rows; r++) {
             const float *w = scores + r * context + t, *values = chunk + (r % heads) / group * head_dim;
             float *a = acc + r * head_dim;
             if (vectors) {
@@ -195,40 +209,51 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
         }
         t += n;
     }
-    store(p->out, p->dtype, p->query_starts[seq] * heads * head_dim, acc, rows * head_dim);
+    store(p->out, p->dtype, tile.first * heads * head_dim, acc, rows * head_dim);
 }
 
 static int paged_attention(const struct problem *p, int64_t seqs, int64_t head_dim) {
-    int64_t most_rows = 0, most_scores = 0;
+    int64_t tiles = 0, most_context = 0;
     for (int64_t seq = 0; seq < seqs; seq++) {
-        const int64_t rows = p->query_lens[seq] * p->heads;
-        most_rows = rows > most_rows ? rows : most_rows;
-        most_scores = rows * p->context_lens[seq] > most_scores ? rows * p->context_lens[seq] : most_scores;
+        if (p->query_lens[seq] <= 0 || p->context_lens[seq] <= 0) continue;
+        tiles += (p->query_lens[seq] + TILE - 1) / TILE;
+        most_context = p->context_lens[seq] > most_context ? p->context_lens[seq] : most_context;
     }
+    struct tile *work = malloc(sizeof(struct tile) * (size_t)(tiles ? tiles : 1));
+    if (!work) return 1;
+    for (int64_t seq = 0, at = 0; seq < seqs; seq++) {
+        const int64_t n = p->query_lens[seq], context = p->context_lens[seq];
+        if (n <= 0 || context <= 0) continue;
+        for (int64_t j0 = 0; j0 < n; j0 += TILE) {
+            const int64_t j1 = j0 + TILE < n ? j0 + TILE : n;
+            work[at++] = (struct tile){seq, p->query_starts[seq] + j0, j1 - j0, context - (n - j1)};
+        }
+    }
+    const int64_t most_rows = TILE * p->heads;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         /* one buffer per thread: scores, scaled queries, accumulators, a chunk of K or V */
-        float *scores = malloc(sizeof(float) * (size_t)(most_scores + 2 * most_rows * head_dim
+        float *scores = malloc(sizeof(float) * (size_t)(most_rows * most_context + 2 * most_rows * head_dim
                                                         + CHUNK * p->kv_heads * head_dim));
-        float *queries = scores + most_scores, *acc = queries + most_rows * head_dim;
+        float *queries = scores + most_rows * most_context, *acc = queries + most_rows * head_dim;
         float *chunk = acc + most_rows * head_dim;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t seq = 0; seq < seqs; seq++) {
+        for (int64_t i = 0; i < tiles; i++) {
             if (!scores) {
                 failed = 1;
                 continue;
             }
-            if (p->query_lens[seq] <= 0 || p->context_lens[seq] <= 0) continue;
             switch (head_dim) {
-            case 32: attend(p, seq, scores, queries, acc, chunk, 32); break;
-            case 64: attend(p, seq, scores, queries, acc, chunk, 64); break;
-            case 128: attend(p, seq, scores, queries, acc, chunk, 128); break;
-            default: attend(p, seq, scores, queries, acc, chunk, head_dim);
+            case 32: attend(p, work[i], scores, queries, acc, chunk, 32); break;
+            case 64: attend(p, work[i], scores, queries, acc, chunk, 64); break;
+            case 128: attend(p, work[i], scores, queries, acc, chunk, 128); break;
+            default: attend(p, work[i], scores, queries, acc, chunk, head_dim);
             }
         }
         free(scores);
     }
+    free(work);
     return failed;
 }
 
