@@ -8,6 +8,7 @@ so wall time around a call is that call's time.
 
     python benchmarks/profile_smollm2.py --dtype bfloat16
     python benchmarks/profile_smollm2.py --dtype float32 --requests 32
+    python benchmarks/profile_smollm2.py --workload long     # bench_vllm_cpu's long prompts
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from bench_smollm2 import workload
+from bench_vllm_cpu import long_workload
 
 import pagedkv.models.attention as attention_module
 import pagedkv.models.runner as runner_module
@@ -82,14 +84,19 @@ def instrument(model: torch.nn.Module, runner: ModelRunner, timers: Timers) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--workload", choices=["mixed", "long"], default="mixed",
+                        help="bench_smollm2's 64 mixed requests, or bench_vllm_cpu's 12 long ones")
+    parser.add_argument("--requests", type=int, help="how many requests (default: 64 mixed, 12 long)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     model, tok = load_model("smollm2-135m", dtype=getattr(torch, args.dtype), device="cpu")
-    prompts, lengths = workload(tok, args.requests, args.seed)
+    if args.workload == "mixed":
+        prompts, lengths = workload(tok, args.requests or 64, args.seed)
+    else:
+        prompts, lengths = long_workload(tok, args.requests or 12, args.seed)
     runner = ModelRunner(model)
-    engine = LLMEngine(runner, EngineConfig(block_size=16, max_num_batched_tokens=1024))
+    engine = LLMEngine(runner, EngineConfig(block_size=16, max_num_batched_tokens=1024, kv_cache_memory_bytes=2 << 30))
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
     engine.generate(prompts[:2], params[:2])  # warm-up
 
