@@ -73,6 +73,13 @@ def instrument(model: torch.nn.Module, runner: ModelRunner, timers: Timers) -> N
     attention_module.attend = timers.wrap("attention: softmax(QK)V", attention_module.attend)
     attention_module.PagedAttention.__call__ = timers.wrap(  # type: ignore[method-assign]
         "attention: K/V write + indexing", attention_module.PagedAttention.__call__)
+    kernels = runner.attention_kernel
+    if kernels is not None:  # the CPU kernel runs inside PagedAttention.__call__; time it apart
+        type(kernels).paged_attention = timers.wrap(  # type: ignore[method-assign]
+            "attention: CPU kernel", type(kernels).paged_attention)
+    for module in model.modules():
+        if hasattr(module, "add_and_norm"):  # the fused residual add + RMSNorm (pagedkv's RMSNorm)
+            module.add_and_norm = timers.wrap("rmsnorm", module.add_and_norm)
     runner_module.prepare_inputs = timers.wrap("input preparation", runner_module.prepare_inputs)
     assert runner.sampler is not None
     type(runner.sampler).__call__ = timers.wrap("sampling", type(runner.sampler).__call__)  # type: ignore[method-assign]
