@@ -81,3 +81,16 @@ def test_rms_norm_kernel_matches_torch_with_and_without_the_residual_add(dtype: 
         torch.testing.assert_close(norm.add_and_norm(x, residual.clone())[0], expected, **close)
     got_grad, _ = norm.add_and_norm(x, residual)  # autograd on: PyTorch's own, residual untouched
     torch.testing.assert_close(got_grad.detach(), expected, **close)
+
+
+def test_rms_norm_without_the_kernels_is_torch_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C compiler (load_cpu_kernel() is None): the same results from PyTorch's own ops."""
+    monkeypatch.setattr("pagedkv.models.layers.load_cpu_kernel", lambda: None)
+    torch.manual_seed(3)
+    norm, reference = RMSNorm(64, eps=1e-5), torch.nn.RMSNorm(64, eps=1e-5)
+    x, residual = torch.randn(5, 64), torch.randn(5, 64)
+    with torch.inference_mode():
+        got, got_sum = norm.add_and_norm(x, residual)
+        torch.testing.assert_close(got_sum, residual + x)
+        torch.testing.assert_close(got, reference(residual + x))
+        torch.testing.assert_close(norm(x), reference(x))
