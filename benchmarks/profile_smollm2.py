@@ -28,6 +28,7 @@ import pagedkv.models.attention as attention_module
 import pagedkv.models.runner as runner_module
 from pagedkv.loader import load_model
 from pagedkv.models import ModelRunner
+from pagedkv.models.layers import RMSNorm
 from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams
 
 
@@ -78,8 +79,8 @@ def instrument(model: torch.nn.Module, runner: ModelRunner, timers: Timers) -> N
         type(kernels).paged_attention = timers.wrap(  # type: ignore[method-assign]
             "attention: CPU kernel", type(kernels).paged_attention)
     for module in model.modules():
-        if hasattr(module, "add_and_norm"):  # the fused residual add + RMSNorm (pagedkv's RMSNorm)
-            module.add_and_norm = timers.wrap("rmsnorm", module.add_and_norm)
+        if isinstance(module, RMSNorm):  # its fused residual add + norm is a method of its own
+            module.add_and_norm = timers.wrap("rmsnorm", module.add_and_norm)  # type: ignore[method-assign]
     runner_module.prepare_inputs = timers.wrap("input preparation", runner_module.prepare_inputs)
     assert runner.sampler is not None
     type(runner.sampler).__call__ = timers.wrap("sampling", type(runner.sampler).__call__)  # type: ignore[method-assign]
