@@ -36,12 +36,13 @@ log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.[ch]"))
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-# q, q_stride, k_cache, v_cache, out, block_tables, table_width, query_starts, query_lens,
-# context_lens, seqs, heads, kv_heads, head_dim, block_size, scale
+# q, tokens, q_stride, k_cache, v_cache, num_blocks, out, block_tables, table_width, query_starts,
+# query_lens, context_lens, seqs, heads, kv_heads, head_dim, block_size, scale
 _ARGTYPES: list[type[ctypes.c_void_p] | type[ctypes.c_int64] | type[ctypes.c_float]] = [
-    ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, *[ctypes.c_void_p] * 3,
-    *[ctypes.c_int64] * 5, ctypes.c_float,
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 5, ctypes.c_float,
 ]
+_OUT_OF_MEMORY, _BAD_INPUT = 1, 2  # the C's status codes
 
 
 # x, residual, weight, out, rows, dim, eps
@@ -100,17 +101,29 @@ class CPUKernels:
         sequence names are left as they are. Index tensors are int64, all tensors on the CPU and
         contiguous, except that ``q``'s tokens may lie apart (a slice of the fused QKV output,
         its heads and dims contiguous); the caller's metadata guarantees every index is in range."""
-        for t in (q[0], k_cache, v_cache, out, block_tables, query_starts, query_lens, context_lens):
+        indices = (block_tables, query_starts, query_lens, context_lens)
+        for t in (q[0], k_cache, v_cache, out, *indices):
             if not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("paged_attention takes contiguous CPU tensors (q: each token's heads)")
-        _, heads, dim = q.shape
-        _, block_size, kv_heads, _ = k_cache.shape
-        failed = self._attention[q.dtype](
-            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+        if any(t.dtype != torch.int64 for t in indices):
+            raise ValueError("paged_attention: block tables, starts and lengths must be int64")
+        if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or out.shape != q.shape:
+            raise ValueError("paged_attention: q and out [T, H, D], k_cache and v_cache [blocks, block_size, Hkv, D]")
+        if len({q.dtype, k_cache.dtype, v_cache.dtype, out.dtype}) != 1 or q.shape[2] != k_cache.shape[3]:
+            raise ValueError("paged_attention: q, caches and out must share one dtype and head size")
+        tokens, heads, dim = q.shape
+        num_blocks, block_size, kv_heads, _ = k_cache.shape
+        if heads % kv_heads:
+            raise ValueError(f"paged_attention: {heads} query heads do not share {kv_heads} K/V heads evenly")
+        status = self._attention[q.dtype](
+            q.data_ptr(), tokens, q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, out.data_ptr(),
             block_tables.data_ptr(), block_tables.shape[1], query_starts.data_ptr(), query_lens.data_ptr(),
             context_lens.data_ptr(), len(query_starts), heads, kv_heads, dim, block_size, dim**-0.5,
         )
-        if failed:
+        if status == _BAD_INPUT:
+            raise ValueError("paged_attention: a sequence's tokens or blocks lie outside q or the cache, "
+                             "or its context is shorter than its new tokens")
+        if status == _OUT_OF_MEMORY:
             raise MemoryError("paged_attention could not allocate its score buffer")
 
 
@@ -146,7 +159,10 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def load_cpu_kernel() -> CPUKernels | None:
     """The kernels, built on first use; None (with one warning) when they cannot be built."""
-    if os.environ.get("PAGEDKV_CPU_KERNEL", "1") == "0":
+    switch = os.environ.get("PAGEDKV_CPU_KERNEL", "1").strip().lower()
+    if switch not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
+        raise ValueError(f"PAGEDKV_CPU_KERNEL={switch!r}: 1/true/on/yes builds the kernels, 0/false/off/no does not")
+    if switch in ("0", "false", "off", "no"):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,8 +27,10 @@ class Linear(nn.Linear):
     saves a third at 8-16 rows and 10% at 64. In float32 ``F.linear`` goes to MKL, which runs
     at 100 GFLOP/s on this AMD CPU where oneDNN reaches 245 (2.4x at 64 rows and more; MKL's
     unpacked kernel for a handful of rows was slower still). The packed copy is rebuilt whenever
-    the weight changes (moved, cast or written in place), so the module behaves exactly like
-    ``nn.Linear``; it costs one more copy of the weight in memory.
+    the weight changes (moved, cast, written in place through the parameter, or loaded from a
+    state dict), so the module behaves like ``nn.Linear``; it costs one more copy of the weight
+    in memory. A write through ``weight.data`` bypasses the version counter: call
+    :meth:`repack` after one.
     """
 
     _packed: torch.Tensor | None = None
@@ -41,9 +45,19 @@ class Linear(nn.Linear):
         out = torch.ops.mkldnn._linear_pointwise(flat, self._packed_weight(), self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], -1)
 
+    def repack(self) -> None:
+        """Drop the packed copy; the next forward packs the weight as it is now."""
+        self._packed = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._packed = None  # loading may copy through .data, which no version counter sees
+
     def _packed_weight(self) -> torch.Tensor:
         weight = self.weight
-        key = (id(weight), weight.data_ptr(), weight.dtype, weight._version)
+        # Inference tensors keep no version counter; they cannot be written outside inference mode.
+        version = 0 if weight.is_inference() else weight._version
+        key = (id(weight), weight.data_ptr(), weight.dtype, version)
         if self._packed is None or self._packed_for != key:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_ROWS)

@@ -98,7 +98,7 @@ struct problem {
     void *out;
     enum dtype dtype;
     const int64_t *block_tables, *query_starts, *query_lens, *context_lens;
-    int64_t table_width, heads, kv_heads, block_size, q_stride;
+    int64_t table_width, heads, kv_heads, block_size, q_stride, tokens, num_blocks;
     float scale;
 };
 
@@ -107,6 +107,7 @@ struct problem {
  * tokens are those, with context - (n - j1) in all; tiling a long prefill chunk spreads it over
  * the threads and bounds each thread's score buffer to TILE * heads * context floats. */
 #define TILE 16
+enum status { OK = 0, OUT_OF_MEMORY = 1, BAD_INPUT = 2 };
 struct tile {
     int64_t seq, first, n_new, context;
 };
@@ -213,23 +214,30 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
 }
 
 static int paged_attention(const struct problem *p, int64_t seqs, int64_t head_dim) {
-    int64_t tiles = 0, most_context = 0;
-    for (int64_t seq = 0; seq < seqs; seq++) {
-        if (p->query_lens[seq] <= 0 || p->context_lens[seq] <= 0) continue;
-        tiles += (p->query_lens[seq] + TILE - 1) / TILE;
-        most_context = p->context_lens[seq] > most_context ? p->context_lens[seq] : most_context;
+    int64_t tiles = 0, most_context = 0, most_new = 0;
+    for (int64_t seq = 0; seq < seqs; seq++) { /* check every index before touching memory: O(blocks) */
+        const int64_t n = p->query_lens[seq], context = p->context_lens[seq], first = p->query_starts[seq];
+        if (n <= 0) continue;
+        if (context < n || first < 0 || first + n > p->tokens || context > p->table_width * p->block_size)
+            return BAD_INPUT;
+        const int64_t *table = p->block_tables + seq * p->table_width;
+        for (int64_t b = 0; b < (context + p->block_size - 1) / p->block_size; b++)
+            if (table[b] < 0 || table[b] >= p->num_blocks) return BAD_INPUT;
+        tiles += (n + TILE - 1) / TILE;
+        most_context = context > most_context ? context : most_context;
+        most_new = n > most_new ? n : most_new;
     }
     struct tile *work = malloc(sizeof(struct tile) * (size_t)(tiles ? tiles : 1));
-    if (!work) return 1;
+    if (!work) return OUT_OF_MEMORY;
     for (int64_t seq = 0, at = 0; seq < seqs; seq++) {
         const int64_t n = p->query_lens[seq], context = p->context_lens[seq];
-        if (n <= 0 || context <= 0) continue;
+        if (n <= 0) continue;
         for (int64_t j0 = 0; j0 < n; j0 += TILE) {
             const int64_t j1 = j0 + TILE < n ? j0 + TILE : n;
             work[at++] = (struct tile){seq, p->query_starts[seq] + j0, j1 - j0, context - (n - j1)};
         }
     }
-    const int64_t most_rows = TILE * p->heads;
+    const int64_t most_rows = (most_new < TILE ? most_new : TILE) * p->heads; /* decodes: one row per head */
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
@@ -241,7 +249,7 @@ static int paged_attention(const struct problem *p, int64_t seqs, int64_t head_d
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < tiles; i++) {
             if (!scores) {
-                failed = 1;
+                failed = OUT_OF_MEMORY;
                 continue;
             }
             switch (head_dim) {
@@ -258,13 +266,14 @@ static int paged_attention(const struct problem *p, int64_t seqs, int64_t head_d
 }
 
 #define ENTRY(NAME, DTYPE)                                                                                 \
-    int NAME(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,          \
-             const int64_t *block_tables, int64_t table_width, const int64_t *query_starts,                 \
-             const int64_t *query_lens, const int64_t *context_lens, int64_t seqs, int64_t heads,            \
-             int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale) {                         \
+    int NAME(const void *q, int64_t tokens, int64_t q_stride, const void *k_cache, const void *v_cache,     \
+             int64_t num_blocks, void *out, const int64_t *block_tables, int64_t table_width,               \
+             const int64_t *query_starts, const int64_t *query_lens, const int64_t *context_lens,            \
+             int64_t seqs, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,           \
+             float scale) {                                                                                  \
         const struct problem p = {q,          k_cache,     v_cache,      out,         DTYPE,      block_tables, \
                                   query_starts, query_lens, context_lens, table_width, heads,    kv_heads,   \
-                                  block_size, q_stride,   scale};                                           \
+                                  block_size, q_stride,   tokens,       num_blocks,  scale};                \
         return paged_attention(&p, seqs, head_dim);                                                         \
     }
 ENTRY(paged_attention_f32, F32)

@@ -94,3 +94,19 @@ def test_rms_norm_without_the_kernels_is_torch_s(monkeypatch: pytest.MonkeyPatch
         torch.testing.assert_close(got_sum, residual + x)
         torch.testing.assert_close(got, reference(residual + x))
         torch.testing.assert_close(norm(x), reference(x))
+
+
+def test_packed_weight_follows_state_dict_loads_and_explicit_repacks_and_inference_weights() -> None:
+    torch.manual_seed(4)
+    layer, other = Linear(16, 8), Linear(16, 8)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        layer(x)  # packs
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, other.weight, other.bias))
+        layer.weight.data.mul_(0)  # bypasses the version counter ...
+        layer.repack()  # ... so it needs this
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        built_inside = Linear(16, 8)  # inference tensors: no version counter
+        torch.testing.assert_close(built_inside(x), torch.nn.functional.linear(x, built_inside.weight,
+                                                                                built_inside.bias))

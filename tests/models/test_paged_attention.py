@@ -251,3 +251,29 @@ def test_attention_backend_choices(tiny_model) -> None:
         with pytest.raises(InvalidRequestError) as refused:
             ModelRunner(model, backend, adapt_threads=False)  # type: ignore[arg-type]
         assert refused.value.param == "attention_backend"
+
+
+@needs_cpu_kernel
+def test_kernel_refuses_indices_outside_its_tensors() -> None:
+    """Metadata that would read or write outside q, out or the cache is a ValueError, checked
+    before any memory is touched; nothing is written."""
+    kernel = load_cpu_kernel()
+    assert kernel is not None
+    k_cache = torch.zeros(4, 4, 2, 8)
+    q = torch.randn(3, 4, 8)
+    good = dict(block_tables=torch.tensor([[0, 1]]), query_starts=torch.tensor([0]), query_lens=torch.tensor([3]),
+                context_lens=torch.tensor([5]))
+    bad = [
+        {"context_lens": torch.tensor([2])},  # context shorter than its new tokens
+        {"block_tables": torch.tensor([[0, 4]])},  # block id past the pool
+        {"context_lens": torch.tensor([9])},  # more tokens than its table holds
+        {"query_starts": torch.tensor([1])},  # new tokens past the end of q
+        {"block_tables": torch.tensor([[0, 1]], dtype=torch.int32)},  # not int64
+    ]
+    for change in bad:
+        out = torch.full_like(q, 7.0)
+        with pytest.raises(ValueError):
+            kernel.paged_attention(q, k_cache, k_cache, out, **{**good, **change})
+        assert torch.equal(out, torch.full_like(q, 7.0))
+    out = torch.empty_like(q)
+    kernel.paged_attention(q, k_cache, k_cache, out, **good)  # the good one runs
