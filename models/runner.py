@@ -34,8 +34,11 @@ class StepInputs:
     logits_indices: torch.Tensor  # [S] flat index of the last token of each sampling sequence, once per sample
 
 
-def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
-    """Flatten a plan into the tensors one forward pass needs."""
+def prepare_inputs(
+    plan: SchedulerOutput, block_size: int, device: torch.device, decode_batch: bool = True
+) -> StepInputs:
+    """Flatten a plan into the tensors one forward pass needs. ``decode_batch``: also build the
+    gather path's :class:`DecodeBatch` (the CPU kernel does without it)."""
     scheduled = plan.scheduled
     q_lens = [s.num_new_tokens for s in scheduled]
     input_ids = list(chain.from_iterable(s.request.token_ids[s.start : s.start + s.num_new_tokens] for s in scheduled))
@@ -70,7 +73,7 @@ def prepare_inputs(plan: SchedulerOutput, block_size: int, device: torch.device)
                 tokens=dev(offsets[single]),
                 context=dev(context[single]),
                 tables=dev(tables[single, : -(-int(context[single].max()) // block_size)].contiguous()),
-            ) if len(single) else None,
+            ) if decode_batch and len(single) else None,
             multi_rows=[i for i, n in enumerate(q_lens) if n > 1],
         ),
         logits_indices=dev((offsets + lens - 1).repeat_interleave(samples)),
@@ -157,7 +160,7 @@ class ModelRunner:
         kv_cache.copy_blocks(plan.block_copies)
         if plan.is_empty:
             return []
-        inputs = prepare_inputs(plan, kv_cache.block_size, self.device)
+        inputs = prepare_inputs(plan, kv_cache.block_size, self.device, decode_batch=self.attention_kernel is None)
         attention = PagedAttention(kv_cache, inputs.attention, self.attention_kernel)
         logits = self.model(inputs.input_ids, inputs.positions, attention, inputs.logits_indices)
         seq_ids, params = [], []
