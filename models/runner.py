@@ -21,9 +21,9 @@ from pagedkv.models.host_memory import keep_freed_memory
 from pagedkv.models.sampler import Sampler
 from pagedkv.models.threads import shared_governor
 from pagedkv.paged.kv_cache import KVCache, resolve_num_blocks
-from pagedkv.scheduler.outputs import SampledRow, SampledTokens, SchedulerOutput
-from pagedkv.scheduler.params import EngineConfig
-from pagedkv.scheduler.request import sequence_id
+from pagedkv.scheduler.config import EngineConfig
+from pagedkv.scheduler.executor import CacheLayout, SampledTokens, StepResult
+from pagedkv.scheduler.plan import SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,8 @@ class ModelRunner:
         self.cache_salt = f"{type(model).__name__}/{next(model.parameters()).dtype}".encode()
         self.kv_cache: KVCache | None = None
         self.sampler: Sampler | None = None
-        self.num_swap_blocks = 0
 
-    def initialize_cache(self, config: EngineConfig) -> int:
+    def initialize_cache(self, config: EngineConfig) -> CacheLayout:
         if self.kv_cache is not None:
             raise RuntimeError("this ModelRunner already serves an engine; give each engine its own runner")
         spec = self.model.kv_cache_spec()
@@ -141,14 +140,14 @@ class ModelRunner:
             memory_bytes=config.pool_memory_bytes,
             gpu_memory_fraction=config.gpu_memory_fraction,
         )
-        swapping = config.preemption_mode == "swap"
-        self.num_swap_blocks = config.swap_space_bytes // spec.bytes_per_block(config.block_size) if swapping else 0
-        self.kv_cache = KVCache(spec, num_blocks, config.block_size, self.device, self.num_swap_blocks)
+        block_bytes = spec.bytes_per_block(config.block_size)
+        num_swap_blocks = config.swap_space_bytes // block_bytes if config.preemption_mode == "swap" else 0
+        self.kv_cache = KVCache(spec, num_blocks, config.block_size, self.device, num_swap_blocks)
         self.sampler = Sampler(self.device, config.seed)
-        return num_blocks
+        return CacheLayout(num_blocks, num_swap_blocks, self.cache_salt, block_bytes)
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> list[SampledRow]:
+    def execute(self, plan: SchedulerOutput) -> StepResult:
         kv_cache, sampler = self.kv_cache, self.sampler
         if kv_cache is None or sampler is None:
             raise RuntimeError("initialize_cache() must run before execute()")
@@ -159,28 +158,22 @@ class ModelRunner:
         kv_cache.swap_in(plan.swap_in)
         kv_cache.copy_blocks(plan.block_copies)
         if plan.is_empty:
-            return []
+            return StepResult([])
         inputs = prepare_inputs(plan, kv_cache.block_size, self.device, decode_batch=self.attention_kernel is None)
         attention = PagedAttention(kv_cache, inputs.attention, self.attention_kernel)
         logits = self.model(inputs.input_ids, inputs.positions, attention, inputs.logits_indices)
-        seq_ids, params = [], []
-        for s in plan.scheduled:
-            r = s.request
-            if s.samples == 1:
-                seq_ids.append(r.seq_id)
-                params.append(r.params)
-            else:  # a fork: sequence i samples with its own parameters (seed + i)
-                seq_ids += [sequence_id(r.request_id, i) for i in range(s.samples)]
-                params += [r.params.for_sequence(i) for i in range(s.samples)]
+        seq_ids = list(chain.from_iterable(s.sample_seq_ids for s in plan.scheduled))
+        params = list(chain.from_iterable(s.sample_params for s in plan.scheduled))
         tokens = sampler(logits, seq_ids, params)
         # Only when a row asks for them (None per row otherwise): most steps compute none.
         logprobs = sampler.logprobs(logits, tokens, params) if any(p.logprobs is not None for p in params) else None
         # A row holds a NaN or an infinity exactly when its sum is not finite (finite logits
         # overflow a float32 sum only beyond 1e33 each): one pass where isfinite().all() took five.
         finite = torch.isfinite(logits.sum(dim=-1)).tolist()
-        out: list[SampledRow] = []
+        out: list[tuple[int, ...]] = []
+        failed: dict[int, str] = {}
         i = 0
-        for s in plan.scheduled:
+        for row, s in enumerate(plan.scheduled):
             rows = slice(i, i + s.samples)
             row_logprobs = logprobs[rows] if logprobs is not None and s.request.params.logprobs is not None else None
             if all(finite[rows]):
@@ -189,7 +182,7 @@ class ModelRunner:
                 else:  # a row's sequences share their request's logprobs setting: all are set
                     out.append(SampledTokens(tokens[rows], [lp for lp in row_logprobs if lp is not None]))
             else:  # NaN or inf logits fail this request alone (see Scheduler.update)
-                out.append(FloatingPointError("non-finite logits"))
-                sampler.release(seq_ids[rows])  # forks that will never exist keep no generator
+                out.append(())
+                failed[row] = "FloatingPointError: non-finite logits"
             i += s.samples
-        return out
+        return StepResult(out, failed)

@@ -13,7 +13,7 @@ from collections.abc import Hashable, Iterable, Sequence
 import torch
 
 from pagedkv.scheduler.outputs import TokenLogprobs
-from pagedkv.scheduler.params import SamplingParams
+from pagedkv.scheduler.sampling_params import SamplingParams
 
 
 class Sampler:

@@ -27,8 +27,8 @@ _EXPORTS = {
     "load_model": "pagedkv.loader",
     "MODEL_NAMES": "pagedkv.loader",
     "LLMEngine": "pagedkv.scheduler.engine",
-    "EngineConfig": "pagedkv.scheduler.params",
-    "SamplingParams": "pagedkv.scheduler.params",
+    "EngineConfig": "pagedkv.scheduler.config",
+    "SamplingParams": "pagedkv.scheduler.sampling_params",
     "RequestOutput": "pagedkv.scheduler.outputs",
     "SequenceOutput": "pagedkv.scheduler.outputs",
     "EngineStats": "pagedkv.scheduler.outputs",
@@ -59,14 +59,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     )
     from pagedkv.llm import LLM as LLM
     from pagedkv.loader import MODEL_NAMES as MODEL_NAMES, load_engine as load_engine, load_model as load_model
+    from pagedkv.scheduler.config import EngineConfig as EngineConfig
     from pagedkv.scheduler.engine import LLMEngine as LLMEngine
     from pagedkv.scheduler.outputs import (
         EngineStats as EngineStats,
         RequestOutput as RequestOutput,
         SequenceOutput as SequenceOutput,
     )
-    from pagedkv.scheduler.params import EngineConfig as EngineConfig, SamplingParams as SamplingParams
     from pagedkv.scheduler.request import FinishReason as FinishReason
+    from pagedkv.scheduler.sampling_params import SamplingParams as SamplingParams
     from pagedkv.server.async_engine import AsyncLLMEngine as AsyncLLMEngine
     from pagedkv.sim.api import run_real as run_real, simulate as simulate, sweep as sweep
     from pagedkv.sim.metrics import SLO as SLO

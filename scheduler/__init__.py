@@ -3,22 +3,18 @@
 Torch-free: the engine reaches the model only through the :class:`Executor` protocol.
 """
 
-from pagedkv.scheduler.engine import ConcurrentStepError, Executor, LLMEngine
-from pagedkv.scheduler.outputs import (
-    EngineStats,
-    RequestMetrics,
-    RequestOutput,
-    SampledTokens,
-    ScheduledRequest,
-    SchedulerOutput,
-    SequenceOutput,
-    TokenLogprobs,
-)
-from pagedkv.scheduler.params import EngineConfig, SamplingParams
+from pagedkv.scheduler.config import EngineConfig
+from pagedkv.scheduler.engine import ConcurrentStepError, LLMEngine
+from pagedkv.scheduler.executor import BulkDecodeExecutor, CacheLayout, Executor, SampledTokens, StepResult
+from pagedkv.scheduler.outputs import EngineStats, RequestMetrics, RequestOutput, SequenceOutput, TokenLogprobs
+from pagedkv.scheduler.plan import ScheduledRequest, SchedulerOutput
 from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
+from pagedkv.scheduler.sampling_params import SamplingParams
 from pagedkv.scheduler.scheduler import Scheduler
 
 __all__ = [
+    "BulkDecodeExecutor",
+    "CacheLayout",
     "ConcurrentStepError",
     "EngineConfig",
     "EngineStats",
@@ -35,5 +31,6 @@ __all__ = [
     "Scheduler",
     "SchedulerOutput",
     "SequenceOutput",
+    "StepResult",
     "TokenLogprobs",
 ]

@@ -17,9 +17,11 @@ from typing import Protocol
 
 from pagedkv.errors import EngineBusyError, InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
-from pagedkv.scheduler.outputs import EngineStats, RequestOutput, SampledRow, SchedulerOutput
-from pagedkv.scheduler.params import EngineConfig, SamplingParams
+from pagedkv.scheduler.config import EngineConfig
+from pagedkv.scheduler.executor import Executor
+from pagedkv.scheduler.outputs import EngineStats, RequestOutput
 from pagedkv.scheduler.request import FinishReason, Request
+from pagedkv.scheduler.sampling_params import SamplingParams
 from pagedkv.scheduler.scheduler import Scheduler
 from pagedkv.scheduler.text_stream import Detokenizer, TextStream
 
@@ -28,31 +30,6 @@ class ConcurrentStepError(EngineBusyError, RuntimeError):
     """``step()`` was entered while another call was still running (from another thread).
     An engine is driven by one thread at a time; the second call is refused, not run, so
     that two steps cannot schedule and update the same queues and blocks at once."""
-
-
-class Executor(Protocol):
-    """What the engine needs from whatever computes the tokens. The engine only reads the
-    three sizes, so plain attributes of narrower types (``eos_token_id = None``) do."""
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    @property
-    def max_model_len(self) -> int: ...
-
-    @property
-    def eos_token_id(self) -> int | None: ...
-
-    def initialize_cache(self, config: EngineConfig) -> int:
-        """Allocate the K/V pool as ``config`` asks; return its number of blocks. An
-        executor that can swap also sets ``num_swap_blocks`` (the swap space's size)."""
-
-    def execute(self, plan: SchedulerOutput) -> Sequence[SampledRow]:
-        """Run one step; return, per scheduled sequence, the tokens it samples (as many
-        as its ``samples``: none when its chunk stops short of the end, n when it forks),
-        or an exception instance for a row that failed alone (non-finite logits).
-        Also drop any per-sequence state of ``plan.finished_seq_ids``, even when nothing
-        is scheduled."""
 
 
 class Tokenizer(Protocol):
@@ -79,10 +56,10 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         max_model_len = config.resolve_max_model_len(executor.max_model_len)
         self.executor = executor
+        self.cache_layout = layout = executor.initialize_cache(config)
         self.kv_manager = KVCacheManager(
-            executor.initialize_cache(config), config.block_size, config.enable_prefix_caching,
-            cache_salt=getattr(executor, "cache_salt", b""),
-            num_swap_blocks=getattr(executor, "num_swap_blocks", 0),  # none: preemption recomputes
+            layout.num_blocks, config.block_size, config.enable_prefix_caching,
+            cache_salt=layout.cache_salt, num_swap_blocks=layout.num_swap_blocks,
         )
         self.scheduler = Scheduler(
             config,
@@ -149,21 +126,21 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         try:
-            sampled = self.executor.execute(plan)
+            result = self.executor.execute(plan)
         except Exception as error:  # the step failed: fail its requests, keep serving the others
             failed = self.scheduler.fail_step(plan, error)
             outputs = [self._with_text(RequestOutput.of(r.group)) for r in failed]
         else:
             # request id -> (its sequences, indices of those that got a token)
             news: dict[str, tuple[list[Request], set[int]]] = {}
-            for seq in self.scheduler.update(plan, sampled):
+            for seq in self.scheduler.update(plan, result):
                 news.setdefault(seq.request_id, (seq.group, set()))[1].add(seq.index)
                 if self.tokenizer is not None and seq.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR):
                     if self._text_state(seq).add(seq.token_ids[-1]):  # a stop string: this sequence is done
                         self.scheduler.finish_sequence(seq, FinishReason.STOP)
-            for s in plan.scheduled:  # failed rows: their requests end with no new token
-                if s.request.finish_reason is FinishReason.ERROR:
-                    news.setdefault(s.request.request_id, (s.request.group, set()))
+            for row in result.failed_rows:  # their requests end with no new token
+                request = plan.scheduled[row].request
+                news.setdefault(request.request_id, (request.group, set()))
             outputs = [self._with_text(RequestOutput.of(group, indices)) for group, indices in news.values()]
         if self._aborted:
             outputs, self._aborted = self._aborted + outputs, []

@@ -19,13 +19,15 @@ from __future__ import annotations
 import itertools
 import time
 from bisect import insort
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from operator import attrgetter
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
-from pagedkv.scheduler.outputs import EngineStats, SampledRow, SampledTokens, SchedulerOutput
-from pagedkv.scheduler.params import EngineConfig
+from pagedkv.scheduler.config import EngineConfig
+from pagedkv.scheduler.executor import SampledTokens, StepResult
+from pagedkv.scheduler.outputs import EngineStats
+from pagedkv.scheduler.plan import ScheduledRequest, SchedulerOutput
 from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
 
 by_rank = attrgetter("rank")  # the sort key of both queues
@@ -133,39 +135,43 @@ class RequestLifecycle:
         """Running sequences, and the forks that running, unforked requests will make."""
         return len(self.running) + self._fork_seats
 
-    def update(self, plan: SchedulerOutput, sampled: Sequence[SampledRow]) -> list[Request]:
+    def update(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:
         """Advance every scheduled sequence by its chunk; append sampled tokens; fork the
         requests that sampled n > 1; stop the sequences that are done and free their
-        blocks. ``sampled`` is aligned with ``plan.scheduled``: each row's tokens (as many
-        as it ``samples``, none for chunks that do not reach the end), or an exception when
-        the executor failed that row alone (its request fails, see :meth:`fail`).
+        blocks. ``result.tokens`` is aligned with ``plan.scheduled``: each row's tokens (as
+        many as it ``samples``, none for chunks that do not reach the end); a row in
+        ``result.failed_rows`` fails its request (see :meth:`fail`).
 
         Returns the sequences that received a token (their last one). Building
         user-facing outputs is the engine's job; the simulator needs none, and skipping
         them keeps a simulated step cheap."""
+        sampled, failed_rows = result.tokens, result.failed_rows
         if len(sampled) != len(plan.scheduled):
             raise ValueError(f"got {len(sampled)} sampled tokens for {len(plan.scheduled)} scheduled requests")
         now = self.clock()
         advanced = []
         finished = False
         failed = False
-        for (request, _, n, _, _), tokens in zip(plan.scheduled, sampled, strict=True):
-            request.num_computed_tokens += n
+        for i, (row, tokens) in enumerate(zip(plan.scheduled, sampled, strict=True)):
+            request = row.request
+            request.num_computed_tokens += row.num_new_tokens
+            if failed_rows and i in failed_rows:  # the executor failed this row
+                if request.status is RequestStatus.RUNNING:
+                    self.fail(request, failed_rows[i], now)
+                    self._finished_ids.extend(row.sample_seq_ids[1:])  # forks that never were: drop their state
+                    finished = failed = True
+                continue
             if not tokens or failed and request.status is not RequestStatus.RUNNING:
                 continue  # (a sibling's failure ended this sequence earlier in the loop)
-            if isinstance(tokens, BaseException):  # the executor failed this row
-                self.fail(request, tokens, now)
-                finished = failed = True
-                continue
-            seqs = self._fork(request, len(tokens)) if len(tokens) > 1 else (request,)
+            seqs = self._fork(request, row) if len(tokens) > 1 else (request,)
             logprobs = tokens.logprobs if isinstance(tokens, SampledTokens) else None
-            for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            for j, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
                 seq.token_ids.append(token)
                 if seq.logprobs is not None:  # asked for: kept while the executor computes them
                     if logprobs is None:
                         seq.logprobs = None
                     else:
-                        seq.logprobs.append(logprobs[i])
+                        seq.logprobs.append(logprobs[j])
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 reason = self._stop_reason(seq, token)
@@ -214,16 +220,17 @@ class RequestLifecycle:
         else:
             self.waiting.remove(seq)
 
-    def fail(self, request: Request, error: BaseException, now: float | None = None) -> None:
+    def fail(self, request: Request, error: str, now: float | None = None) -> None:
         """End every unfinished sequence of ``request``'s group because the engine failed
-        it. Their blocks leave the prefix cache first: what they hold cannot be trusted."""
+        it (``error`` says how). Their blocks leave the prefix cache first: what they hold
+        cannot be trusted."""
         now = self.clock() if now is None else now
         for seq in request.group:
             if seq.status is RequestStatus.FINISHED:
                 continue
             self._leave_queue(seq)
             self.kv.forget_cached(seq.seq_id)
-            seq.error = f"{type(error).__name__}: {error}"
+            seq.error = error
             self._finish(seq, FinishReason.ERROR, now)
 
     def fail_step(self, plan: SchedulerOutput, error: BaseException) -> list[Request]:
@@ -232,8 +239,9 @@ class RequestLifecycle:
         swapped_out = set(plan.preempted)
         victims = [s.request for s in plan.scheduled]
         victims += [r for r in self.waiting if r.swapped and r.seq_id in swapped_out]
+        message = f"{type(error).__name__}: {error}"
         for request in victims:
-            self.fail(request, error)
+            self.fail(request, message)
         self.num_steps += 1
         return list({id(r.group[0]): r.group[0] for r in victims}.values())
 
@@ -247,16 +255,15 @@ class RequestLifecycle:
             return FinishReason.LENGTH
         return None
 
-    def _fork(self, parent: Request, n: int) -> list[Request]:
-        """Split ``parent``, whose prompt is now computed, into its ``n`` sequences; the
-        new ones share every block of its table. Returns all n, ``parent`` first."""
-        params = parent.params
-        parent.params = params.for_sequence(0)
-        self._fork_seats -= n - 1
-        for i in range(1, n):
-            child = Request(
-                parent.request_id, parent.prompt_token_ids, params.for_sequence(i), parent.arrival_time, index=i
-            )
+    def _fork(self, parent: Request, row: ScheduledRequest) -> list[Request]:
+        """Split ``parent``, whose prompt is now computed, into the sequences its plan row
+        sampled as (``row.sample_params``); the new ones share every block of its table.
+        Returns them all, ``parent`` first."""
+        params = row.sample_params
+        parent.params = params[0]
+        self._fork_seats -= len(params) - 1
+        for i in range(1, len(params)):
+            child = Request(parent.request_id, parent.prompt_token_ids, params[i], parent.arrival_time, index=i)
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = RequestStatus.RUNNING
             child.first_scheduled_time = parent.first_scheduled_time

@@ -1,11 +1,10 @@
-"""The small result types that cross layer boundaries: a step's plan, a request's output,
-and the engine's stats."""
+"""What the engine hands its users: each request's output after a step, and the engine's
+stats. (A step's plan, for the executor, is :mod:`pagedkv.scheduler.plan`.)"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
-from typing import NamedTuple, TypeAlias
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from pagedkv.scheduler.request import FinishReason, Request
 
@@ -18,93 +17,6 @@ class TokenLogprobs(NamedTuple):
     top: tuple[tuple[int, float], ...]
     """The ``SamplingParams.logprobs`` most likely tokens as ``(token id, logprob)``, most
     likely first."""
-
-
-class SampledTokens(tuple[int, ...]):
-    """A row's sampled tokens (a tuple of ints, so it is a :data:`SampledRow`) with the
-    log-probabilities of each, for the rows whose request asked for them. Executors that
-    compute none (the simulator, test fakes) return plain tuples."""
-
-    logprobs: tuple[TokenLogprobs, ...]
-
-    def __new__(cls, tokens: Iterable[int], logprobs: Iterable[TokenLogprobs]) -> SampledTokens:
-        row = super().__new__(cls, tokens)
-        row.logprobs = tuple(logprobs)
-        if len(row.logprobs) != len(row):
-            raise ValueError(f"{len(row.logprobs)} logprobs for {len(row)} tokens")
-        return row
-
-
-SampledRow: TypeAlias = "tuple[int, ...] | BaseException"
-"""What an executor returns for one scheduled sequence of a step: the tokens it sampled
-(as many as its ``samples``; a :class:`SampledTokens` when they come with logprobs), or an
-exception instance if its row failed alone."""
-
-
-class ScheduledRequest(NamedTuple):
-    """``request`` (one sequence) computes tokens ``[start, start + num_new_tokens)`` this
-    step, into the slots of ``block_ids`` (its block table as it stands for this step).
-    ``samples`` is how many tokens to draw from the chunk's last logits: 0 when the chunk
-    stops short of the end of the sequence's tokens, 1 usually, ``n`` when a request
-    with ``n > 1`` finishes its prompt and forks. Values, not views: the plan stays true
-    after later steps. (A NamedTuple because the simulator builds millions of them.)"""
-
-    request: Request
-    start: int
-    num_new_tokens: int
-    block_ids: tuple[int, ...]
-    samples: int
-
-
-_new_scheduled = tuple.__new__
-
-
-@dataclass
-class SchedulerOutput:
-    """One step's plan: who runs and for how many tokens, and what memory moves first.
-
-    The totals are kept by the scheduler as it adds each request, so that a cost model
-    (the simulator's) reads a step's size without walking the plan.
-    """
-
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Hashable] = field(default_factory=list)
-    """Sequence ids (``Request.seq_id``) preempted while building this plan."""
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    """``(src, dst)`` device blocks to copy (copy-on-write), after the swaps."""
-    swap_out: list[tuple[int, int]] = field(default_factory=list)
-    """``(device, cpu)`` blocks of sequences preempted by swap: copy first (their device
-    blocks may be handed to others in this very step)."""
-    swap_in: list[tuple[int, int]] = field(default_factory=list)
-    """``(cpu, device)`` blocks of swapped sequences resuming: copy after ``swap_out``."""
-    finished_seq_ids: list[Hashable] = field(default_factory=list)
-    """Sequences that ended since the previous plan; the executor drops their state."""
-    num_batched_tokens: int = 0
-    num_single_token_seqs: int = 0
-    """Sequences computing exactly one token: decodes, mostly."""
-    num_single_token_context: int = 0
-    """Keys those sequences attend to (their context lengths, summed)."""
-    num_samples: int = 0
-    """Tokens to sample: rows of logits to compute."""
-    num_chunk_attended: int = 0
-    """Query-key pairs of the multi-token chunks (an upper bound: causal chunks see fewer)."""
-
-    def add(self, request: Request, start: int, n: int, block_ids: tuple[int, ...], samples: int) -> None:
-        """Schedule ``n`` tokens of ``request`` from ``start``; keep the totals current."""
-        # tuple.__new__ skips the NamedTuple's Python-level constructor: the simulator
-        # builds one of these per request per step, millions per run.
-        self.scheduled.append(_new_scheduled(ScheduledRequest, (request, start, n, block_ids, samples)))
-        self.num_batched_tokens += n
-        self.num_samples += samples
-        if n == 1:
-            self.num_single_token_seqs += 1
-            self.num_single_token_context += start + 1
-        else:
-            self.num_chunk_attended += n * (start + n)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pagedkv.scheduler.params import SamplingParams
+from pagedkv.scheduler.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedkv.scheduler.outputs import TokenLogprobs

@@ -48,10 +48,10 @@ from collections.abc import Callable
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.paged.prefix import NO_HIT
+from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.decode_run import DecodeRun
 from pagedkv.scheduler.lifecycle import RequestLifecycle, by_rank
-from pagedkv.scheduler.outputs import SchedulerOutput
-from pagedkv.scheduler.params import EngineConfig
+from pagedkv.scheduler.plan import SchedulerOutput
 from pagedkv.scheduler.request import Request, RequestStatus
 
 MAX_PASSED_OVER = 16

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler import SamplingParams
-from pagedkv.scheduler.params import MAX_LOGPROBS
+from pagedkv.scheduler.sampling_params import MAX_LOGPROBS
 
 
 class OpenAIBody(BaseModel):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
-from pagedkv.scheduler.params import EngineConfig
+from pagedkv.scheduler.config import EngineConfig
 from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel, Features
 from pagedkv.sim.driver import RunResult, run_workload
 from pagedkv.sim.executor import SimulatedExecutor, VirtualClock, WallClock

@@ -20,8 +20,9 @@ import torch
 from pagedkv.loader import load_model
 from pagedkv.models.base import PagedLM
 from pagedkv.models.runner import ModelRunner
-from pagedkv.scheduler.outputs import SampledRow, SchedulerOutput
-from pagedkv.scheduler.params import EngineConfig
+from pagedkv.scheduler.config import EngineConfig
+from pagedkv.scheduler.executor import CacheLayout, StepResult
+from pagedkv.scheduler.plan import SchedulerOutput
 from pagedkv.sim.cost_model import CostModel, Features, fit, power_of_two_knots, step_features
 from pagedkv.sim.driver import run_workload
 from pagedkv.sim.executor import WallClock
@@ -38,12 +39,10 @@ class TimedExecutor:
         self.vocab_size, self.max_model_len, self.eos_token_id = inner.vocab_size, inner.max_model_len, None
         self.samples = [] if samples is None else samples
 
-    def initialize_cache(self, config: EngineConfig) -> int:
-        num_blocks = self.inner.initialize_cache(config)
-        self.num_swap_blocks = self.inner.num_swap_blocks  # the driver reads it: swap stays swap
-        return num_blocks
+    def initialize_cache(self, config: EngineConfig) -> CacheLayout:
+        return self.inner.initialize_cache(config)
 
-    def execute(self, plan: SchedulerOutput) -> list[SampledRow]:
+    def execute(self, plan: SchedulerOutput) -> StepResult:
         start = time.perf_counter()
         tokens = self.inner.execute(plan)
         self.samples.append((step_features(plan), time.perf_counter() - start))

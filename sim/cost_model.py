@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pagedkv.scheduler.outputs import SchedulerOutput
+from pagedkv.scheduler.plan import SchedulerOutput
 
 PROFILES = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = PROFILES / "smollm2-135m-cpu-float32.json"

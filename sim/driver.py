@@ -20,10 +20,11 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
-from pagedkv.scheduler.engine import Executor
+from pagedkv.scheduler.config import EngineConfig
+from pagedkv.scheduler.executor import Executor
 from pagedkv.scheduler.outputs import EngineStats
-from pagedkv.scheduler.params import EngineConfig, SamplingParams
 from pagedkv.scheduler.request import Request
+from pagedkv.scheduler.sampling_params import SamplingParams
 from pagedkv.scheduler.scheduler import Scheduler
 from pagedkv.sim.policies import Policy, build_scheduler, reserved_slots, reserved_slots_during
 from pagedkv.sim.workload import RequestSpec
@@ -90,12 +91,13 @@ def run_workload(
     taken in bulk (``pagedkv.scheduler.decode_run``), with the same result to the last bit:
     ``False`` is there to check that."""
     max_model_len = config.resolve_max_model_len(executor.max_model_len)
-    num_blocks = executor.initialize_cache(config)
+    layout = executor.initialize_cache(config)
+    num_blocks = layout.num_blocks
     block_size = config.block_size
     if policy != "paged":  # reservations are counted in slots: 1-token blocks
         num_blocks, block_size = num_blocks * block_size, 1
     kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching and policy == "paged",
-                        num_swap_blocks=getattr(executor, "num_swap_blocks", 0) if policy == "paged" else 0)
+                        num_swap_blocks=layout.num_swap_blocks if policy == "paged" else 0)
     scheduler = build_scheduler(policy, config, kv, max_model_len, clock)
     result = RunResult(policy, block_size, num_blocks * block_size)
     params: dict[int, SamplingParams] = {}

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 
 from pagedkv.errors import InvalidRequestError
-from pagedkv.scheduler.outputs import SchedulerOutput
-from pagedkv.scheduler.params import EngineConfig
+from pagedkv.scheduler.config import EngineConfig
+from pagedkv.scheduler.executor import CacheLayout, StepResult
+from pagedkv.scheduler.plan import SchedulerOutput
 from pagedkv.sim.cost_model import CostModel
 
 DUMMY_TOKEN = 0
@@ -50,7 +51,7 @@ class WallClock:
 
 
 class SimulatedExecutor:
-    """Implements ``scheduler.Executor`` with a cost model and a virtual clock.
+    """Implements ``scheduler.BulkDecodeExecutor`` with a cost model and a virtual clock.
 
     Runs of pure decode steps reach :meth:`execute_decodes`, not :meth:`execute` (see
     ``pagedkv.sim.driver.run_workload``): a subclass that watches every plan must run with
@@ -64,14 +65,15 @@ class SimulatedExecutor:
         self.clock = clock
         self.max_model_len = cost.max_model_len
         self.busy_seconds = 0.0
-        self.num_swap_blocks = 0
         self._block_bytes = 0
 
-    def initialize_cache(self, config: EngineConfig) -> int:
+    def initialize_cache(self, config: EngineConfig) -> CacheLayout:
         """As many blocks as the engine would get for this config on the profiled model."""
         self._block_bytes = self.cost.kv_bytes_per_token * config.block_size
-        if config.preemption_mode == "swap":
-            self.num_swap_blocks = config.swap_space_bytes // self._block_bytes
+        swap = config.swap_space_bytes // self._block_bytes if config.preemption_mode == "swap" else 0
+        return CacheLayout(self._num_blocks(config), swap, block_bytes=self._block_bytes)
+
+    def _num_blocks(self, config: EngineConfig) -> int:
         if config.num_blocks is not None:
             return config.num_blocks
         if config.pool_memory_bytes is None:
@@ -86,15 +88,15 @@ class SimulatedExecutor:
             )
         return blocks
 
-    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+    def execute(self, plan: SchedulerOutput) -> StepResult:
         swapped = len(plan.swap_out) + len(plan.swap_in)
         if plan.is_empty and not swapped:
-            return []
+            return StepResult([])
         seconds = self.cost.step_time(plan) if not plan.is_empty else 0.0
         if swapped:
             seconds += swapped * self._block_bytes / self.cost.swap_bytes_per_s
         self._spend(seconds)
-        return [_ONE * s.samples for s in plan.scheduled]
+        return StepResult([_ONE * s.samples for s in plan.scheduled])
 
     decode_token = DUMMY_TOKEN
     """What :meth:`execute` samples for every row: the token of bulk decode steps."""

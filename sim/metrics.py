@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedkv.scheduler.params import InputModel
+from pagedkv.scheduler.validation import InputModel
 from pagedkv.sim.driver import RunResult
 
 

@@ -23,8 +23,8 @@ from typing import Literal
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
-from pagedkv.scheduler.outputs import SchedulerOutput
-from pagedkv.scheduler.params import EngineConfig
+from pagedkv.scheduler.config import EngineConfig
+from pagedkv.scheduler.plan import SchedulerOutput
 from pagedkv.scheduler.request import FinishReason, Request
 from pagedkv.scheduler.scheduler import Scheduler
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 
-from pagedkv.scheduler.params import InputModel
+from pagedkv.scheduler.validation import InputModel
 
 TRACES = Path(__file__).parent / "traces"
 

@@ -16,8 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagedkv.scheduler import EngineConfig, LLMEngine, SamplingParams, SchedulerOutput
+from pagedkv.scheduler import CacheLayout, EngineConfig, LLMEngine, SamplingParams, SchedulerOutput, StepResult
 from pagedkv.scheduler.request import FinishReason
+
+
+def fake_layout(config: EngineConfig) -> CacheLayout:
+    """The cache of a test fake: ``config.num_blocks`` blocks, counting 1 KiB each for the
+    swap space."""
+    assert config.num_blocks is not None, "this fake needs EngineConfig.num_blocks"
+    return CacheLayout(config.num_blocks, config.swap_space_bytes // 1024 if config.preemption_mode == "swap" else 0)
 
 
 class WrongContext(BaseException):
@@ -33,7 +40,6 @@ class ContentExecutor:
         self.max_model_len = max_model_len
         self.rng = random.Random(seed)
         self.block_size = 0
-        self.num_swap_blocks = 0
         self.device: dict[int, list[int | None]] = {}
         self.host: dict[int, list[int | None]] = {}
         self.num_checked_tokens = 0
@@ -42,17 +48,15 @@ class ContentExecutor:
         self.max_batched_tokens = 0
         self.max_scheduled = 0
 
-    def initialize_cache(self, config: EngineConfig) -> int:
+    def initialize_cache(self, config: EngineConfig) -> CacheLayout:
         """Blocks count as 1 KiB each for the swap space."""
         self.block_size = config.block_size
-        self.num_swap_blocks = config.swap_space_bytes // 1024 if config.preemption_mode == "swap" else 0
-        assert config.num_blocks is not None, "this fake needs EngineConfig.num_blocks"
-        return config.num_blocks
+        return fake_layout(config)
 
     def _block(self, b: int) -> list[int | None]:
         return self.device.setdefault(b, [None] * self.block_size)
 
-    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+    def execute(self, plan: SchedulerOutput) -> StepResult:
         self.plans += 1
         self.empty_plans += plan.is_empty
         self.max_batched_tokens = max(self.max_batched_tokens, plan.num_batched_tokens)
@@ -74,7 +78,8 @@ class ContentExecutor:
                     f"sequence {s.request.seq_id!r} reads {context}, not its tokens {s.request.token_ids}"
                 )
             self.num_checked_tokens += len(context)
-        return [tuple(self.rng.randrange(self.vocab_size) for _ in range(s.samples)) for s in plan.scheduled]
+        rng = self.rng
+        return StepResult([tuple(rng.randrange(self.vocab_size) for _ in range(s.samples)) for s in plan.scheduled])
 
 
 @dataclass
@@ -137,11 +142,7 @@ class FailingRunner:
         self.runner, self.fail_steps, self.nan_request, self.steps = runner, set(fail_steps), nan_request, 0
         self.vocab_size, self.max_model_len = runner.vocab_size, runner.max_model_len
         self.eos_token_id = runner.eos_token_id
-        self.cache_salt, self.initialize_cache = runner.cache_salt, runner.initialize_cache
-
-    @property
-    def num_swap_blocks(self):
-        return self.runner.num_swap_blocks
+        self.initialize_cache = runner.initialize_cache
 
     def execute(self, plan):
         self.steps += 1

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import pytest
 
 from pagedkv.models.cpu_kernel import load_cpu_kernel
-from pagedkv.scheduler import EngineConfig, LLMEngine, SchedulerOutput
+from pagedkv.scheduler import CacheLayout, EngineConfig, LLMEngine, SchedulerOutput, StepResult
+from tests.fakes import fake_layout
 
 # Both attention paths of the CPU runner: the C kernel (skipped where no C compiler builds it)
 # and the gather path, the reference it is checked against.
@@ -50,15 +51,13 @@ class RecordingExecutor:
     def __init__(self) -> None:
         self.plans: list[SchedulerOutput] = []
 
-    def initialize_cache(self, config: EngineConfig) -> int:
+    def initialize_cache(self, config: EngineConfig) -> CacheLayout:
         """Its blocks count as 1 KiB each for the swap space."""
-        self.num_swap_blocks = config.swap_space_bytes // 1024 if config.preemption_mode == "swap" else 0
-        assert config.num_blocks is not None, "this fake needs EngineConfig.num_blocks"
-        return config.num_blocks
+        return fake_layout(config)
 
-    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+    def execute(self, plan: SchedulerOutput) -> StepResult:
         self.plans.append(plan)
-        return [(1,) * s.samples for s in plan.scheduled]
+        return StepResult([(1,) * s.samples for s in plan.scheduled])
 
 
 def drain(engine: LLMEngine, max_steps: int = 1000) -> None:
@@ -81,7 +80,7 @@ class ScriptedExecutor(RecordingExecutor):
         script = self.scripts[index] if index < len(self.scripts) else []
         return script[position] if position < len(script) else self.filler
 
-    def execute(self, plan: SchedulerOutput) -> list[tuple[int, ...]]:
+    def execute(self, plan: SchedulerOutput) -> StepResult:
         self.plans.append(plan)
         rows = []
         for s in plan.scheduled:
@@ -90,7 +89,7 @@ class ScriptedExecutor(RecordingExecutor):
                 rows.append(tuple(self._token(i, 0) for i in range(s.samples)))
             else:
                 rows.append((self._token(seq.index, seq.num_output_tokens),) * s.samples)
-        return rows
+        return StepResult(rows)
 
 
 class PieceTokenizer:

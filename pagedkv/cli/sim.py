@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from pagedkv.cli.flags import add_model_flags, given_fields
-from pagedkv.scheduler.params import EngineConfig
+from pagedkv.scheduler.config import EngineConfig
 from pagedkv.sim.metrics import SLO
 from pagedkv.sim.policies import POLICIES, Policy
 from pagedkv.sim.workload import LengthDist, WorkloadConfig

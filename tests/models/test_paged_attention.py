@@ -17,9 +17,9 @@ from pagedkv.models.cpu_kernel import load_cpu_kernel
 from pagedkv.models.runner import prepare_inputs
 from pagedkv.paged import blocks_for
 from pagedkv.paged.kv_cache import KVCache, KVCacheSpec
-from pagedkv.scheduler.outputs import ScheduledRequest, SchedulerOutput
-from pagedkv.scheduler.params import SamplingParams
+from pagedkv.scheduler.plan import ScheduledRequest, SchedulerOutput
 from pagedkv.scheduler.request import Request
+from pagedkv.scheduler.sampling_params import SamplingParams
 from tests.helpers import ATTENTION_BACKENDS, needs_cpu_kernel
 
 HEAD_DIM = 8
@@ -115,7 +115,7 @@ def plan_for(seqs: list[Seq]) -> SchedulerOutput:
     scheduled = []
     for i, s in enumerate(seqs):
         request = Request(f"r{i}", [i % 7] * (s.cached + s.new), SamplingParams(), arrival_time=0.0)
-        scheduled.append(ScheduledRequest(request, s.cached, s.new, tuple(s.blocks), 1))
+        scheduled.append(ScheduledRequest.of(request, s.cached, s.new, tuple(s.blocks), 1))
     return SchedulerOutput(scheduled=scheduled)
 
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged import KVCacheManager, blocks_for
-from pagedkv.scheduler import EngineConfig, SamplingParams
+from pagedkv.scheduler import EngineConfig, SamplingParams, StepResult
 from pagedkv.scheduler.request import Request
 from pagedkv.scheduler.scheduler import Scheduler
 from pagedkv.sim import CostModel, LengthDist, WorkloadConfig, generate
@@ -78,7 +78,7 @@ class Pair:
 def _plain_step(scheduler: ClockedScheduler) -> None:
     plan = scheduler.schedule()
     scheduler.time += 1
-    scheduler.update(plan, [(TOKEN,) * s.samples for s in plan.scheduled])
+    scheduler.update(plan, StepResult([(TOKEN,) * s.samples for s in plan.scheduled]))
 
 
 def _state(scheduler: Scheduler, requests: list[Request]) -> tuple:
@@ -172,7 +172,7 @@ def test_no_run_across_a_shared_block_or_a_stopping_token():
     eos = Pair(EngineConfig(block_size=4, num_blocks=20), eos=TOKEN).bulk
     eos.add_request(Request("e", [1, 2], SamplingParams(temperature=0.0, max_tokens=9), arrival_time=0.0))
     plan = eos.schedule()
-    eos.update(plan, [(9,)])
+    eos.update(plan, StepResult([(9,)]))
     assert eos.decode_run(TOKEN) is None and eos.decode_run(9) is not None
 
 

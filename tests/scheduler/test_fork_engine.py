@@ -16,7 +16,7 @@ import pytest
 from pagedkv.errors import InvalidRequestError
 from pagedkv.models import generate_no_cache
 from pagedkv.paged import blocks_for
-from pagedkv.scheduler import SamplingParams
+from pagedkv.scheduler import SamplingParams, StepResult
 from pagedkv.scheduler.request import FinishReason
 from tests.helpers import random_prompts
 
@@ -207,10 +207,10 @@ def test_a_failed_row_of_a_fork_fails_the_whole_request_once(engine_with):
     execute = executor.execute
 
     def failing(plan):
-        tokens = execute(plan)
+        result = execute(plan)
         if len(executor.plans) == 2:  # the first decode step after the fork
-            tokens[0] = FloatingPointError("non-finite logits")
-        return tokens
+            return StepResult(result.tokens, {0: "FloatingPointError: non-finite logits"})
+        return result
 
     executor.execute = failing
     engine.add_request("r", [1, 2, 3], SamplingParams(n=2, max_tokens=2, ignore_eos=True))

@@ -7,7 +7,7 @@ import pytest
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler import EngineConfig, FinishReason, LLMEngine, RequestOutput, SamplingParams
-from pagedkv.scheduler.params import MAX_STOP_STRING_LENGTH, MAX_STOP_STRINGS
+from pagedkv.scheduler.sampling_params import MAX_STOP_STRING_LENGTH, MAX_STOP_STRINGS
 from tests.helpers import PieceTokenizer, RecordingExecutor, ScriptedExecutor, assert_drained
 
 PIECES = {

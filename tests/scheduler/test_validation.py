@@ -190,7 +190,7 @@ def test_bad_memory_size_names_the_field(bad):
 def test_stop_token_ids_are_bounded_and_the_longest_list_allowed_works(engine_with):
     """Issue 15: a request's stop ids are checked for every token it generates, so their
     number is bounded; a list at the bound is served, one id more is refused by name."""
-    from pagedkv.scheduler.params import MAX_STOP_TOKEN_IDS
+    from pagedkv.scheduler.sampling_params import MAX_STOP_TOKEN_IDS
 
     engine, executor = engine_with(num_blocks=64)
     executor.vocab_size = 2 * MAX_STOP_TOKEN_IDS  # room for that many distinct ids

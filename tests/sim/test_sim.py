@@ -324,8 +324,9 @@ def test_a_timed_runner_keeps_its_swap_space(tiny_model):
     from pagedkv.sim.calibrate import TimedExecutor
 
     timed = TimedExecutor(ModelRunner(tiny_model))
-    timed.initialize_cache(EngineConfig(block_size=4, num_blocks=16, preemption_mode="swap", swap_space_bytes=2**20))
-    assert timed.num_swap_blocks == timed.inner.num_swap_blocks > 0
+    layout = timed.initialize_cache(EngineConfig(block_size=4, num_blocks=16, preemption_mode="swap",
+                                                 swap_space_bytes=2**20))
+    assert layout.num_swap_blocks > 0
 
 
 @pytest.mark.parametrize("argv, message", [
