@@ -34,9 +34,15 @@ watermark is waived when nothing runs, and a running request only preempts other
 itself, so some request is scheduled in every step while any is unfinished.
 
 The requests themselves, and how each one lives (added, advanced, forked, finished,
-aborted, failed), are :class:`pagedkv.scheduler.lifecycle.RequestLifecycle`, which this class
+aborted, failed), are :class:`pagedkv.scheduler.queues.RequestQueues`, which this class
 extends with the policy. Pure Python and torch-free, so the simulator drives this very
 class.
+
+Extension points, all public: an :class:`~pagedkv.scheduler.admission.AdmissionPolicy`
+(who may start; the simulator's reservation baselines are such policies), :meth:`victim`
+(who is preempted when memory runs out), and finishing through
+:meth:`~pagedkv.scheduler.queues.RequestQueues.finish_sequence` and
+:meth:`~pagedkv.scheduler.queues.RequestQueues.finish_running`.
 """
 
 from __future__ import annotations
@@ -48,17 +54,18 @@ from collections.abc import Callable
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.paged.prefix import NO_HIT
+from pagedkv.scheduler.admission import AdmissionPolicy
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.decode_run import DecodeRun
-from pagedkv.scheduler.lifecycle import RequestLifecycle, by_rank
 from pagedkv.scheduler.plan import SchedulerOutput
-from pagedkv.scheduler.request import Request, RequestStatus
+from pagedkv.scheduler.queues import RequestQueues, by_rank
+from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
 
 MAX_PASSED_OVER = 16
 """Waiting requests admission looks past in one step when earlier ones do not fit."""
 
 
-class Scheduler(RequestLifecycle):
+class Scheduler(RequestQueues):
     def __init__(
         self,
         config: EngineConfig,
@@ -66,9 +73,11 @@ class Scheduler(RequestLifecycle):
         max_model_len: int,
         eos_token_id: int | None,
         clock: Callable[[], float] = time.monotonic,
+        admission: AdmissionPolicy | None = None,
     ) -> None:
-        """Takes :class:`RequestLifecycle`'s arguments."""
-        super().__init__(config, kv, max_model_len, eos_token_id, clock)
+        """``admission``: who may start, beyond the scheduler's own rules (default
+        :class:`~pagedkv.scheduler.admission.PagedAdmission`: nobody else is asked)."""
+        super().__init__(config, kv, max_model_len, eos_token_id, clock, admission)
         config = self.config
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise InvalidRequestError(
@@ -83,8 +92,8 @@ class Scheduler(RequestLifecycle):
     # ---- one step ------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        plan = SchedulerOutput(finished_seq_ids=self._finished_ids)
-        self._finished_ids = []
+        self.admission.begin_step(self.running)
+        plan = SchedulerOutput(finished_seq_ids=self.take_finished_seq_ids())
         budget = self.config.max_num_batched_tokens
         if not self.config.enable_chunked_prefill:
             budget = self._admit(plan, budget, whole=True)
@@ -98,6 +107,7 @@ class Scheduler(RequestLifecycle):
             if len(plan.preempted) == preempted:  # admitting now would only thrash
                 self._admit(plan, budget, whole=False)
         self.peak_blocks_used = max(self.peak_blocks_used, self.kv.num_used_blocks)
+        self.admission.end_step(plan, self.running)
         return plan
 
     def decode_run(self, token: int) -> DecodeRun | None:
@@ -105,7 +115,26 @@ class Scheduler(RequestLifecycle):
         token of every running sequence, sampling ``token`` for each, and admits nothing."""
         if self.waiting or not self.running or len(self.running) > self.config.max_num_batched_tokens:
             return None
-        return DecodeRun.start(self, token)
+        if not self.admission.takes_decode_runs:
+            return None
+        return DecodeRun.start(self.running, self.kv, self.eos_token_id, token)
+
+    def take_decode_steps(self, run: DecodeRun, steps: int) -> list[Request]:
+        """Take the first ``steps`` steps of ``run`` (from :meth:`decode_run`, with nothing
+        scheduled since), with the effects ``steps`` rounds of :meth:`schedule` and
+        :meth:`update` would have; return the sequences that finished in the last one."""
+        done = run.advance(steps)
+        # Each of those schedule() calls would have handed these to the executor, which
+        # prices a decode run from its size alone and keeps no state to drop.
+        self.take_finished_seq_ids()
+        tokens = steps * run.num_seqs
+        self.peak_blocks_used = max(self.peak_blocks_used, run.blocks_used[-1])
+        self.num_tokens_computed += tokens
+        self.num_generated_tokens += tokens
+        self.num_steps += steps
+        if done:
+            self.finish_running(done, FinishReason.LENGTH)
+        return done
 
     def _run(self, plan: SchedulerOutput, budget: int) -> int:
         """Schedule the running sequences, best rank first, preempting the worst when
@@ -114,7 +143,7 @@ class Scheduler(RequestLifecycle):
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._try_schedule(request, budget, plan)
-            while not n and self._preempt_lowest(plan) is not request:
+            while not n and self.preempt(self.victim(), plan) is not request:
                 n = self._try_schedule(request, budget, plan)
             if not n:
                 break  # the request was the lowest-ranked and preempted itself
@@ -125,7 +154,7 @@ class Scheduler(RequestLifecycle):
     def _admit(self, plan: SchedulerOutput, budget: int, whole: bool) -> int:
         """Admit waiting requests in rank order (whole prompts only when ``whole``);
         return the budget left. See the module docstring for the head-of-line rule."""
-        if not self._admission_open(plan):
+        if not self.admission.admission_open():
             return budget
         i = passed_over = 0
         while i < len(self.waiting) and budget > 0:
@@ -162,11 +191,6 @@ class Scheduler(RequestLifecycle):
         self._head_passed_over += 1
         return self._head_passed_over <= self.config.head_of_line_patience
 
-    def _admission_open(self, plan: SchedulerOutput) -> bool:
-        """Whether waiting requests may be admitted now. Baseline policies in the
-        simulator narrow this further."""
-        return True
-
     def _preempt_for_priority(self, plan: SchedulerOutput) -> None:
         """Make room for the best waiting request by preempting less urgent running ones."""
         head = self.waiting[0]
@@ -177,7 +201,7 @@ class Scheduler(RequestLifecycle):
             short_of_seats = self.num_seats_taken + head.params.n > self.config.max_num_seqs
             if not short_of_seats and need <= self.kv.num_free_blocks:
                 return
-            self._preempt_lowest(plan)
+            self.preempt(self.victim(), plan)
 
     def _try_schedule(
         self, request: Request, budget: int, plan: SchedulerOutput, reserve: int = 0, whole: bool = False
@@ -185,7 +209,16 @@ class Scheduler(RequestLifecycle):
         """Give ``request`` its next chunk (all it has left, cut to ``budget``; all or
         nothing when ``whole``) if the blocks for it can be had with ``reserve`` blocks
         to spare; return the chunk's size, or 0. A chunk that reaches the end samples
-        ``params.n`` tokens (n > 1 only before the fork)."""
+        ``params.n`` tokens (n > 1 only before the fork). The admission policy is asked
+        first, and a fresh admission that fails gives back what it claimed."""
+        if not self.admission.claim(request):
+            return 0
+        n = self._schedule_chunk(request, budget, plan, reserve, whole)
+        if not n and not self.kv.has(request.seq_id):
+            self.admission.release(request)
+        return n
+
+    def _schedule_chunk(self, request: Request, budget: int, plan: SchedulerOutput, reserve: int, whole: bool) -> int:
         start, total = request.num_computed_tokens, len(request.token_ids)
         seq_id = request.seq_id
         prefix = NO_HIT
@@ -220,10 +253,19 @@ class Scheduler(RequestLifecycle):
         plan.add(request, start, n, self.kv.block_ids(seq_id), request.params.n if start + n == total else 0)
         return n
 
-    def _preempt_lowest(self, plan: SchedulerOutput) -> Request:
-        """Preempt the worst-ranked running sequence, by swap if configured and there is
-        room, else by recompute; return it."""
-        request = self.running.pop()
+    def victim(self) -> Request:
+        """The running sequence to preempt when memory or seats run out: the worst-ranked.
+        An extension point: whichever is chosen, the scheduler stays live as long as it
+        is running."""
+        return self.running[-1]
+
+    def preempt(self, request: Request, plan: SchedulerOutput) -> Request:
+        """Preempt running ``request``, by swap if configured and there is room, else by
+        recompute; record it in ``plan``; return it."""
+        if self.running[-1] is request:  # the usual victim: no search
+            self.running.pop()
+        else:
+            self.running.remove(request)
         self._fork_seats -= request.params.n - 1
         plan.preempted.append(request.seq_id)
         swap_out = self.kv.swap_out(request.seq_id) if self.config.preemption_mode == "swap" else None
@@ -239,4 +281,5 @@ class Scheduler(RequestLifecycle):
         request.num_preemptions += 1
         self.num_preemptions += 1
         insort(self.waiting, request, key=by_rank)
+        self.admission.release(request)
         return request

@@ -26,7 +26,7 @@ from pagedkv.scheduler.outputs import EngineStats
 from pagedkv.scheduler.request import Request
 from pagedkv.scheduler.sampling_params import SamplingParams
 from pagedkv.scheduler.scheduler import Scheduler
-from pagedkv.sim.policies import Policy, build_scheduler, reserved_slots, reserved_slots_during
+from pagedkv.sim.policies import Policy, admission_policy, reserved_slots, reserved_slots_during
 from pagedkv.sim.workload import RequestSpec
 
 
@@ -98,7 +98,7 @@ def run_workload(
         num_blocks, block_size = num_blocks * block_size, 1
     kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching and policy == "paged",
                         num_swap_blocks=layout.num_swap_blocks if policy == "paged" else 0)
-    scheduler = build_scheduler(policy, config, kv, max_model_len, clock)
+    scheduler = Scheduler(config, kv, max_model_len, None, clock, admission_policy(policy))
     result = RunResult(policy, block_size, num_blocks * block_size)
     params: dict[int, SamplingParams] = {}
     ids = itertools.count()
@@ -172,7 +172,7 @@ def _decode_run(
     ends = executor.execute_decodes(run.num_seqs, run.context, run.max_steps, arrival)
     if not ends:
         return None
-    finished = run.advance(len(ends))
+    finished = scheduler.take_decode_steps(run, len(ends))
     m = run.num_seqs
     result.stored_slots.extend(range(stored + m, stored + (len(ends) + 1) * m, m))
     result.reserved_slots.extend(reserved_slots_during(scheduler, reserved, run.blocks_used))

@@ -1,7 +1,8 @@
 """The memory and batching policies the simulator compares.
 
 ``paged`` is the engine as it ships. The others are baselines built on the same scheduler
-by overriding two of its hooks, so that every policy shares the same step loop:
+as admission policies (``scheduler.admission.AdmissionPolicy``), so that every policy
+shares the same step loop:
 
 - ``reserve-max-tokens``: continuous batching, but each request reserves prompt +
   max_tokens slots when admitted (Orca with a perfect length oracle);
@@ -17,15 +18,14 @@ ignores external fragmentation, so the baselines come out better than real ones.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable, Sequence
 from typing import Literal
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
-from pagedkv.scheduler.config import EngineConfig
+from pagedkv.scheduler.admission import AdmissionPolicy, PagedAdmission
 from pagedkv.scheduler.plan import SchedulerOutput
-from pagedkv.scheduler.request import FinishReason, Request
+from pagedkv.scheduler.request import Request
 from pagedkv.scheduler.scheduler import Scheduler
 
 Policy = Literal["paged", "reserve-max-tokens", "reserve-max-len", "static"]
@@ -33,110 +33,80 @@ POLICIES: tuple[Policy, ...] = ("paged", "reserve-max-tokens", "reserve-max-len"
 Reserve = Literal["max_tokens", "max_model_len"]
 
 
-class ReservingScheduler(Scheduler):
+class ReservingAdmission(PagedAdmission):
     """Admit a request only when its whole reservation fits next to the others'."""
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        kv: KVCacheManager,
-        max_model_len: int,
-        eos_token_id: int | None,
-        clock: Callable[[], float] = time.monotonic,
-        *,
-        reserve: Reserve,
-    ) -> None:
-        super().__init__(config, kv, max_model_len, eos_token_id, clock)
+    def __init__(self, reserve: Reserve) -> None:
         self.reserve = reserve
         self.reserved_slots = 0
+        self.capacity = 0
+        self.max_model_len = 0
         self._holdings: dict[Hashable, int] = {}  # slots reserved, per sequence
 
-    @property
-    def capacity(self) -> int:
-        return self.kv.num_blocks * self.kv.block_size
+    def bind(self, kv: KVCacheManager, max_model_len: int) -> None:
+        self.capacity = kv.num_blocks * kv.block_size
+        self.max_model_len = max_model_len
 
     def reservation(self, num_prompt_tokens: int, max_tokens: int) -> int:
         return self.max_model_len if self.reserve == "max_model_len" else num_prompt_tokens + max_tokens
 
-    def check_fits(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
-        super().check_fits(request_id, num_prompt_tokens, max_tokens)
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         need = self.reservation(num_prompt_tokens, max_tokens)
         if need > self.capacity:
             raise InvalidRequestError(f"a reservation of {need} slots can never fit a pool of {self.capacity}")
 
-    def _try_schedule(
-        self, request: Request, budget: int, plan: SchedulerOutput, reserve: int = 0, whole: bool = False
-    ) -> int:
+    def claim(self, request: Request) -> bool:
         rid = request.seq_id
         if rid not in self._holdings:
             need = self.reservation(request.num_prompt_tokens, request.params.max_tokens)
             if self.reserved_slots + need > self.capacity:
-                return 0
+                return False
             self._holdings[rid] = need
             self.reserved_slots += need
-        n = super()._try_schedule(request, budget, plan, reserve, whole)
-        if not n and not self.kv.has(rid):  # a fresh admission that failed: give the reservation back
-            self.reserved_slots -= self._holdings.pop(rid)
-        return n
+        return True
 
-    def _finish(self, request: Request, reason: FinishReason, now: float) -> None:
+    def release(self, request: Request) -> None:
         self.reserved_slots -= self._holdings.pop(request.seq_id, 0)
-        super()._finish(request, reason, now)
-
-    def _preempt_lowest(self, plan: SchedulerOutput) -> Request:
-        request = super()._preempt_lowest(plan)
-        self.reserved_slots -= self._holdings.pop(request.seq_id, 0)
-        return request
 
 
-class StaticBatchScheduler(ReservingScheduler):
+class StaticBatchAdmission(ReservingAdmission):
     """FasterTransformer-style static batches with max-length reservations."""
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        kv: KVCacheManager,
-        max_model_len: int,
-        eos_token_id: int | None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(config, kv, max_model_len, eos_token_id, clock, reserve="max_model_len")
+    takes_decode_runs = False  # its steps also compute the finished rows of the batch (padding)
+
+    def __init__(self) -> None:
+        super().__init__("max_model_len")
         self._batch_open = True
         self._batch_size = 0
 
-    def schedule(self) -> SchedulerOutput:
-        self._batch_open = not self.running  # the previous batch has drained
-        plan = super().schedule()
+    def begin_step(self, running: Sequence[Request]) -> None:
+        self._batch_open = not running  # the previous batch has drained
+
+    def admission_open(self) -> bool:
+        return self._batch_open
+
+    def end_step(self, plan: SchedulerOutput, running: Sequence[Request]) -> None:
         if self._batch_open:
-            self._batch_size = len(self.running)
-        padding = self._batch_size - len(plan.scheduled) if self.running else 0
+            self._batch_size = len(running)
+        padding = self._batch_size - len(plan.scheduled) if running else 0
         plan.num_batched_tokens += padding  # finished rows are still computed
         plan.num_single_token_seqs += padding
         plan.num_samples += padding
-        return plan
-
-    def decode_run(self, token: int) -> None:
-        return None  # its steps also compute the finished rows of the batch (padding)
-
-    def _admission_open(self, plan: SchedulerOutput) -> bool:
-        return self._batch_open and super()._admission_open(plan)
 
 
-def build_scheduler(
-    policy: Policy, config: EngineConfig, kv: KVCacheManager, max_model_len: int, clock: Callable[[], float]
-) -> Scheduler:
+def admission_policy(policy: Policy) -> AdmissionPolicy:
+    """The scheduler's admission policy for ``policy``."""
     if policy == "paged":
-        return Scheduler(config, kv, max_model_len, None, clock)
+        return PagedAdmission()
     if policy == "static":
-        return StaticBatchScheduler(config, kv, max_model_len, None, clock)
-    reserve: Reserve = "max_tokens" if policy == "reserve-max-tokens" else "max_model_len"
-    return ReservingScheduler(config, kv, max_model_len, None, clock, reserve=reserve)
+        return StaticBatchAdmission()
+    return ReservingAdmission("max_tokens" if policy == "reserve-max-tokens" else "max_model_len")
 
 
 def reserved_slots(scheduler: Scheduler) -> int:
     """Token slots the policy holds back: whole blocks when paged, reservations otherwise."""
-    if isinstance(scheduler, ReservingScheduler):
-        return scheduler.reserved_slots
+    if isinstance(scheduler.admission, ReservingAdmission):
+        return scheduler.admission.reserved_slots
     return scheduler.kv.num_reserved_slots
 
 
@@ -144,6 +114,6 @@ def reserved_slots_during(scheduler: Scheduler, before: int, blocks_used: list[i
     """:func:`reserved_slots` during each step of a ``scheduler.DecodeRun`` that started
     with ``before``, given the blocks in use during each: reservations stay as they are
     (a request hands its back when it finishes, after the step); blocks are taken."""
-    if isinstance(scheduler, ReservingScheduler):
+    if isinstance(scheduler.admission, ReservingAdmission):
         return [before] * len(blocks_used)
     return [b * scheduler.kv.block_size for b in blocks_used]

@@ -69,7 +69,7 @@ class Pair:
             _plain_step(self.bulk)
         else:
             self.bulk.time += steps
-            run.advance(steps)
+            self.bulk.take_decode_steps(run, steps)
             self.bulk_steps += steps
         assert _state(self.plain, self.requests[0]) == _state(self.bulk, self.requests[1])
         self.bulk.kv.check()
@@ -90,7 +90,7 @@ def _state(scheduler: Scheduler, requests: list[Request]) -> tuple:
         [s.seq_id for s in scheduler.running], [s.seq_id for s in scheduler.waiting],
         kv.pool.snapshot(), kv.num_stored_tokens,
         {s.seq_id: (t.blocks, t.num_tokens, t.hashes) for s in seqs if kv.has(s.seq_id) for t in [kv.table(s.seq_id)]},
-        scheduler.stats(), scheduler._finished_ids, scheduler._head_passed_over,
+        scheduler.stats(), scheduler._ended_seq_ids, scheduler._head_passed_over,
     )
 
 

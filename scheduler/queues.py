@@ -1,7 +1,11 @@
-"""The requests a scheduler holds and how each one lives: added (checked to fit), given its
-sampled tokens after every step (forking, stopping), finished, aborted or failed; and the
-counters behind ``stats()``. :class:`pagedkv.scheduler.scheduler.Scheduler` extends this with the
-policy that decides each step.
+"""The scheduler's queues: the requests it holds and how each one lives: added (checked to
+fit), given its sampled tokens after every step (forking, stopping), finished, aborted or
+failed; and the counters behind ``stats()``. :class:`pagedkv.scheduler.scheduler.Scheduler`
+extends this with the policy that decides each step.
+
+A :class:`~pagedkv.scheduler.request.Request` object is one *sequence*: a request with
+``n = 1`` is one, and one with ``n > 1`` becomes ``n`` after its prompt (its ``group``).
+The name stays ``Request`` because that is what users and vLLM call the usual case.
 
 Parallel sampling (``n > 1``): the scheduler runs a request as one sequence until the
 step that computes the last prompt token, which samples n tokens from its logits; then
@@ -19,11 +23,12 @@ from __future__ import annotations
 import itertools
 import time
 from bisect import insort
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from operator import attrgetter
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
+from pagedkv.scheduler.admission import AdmissionPolicy, PagedAdmission
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.executor import SampledTokens, StepResult
 from pagedkv.scheduler.outputs import EngineStats
@@ -33,7 +38,7 @@ from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
 by_rank = attrgetter("rank")  # the sort key of both queues
 
 
-class RequestLifecycle:
+class RequestQueues:
     """The waiting and running queues (sequences, sorted by rank), every unfinished
     request by id, and the counters; everything here but the policy."""
 
@@ -44,16 +49,19 @@ class RequestLifecycle:
         max_model_len: int,
         eos_token_id: int | None,
         clock: Callable[[], float] = time.monotonic,
+        admission: AdmissionPolicy | None = None,
     ) -> None:
         self.config = config
         self.kv = kv
+        self.admission: AdmissionPolicy = PagedAdmission() if admission is None else admission
+        self.admission.bind(kv, max_model_len)
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id
         self.clock = clock
         self.waiting: list[Request] = []  # sorted by rank
         self.running: list[Request] = []  # sorted by rank
         self.requests: dict[str, Request] = {}  # every unfinished request (its first sequence), by id
-        self._finished_ids: list = []  # sequence ids
+        self._ended_seq_ids: list[Hashable] = []  # sequence ids
         self._fork_seats = 0  # seats held for the future forks of running, unforked requests
         self._order = itertools.count()
         self.num_preemptions = 0
@@ -87,6 +95,7 @@ class RequestLifecycle:
                 f"at its longest but the pool has only {self.kv.num_blocks}",
                 "max_tokens",
             )
+        self.admission.check_fits(num_prompt_tokens, max_tokens)
 
     def add_request(self, request: Request) -> None:
         if request.params.n > self.config.max_num_seqs:
@@ -111,7 +120,7 @@ class RequestLifecycle:
         for seq in list(request.group):
             if seq.status is not RequestStatus.FINISHED:
                 self._leave_queue(seq)
-                self._finish(seq, FinishReason.ABORT, now)
+                self._end_sequence(seq, FinishReason.ABORT, now)
         return request
 
     def finish_sequence(self, seq: Request, reason: FinishReason) -> None:
@@ -125,7 +134,22 @@ class RequestLifecycle:
                 seq.finish_reason = reason
             return
         self._leave_queue(seq)
-        self._finish(seq, reason, self.clock())
+        self._end_sequence(seq, reason, self.clock())
+
+    def finish_running(self, seqs: Sequence[Request], reason: FinishReason) -> None:
+        """End running sequences that are done (a bulk decode run's, which reached
+        ``max_tokens``) and free their blocks; like :meth:`finish_sequence` for each, with
+        the running queue filtered once."""
+        now = self.clock()
+        for seq in seqs:
+            self._end_sequence(seq, reason, now)
+        self.running = [s for s in self.running if s.status is RequestStatus.RUNNING]
+
+    def take_finished_seq_ids(self) -> list[Hashable]:
+        """The sequences that ended since the last call, for the executor to drop their
+        state (``SchedulerOutput.finished_seq_ids``)."""
+        ids, self._ended_seq_ids = self._ended_seq_ids, []
+        return ids
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -158,7 +182,7 @@ class RequestLifecycle:
             if failed_rows and i in failed_rows:  # the executor failed this row
                 if request.status is RequestStatus.RUNNING:
                     self.fail(request, failed_rows[i], now)
-                    self._finished_ids.extend(row.sample_seq_ids[1:])  # forks that never were: drop their state
+                    self._ended_seq_ids.extend(row.sample_seq_ids[1:])  # forks that never were: drop their state
                     finished = failed = True
                 continue
             if not tokens or failed and request.status is not RequestStatus.RUNNING:
@@ -176,7 +200,7 @@ class RequestLifecycle:
                     seq.first_token_time = now
                 reason = self._stop_reason(seq, token)
                 if reason is not None:
-                    self._finish(seq, reason, now)
+                    self._end_sequence(seq, reason, now)
                     finished = True
                 advanced.append(seq)
         if finished:
@@ -231,7 +255,7 @@ class RequestLifecycle:
             self._leave_queue(seq)
             self.kv.forget_cached(seq.seq_id)
             seq.error = error
-            self._finish(seq, FinishReason.ERROR, now)
+            self._end_sequence(seq, FinishReason.ERROR, now)
 
     def fail_step(self, plan: SchedulerOutput, error: BaseException) -> list[Request]:
         """The executor raised on ``plan``: fail every request it scheduled, and those it
@@ -274,13 +298,14 @@ class RequestLifecycle:
             insort(self.running, child, key=by_rank)  # after its equals: the parent and older siblings
         return parent.group
 
-    def _finish(self, request: Request, reason: FinishReason, now: float) -> None:
+    def _end_sequence(self, request: Request, reason: FinishReason, now: float) -> None:
         """End one sequence; the request is over when its last sequence is."""
+        self.admission.release(request)
         self.kv.free(request.seq_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.finish_time = now
-        self._finished_ids.append(request.seq_id)
+        self._ended_seq_ids.append(request.seq_id)
         group = request.group
         if len(group) == 1 or all(s.status is RequestStatus.FINISHED for s in group):
             del self.requests[request.request_id]
