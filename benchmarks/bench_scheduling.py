@@ -21,7 +21,7 @@ from pagedkv.scheduler import EngineConfig
 from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel
 from pagedkv.sim.driver import run_workload
 from pagedkv.sim.executor import SimulatedExecutor, VirtualClock
-from pagedkv.sim.metrics import summarize
+from pagedkv.sim.metrics import request_columns, summarize
 from pagedkv.sim.workload import RequestSpec, WorkloadConfig, generate
 
 
@@ -71,8 +71,8 @@ def run(specs: list[RequestSpec], config: EngineConfig, cost: CostModel):
 
 
 def ttft_per_kind(result) -> dict[str, np.ndarray]:
-    r = np.array(result.records, dtype=float).reshape(-1, 7)
-    arrival, _scheduled, first, _finish, prompt, _output, _ = r.T
+    r = request_columns(result.records)
+    arrival, first, prompt = r["arrival"], r["first_token"], r["prompt_len"]
     return {"chat": (first - arrival)[prompt < LONG], "long": (first - arrival)[prompt >= LONG]}
 
 

@@ -24,7 +24,7 @@ def main() -> None:
     start = time.perf_counter()
     result, summary = simulate(workload, EngineConfig(kv_cache_memory_bytes=args.kv_memory_mib * 2**20), "paged")
     seconds = time.perf_counter() - start
-    steps = len(result.step_times)
+    steps = len(result.steps)
     print(f"{args.requests} {args.preset} requests at {args.rate} req/s: {seconds:.1f} s wall, {steps} steps "
           f"({seconds / steps * 1e6:.1f} us/step), {summary.preemptions} preemptions")
 

@@ -11,19 +11,43 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pagedkv.errors import EngineBusyError, InvalidRequestError
 from pagedkv.paged.kv_manager import KVCacheManager
+from pagedkv.scheduler.admission import AdmissionPolicy
 from pagedkv.scheduler.config import EngineConfig
-from pagedkv.scheduler.executor import Executor
+from pagedkv.scheduler.decode_run import DecodeRun
+from pagedkv.scheduler.executor import BulkDecodeExecutor, Executor
 from pagedkv.scheduler.outputs import EngineStats, RequestOutput
+from pagedkv.scheduler.plan import SchedulerOutput
 from pagedkv.scheduler.request import FinishReason, Request
 from pagedkv.scheduler.sampling_params import SamplingParams
 from pagedkv.scheduler.scheduler import Scheduler
 from pagedkv.scheduler.text_stream import Detokenizer, TextStream
+
+
+class EngineStep(NamedTuple):
+    """What one step did, before any output is built."""
+
+    plan: SchedulerOutput
+    advanced: list[Request]
+    """The sequences that got a token (their last one)."""
+    failed: list[Request]
+    """Requests (a sequence of each) that the step failed: a raising executor fails all
+    it scheduled or swapped out, a failed row its own."""
+
+
+class DecodeRunSteps(NamedTuple):
+    """The steps a bulk decode run took."""
+
+    ends: list[float]
+    """The clock at the end of each step taken (none: the run took no step)."""
+    finished: list[Request]
+    """The sequences that finished in its last step."""
 
 
 class ConcurrentStepError(EngineBusyError, RuntimeError):
@@ -52,7 +76,11 @@ class LLMEngine:
         config: EngineConfig | None = None,
         tokenizer: Tokenizer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        admission: AdmissionPolicy | None = None,
     ) -> None:
+        """``clock``: the scheduler's time (the simulator's is virtual). ``admission``: who
+        may start beyond the scheduler's own rules (the simulator's baselines; default
+        :class:`~pagedkv.scheduler.admission.PagedAdmission`)."""
         self.config = config = config or EngineConfig()
         max_model_len = config.resolve_max_model_len(executor.max_model_len)
         self.executor = executor
@@ -67,6 +95,7 @@ class LLMEngine:
             max_model_len=max_model_len,
             eos_token_id=executor.eos_token_id,
             clock=clock,
+            admission=admission,
         )
         self.tokenizer = tokenizer
         self._texts: dict[str, list[TextStream]] = {}  # per request, per sequence
@@ -80,9 +109,12 @@ class LLMEngine:
         prompt: str | Sequence[int],
         sampling_params: SamplingParams | dict | None = None,
         priority: int = 0,
+        arrival_time: float | None = None,
     ) -> None:
         """Queue a request whose prompt is text (needs a tokenizer) or token ids.
         ``priority``: lower is more urgent (see ``scheduler.Scheduler`` for the rule).
+        ``arrival_time``: when it arrived on the engine's clock (default: now; the
+        simulator gives the arrival it drew, which may fall inside the last step).
 
         Raises :class:`InvalidRequestError`, naming the refused field in ``param``, and
         changes nothing if the request is bad.
@@ -101,9 +133,9 @@ class LLMEngine:
                 f"stop_token_ids: {top_stop} is outside the vocabulary [0, {self.executor.vocab_size})",
                 "stop_token_ids",
             )
-        self.scheduler.add_request(
-            Request(request_id, prompt_token_ids, params, arrival_time=self.scheduler.clock(), priority=priority)
-        )
+        if arrival_time is None:
+            arrival_time = self.scheduler.clock()
+        self.scheduler.add_request(Request(request_id, prompt_token_ids, params, arrival_time, priority=priority))
         if self.tokenizer is not None:
             self._texts[request_id] = []
 
@@ -114,39 +146,75 @@ class LLMEngine:
         Raises :class:`ConcurrentStepError` (a ``RuntimeError``) if another thread is in
         ``step()`` right now: the engine is not thread-safe, and this refuses the misuse
         instead of letting it corrupt the queues."""
+        with self._one_step():
+            step = self._step()
+        # request id -> (its sequences, indices of those that got a token)
+        news: dict[str, tuple[list[Request], set[int]]] = {}
+        for seq in step.advanced:
+            news.setdefault(seq.request_id, (seq.group, set()))[1].add(seq.index)
+        for request in step.failed:  # they end with no new token
+            news.setdefault(request.request_id, (request.group, set()))
+        outputs = [self._with_text(RequestOutput.of(group, indices)) for group, indices in news.values()]
+        if self._aborted:
+            outputs, self._aborted = self._aborted + outputs, []
+        return outputs
+
+    def step_sequences(self) -> EngineStep:
+        """:meth:`step` without building outputs: the simulator's step, where 10^5 requests
+        must cost seconds. Scheduling, execution, failure handling, stop checks and the
+        idle leak check are the same; the final outputs of aborted requests wait for the
+        next :meth:`step`."""
+        with self._one_step():
+            return self._step()
+
+    def decode_run(self, executor: BulkDecodeExecutor) -> DecodeRun | None:
+        """A run of pure decode steps that ``executor`` can take in bulk, if the next step
+        is one (:mod:`pagedkv.scheduler.decode_run`); take it with :meth:`take_decode_run`."""
+        if self.tokenizer is not None:
+            return None  # stop strings need every token's text: no bulk steps
+        return self.scheduler.decode_run(executor.decode_token)
+
+    def take_decode_run(self, run: DecodeRun, executor: BulkDecodeExecutor, until: float) -> DecodeRunSteps:
+        """Take the steps of ``run`` (from :meth:`decode_run`, nothing scheduled since) that
+        ``executor`` runs before the clock reaches ``until``, exactly as that many
+        :meth:`step_sequences` would."""
+        with self._one_step():
+            ends = executor.execute_decodes(run.num_seqs, run.context, run.max_steps, until)
+            finished = self.scheduler.take_decode_steps(run, len(ends)) if ends else []
+            self._check_when_idle()
+        return DecodeRunSteps(ends, finished)
+
+    @contextmanager
+    def _one_step(self) -> Iterator[None]:
         if not self._stepping.acquire(blocking=False):
             raise ConcurrentStepError(
                 "step() is already running in another thread; drive an LLMEngine from one thread at a time"
             )
         try:
-            return self._step()
+            yield
         finally:
             self._stepping.release()
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> EngineStep:
         plan = self.scheduler.schedule()
         try:
             result = self.executor.execute(plan)
         except Exception as error:  # the step failed: fail its requests, keep serving the others
-            failed = self.scheduler.fail_step(plan, error)
-            outputs = [self._with_text(RequestOutput.of(r.group)) for r in failed]
+            step = EngineStep(plan, [], self.scheduler.fail_step(plan, error))
         else:
-            # request id -> (its sequences, indices of those that got a token)
-            news: dict[str, tuple[list[Request], set[int]]] = {}
-            for seq in self.scheduler.update(plan, result):
-                news.setdefault(seq.request_id, (seq.group, set()))[1].add(seq.index)
-                if self.tokenizer is not None and seq.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR):
-                    if self._text_state(seq).add(seq.token_ids[-1]):  # a stop string: this sequence is done
-                        self.scheduler.finish_sequence(seq, FinishReason.STOP)
-            for row in result.failed_rows:  # their requests end with no new token
-                request = plan.scheduled[row].request
-                news.setdefault(request.request_id, (request.group, set()))
-            outputs = [self._with_text(RequestOutput.of(group, indices)) for group, indices in news.values()]
-        if self._aborted:
-            outputs, self._aborted = self._aborted + outputs, []
+            advanced = self.scheduler.update(plan, result)
+            if self.tokenizer is not None:
+                for seq in advanced:
+                    if seq.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR):
+                        if self._text_state(seq).add(seq.token_ids[-1]):  # a stop string: this sequence is done
+                            self.scheduler.finish_sequence(seq, FinishReason.STOP)
+            step = EngineStep(plan, advanced, [plan.scheduled[row].request for row in result.failed_rows])
+        self._check_when_idle()
+        return step
+
+    def _check_when_idle(self) -> None:
         if not self.has_unfinished_requests():
             self.kv_manager.check()  # idle: a cheap moment to prove nothing leaked
-        return outputs
 
     def abort(self, request_id: str) -> None:
         """End a request and free its blocks; valid in every state, unknown ids included.

@@ -1,31 +1,37 @@
-"""Drive a workload through the engine's scheduler and KV manager, simulated or for real.
+"""Drive a workload through the engine, simulated or for real.
 
-The loop is the engine's step (schedule, execute, update) plus arrivals: requests enter
+The driver builds an :class:`~pagedkv.scheduler.engine.LLMEngine` on the workload's
+executor and clock and steps it (:meth:`~pagedkv.scheduler.engine.LLMEngine.step_sequences`,
+the step without user outputs), so the scheduler, the KV manager, failed-step handling,
+stats and the idle leak check are the engine's own. Around it, arrivals: requests enter
 when the clock reaches their arrival time; an idle engine waits for the next one (a
 virtual clock jumps, a wall clock sleeps). Closed-loop workloads send a client's next
-request the moment its previous one finishes.
+request the moment its previous one finishes. With a
+:class:`~pagedkv.scheduler.executor.BulkDecodeExecutor` (the simulator's), runs of pure
+decode steps are taken in bulk through the engine's declared decode-run methods.
 
-It records one :class:`RequestRecord` per finished request and, for every step, its
-duration and how many token slots held K/V and how many the policy held back while it
-ran, for the memory-waste series.
+It records one :class:`RequestRecord` per finished request and one :class:`StepRecords`
+entry per step: when it ended, how long it took, and how many token slots held K/V and
+how many the policy held back while it ran, for the memory-waste series.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol
 
 from pagedkv.errors import InvalidRequestError
-from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.scheduler.config import EngineConfig
-from pagedkv.scheduler.executor import Executor
+from pagedkv.scheduler.engine import LLMEngine
+from pagedkv.scheduler.executor import BulkDecodeExecutor, CacheLayout, Executor, StepResult
 from pagedkv.scheduler.outputs import EngineStats
+from pagedkv.scheduler.plan import SchedulerOutput
 from pagedkv.scheduler.request import Request
 from pagedkv.scheduler.sampling_params import SamplingParams
-from pagedkv.scheduler.scheduler import Scheduler
+from pagedkv.sim.executor import SimulatedExecutor
 from pagedkv.sim.policies import Policy, admission_policy, reserved_slots, reserved_slots_during
 from pagedkv.sim.workload import RequestSpec
 
@@ -39,18 +45,6 @@ class Clock(Protocol):
         """Return at ``t`` or later (a virtual clock jumps there)."""
 
 
-@runtime_checkable
-class DecodeFastForward(Protocol):
-    """An executor that prices a run of pure decode steps from its size alone
-    (``pagedkv.sim.executor.SimulatedExecutor``), so that the driver can take them in bulk."""
-
-    decode_token: int
-
-    def execute_decodes(self, num_seqs: int, context: int, max_steps: int, until: float) -> list[float]:
-        """The clock at the end of each step taken, up to ``max_steps``, stopping before a
-        step that would start at or after ``until``."""
-
-
 class RequestRecord(NamedTuple):
     arrival: float
     first_scheduled: float
@@ -61,6 +55,39 @@ class RequestRecord(NamedTuple):
     preemptions: int
 
 
+class StepRecord(NamedTuple):
+    end: float
+    """The clock when the step ended."""
+    duration: float
+    stored_slots: int
+    """Token slots holding K/V while it ran."""
+    reserved_slots: int
+    """Token slots the policy held back while it ran."""
+
+
+@dataclass
+class StepRecords:
+    """One :class:`StepRecord` per step, kept as named columns: a simulated run has
+    millions of steps, and the summaries read whole columns."""
+
+    end: list[float] = field(default_factory=list)
+    duration: list[float] = field(default_factory=list)
+    stored_slots: list[int] = field(default_factory=list)
+    reserved_slots: list[int] = field(default_factory=list)
+
+    def append(self, step: StepRecord) -> None:
+        self.end.append(step.end)
+        self.duration.append(step.duration)
+        self.stored_slots.append(step.stored_slots)
+        self.reserved_slots.append(step.reserved_slots)
+
+    def __len__(self) -> int:
+        return len(self.end)
+
+    def __iter__(self) -> Iterator[StepRecord]:
+        return map(StepRecord, self.end, self.duration, self.stored_slots, self.reserved_slots)
+
+
 @dataclass
 class RunResult:
     policy: str
@@ -68,11 +95,46 @@ class RunResult:
     capacity_slots: int
     records: list[RequestRecord] = field(default_factory=list)
     rejected: int = 0
-    step_times: list[float] = field(default_factory=list)  # clock when each step ended
-    step_durations: list[float] = field(default_factory=list)
-    stored_slots: list[int] = field(default_factory=list)  # slots holding K/V during each step
-    reserved_slots: list[int] = field(default_factory=list)  # slots held back during each step
+    steps: StepRecords = field(default_factory=StepRecords)
     stats: EngineStats | None = None
+
+
+class _Metered:
+    """The workload's executor as the engine sees it. It notes the memory held while each
+    step runs (after the plan took its blocks, before finished requests free theirs), and
+    for the reservation baselines it shows the pool as 1-token blocks (slots) without swap
+    space: reservations are counted in slots."""
+
+    def __init__(self, inner: Executor, config: EngineConfig, slot_pool: bool) -> None:
+        self.inner, self.config, self.slot_pool = inner, config, slot_pool
+        self.vocab_size, self.max_model_len, self.eos_token_id = inner.vocab_size, inner.max_model_len, None
+        self.engine: LLMEngine | None = None
+        self.stored = self.reserved = 0
+
+    def initialize_cache(self, config: EngineConfig) -> CacheLayout:
+        layout = self.inner.initialize_cache(self.config)  # the workload's config, whatever the engine's
+        if not self.slot_pool:
+            return layout
+        bs = self.config.block_size
+        return CacheLayout(layout.num_blocks * bs, 0, layout.cache_salt, layout.block_bytes // bs)
+
+    def execute(self, plan: SchedulerOutput) -> StepResult:
+        if self.engine is not None:
+            self.stored = self.engine.kv_manager.num_stored_tokens
+            self.reserved = reserved_slots(self.engine.scheduler)
+        return self.inner.execute(plan)
+
+
+def _build_engine(config: EngineConfig, executor: Executor, clock: Clock, policy: Policy) -> tuple[LLMEngine, _Metered]:
+    """The engine a workload runs on: ``executor`` (wrapped to meter memory), ``clock``, and
+    ``policy``'s admission; the reservation baselines count their pool in 1-token slots and
+    share no prefixes."""
+    slot_pool = policy != "paged"
+    metered = _Metered(executor, config, slot_pool)
+    engine_config = config.model_copy(update={"block_size": 1, "enable_prefix_caching": False}) if slot_pool else config
+    engine = LLMEngine(metered, engine_config, clock=clock, admission=admission_policy(policy))
+    metered.engine = engine
+    return engine, metered
 
 
 def run_workload(
@@ -87,19 +149,12 @@ def run_workload(
 ) -> RunResult:
     """Run ``specs`` (in arrival order) to completion; ``concurrency`` makes it closed-loop.
 
-    With ``fast_forward`` (and the simulated executor), runs of pure decode steps are
-    taken in bulk (``pagedkv.scheduler.decode_run``), with the same result to the last bit:
-    ``False`` is there to check that."""
-    max_model_len = config.resolve_max_model_len(executor.max_model_len)
-    layout = executor.initialize_cache(config)
-    num_blocks = layout.num_blocks
-    block_size = config.block_size
-    if policy != "paged":  # reservations are counted in slots: 1-token blocks
-        num_blocks, block_size = num_blocks * block_size, 1
-    kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching and policy == "paged",
-                        num_swap_blocks=layout.num_swap_blocks if policy == "paged" else 0)
-    scheduler = Scheduler(config, kv, max_model_len, None, clock, admission_policy(policy))
-    result = RunResult(policy, block_size, num_blocks * block_size)
+    With ``fast_forward`` and the simulated executor, runs of pure decode steps are taken
+    in bulk (``pagedkv.scheduler.decode_run``), with the same result to the last bit:
+    ``False`` is there to check that, and for a subclass that watches every plan."""
+    engine, metered = _build_engine(config, executor, clock, policy)
+    kv = engine.kv_manager
+    result = RunResult(policy, kv.block_size, kv.num_blocks * kv.block_size)
     params: dict[int, SamplingParams] = {}
     ids = itertools.count()
 
@@ -112,7 +167,7 @@ def run_workload(
         # any other request (so the prefix cache serves only its own preemptions).
         prompt = list(spec.prompt_token_ids) if spec.prompt_token_ids is not None else [i + 1] * spec.prompt_len
         try:
-            scheduler.add_request(Request(str(i), prompt, sp, arrival_time=at, priority=spec.priority))
+            engine.add_request(str(i), prompt, sp, priority=spec.priority, arrival_time=at)
         except InvalidRequestError:
             result.rejected += 1
 
@@ -122,14 +177,14 @@ def run_workload(
             arrive(pending.popleft(), clock())
     total = len(specs)
     # Bulk decode steps need an executor that prices a decode step from its size alone.
-    bulk = executor if fast_forward and isinstance(executor, DecodeFastForward) else None
+    bulk = executor if fast_forward and isinstance(executor, SimulatedExecutor) else None
 
-    while pending or scheduler.has_unfinished_requests():
+    while pending or engine.has_unfinished_requests():
         now = clock()
         while concurrency is None and pending and pending[0].arrival_time <= now:
             spec = pending.popleft()
             arrive(spec, spec.arrival_time)
-        if not scheduler.has_unfinished_requests():
+        if not engine.has_unfinished_requests():
             if not pending:  # the last arrivals were all rejected
                 break
             if concurrency is not None:  # every client was rejected: start the next ones
@@ -138,46 +193,44 @@ def run_workload(
                 clock.wait_until(pending[0].arrival_time)
             continue
         arrival = pending[0].arrival_time if concurrency is None and pending else float("inf")
-        finished = _decode_run(scheduler, bulk, clock, result, arrival) if bulk is not None else None
+        finished = _decode_run(engine, bulk, clock, result, arrival) if bulk is not None else None
         if finished is None:
-            plan = scheduler.schedule()
-            if plan.is_empty:
+            step = engine.step_sequences()
+            if step.plan.is_empty:
                 raise RuntimeError("the scheduler scheduled nothing while requests wait")  # no policy should
-            result.stored_slots.append(kv.num_stored_tokens)  # memory while this step runs
-            result.reserved_slots.append(reserved_slots(scheduler))
-            finished = [r for r in scheduler.update(plan, executor.execute(plan)) if r.finish_time is not None]
-            result.step_times.append(clock())
-            result.step_durations.append(result.step_times[-1] - now)
+            end = clock()
+            result.steps.append(StepRecord(end, end - now, metered.stored, metered.reserved))
+            finished = [r for r in step.advanced if r.finish_time is not None]
         for request in finished:
             result.records.append(done := record(request))
             if concurrency is not None and pending:
                 arrive(pending.popleft(), done.finish)
             if progress is not None:
                 progress(len(result.records) + result.rejected, total)
-    result.stats = scheduler.stats()
+    result.stats = engine.stats()
     kv.check()
     return result
 
 
 def _decode_run(
-    scheduler: Scheduler, executor: DecodeFastForward, clock: Clock, result: RunResult, arrival: float
+    engine: LLMEngine, executor: BulkDecodeExecutor, clock: Clock, result: RunResult, arrival: float
 ) -> list[Request] | None:
     """Take pure decode steps in bulk, up to the first that would not be one or would start
     at or after ``arrival``, recording them as the step loop would. Returns the requests
     that finished, or ``None`` if no step was taken."""
-    run = scheduler.decode_run(executor.decode_token)
+    run = engine.decode_run(executor)
     if run is None:
         return None
-    start, stored, reserved = clock(), scheduler.kv.num_stored_tokens, reserved_slots(scheduler)
-    ends = executor.execute_decodes(run.num_seqs, run.context, run.max_steps, arrival)
+    start, stored, reserved = clock(), engine.kv_manager.num_stored_tokens, reserved_slots(engine.scheduler)
+    ends, finished = engine.take_decode_run(run, executor, arrival)
     if not ends:
         return None
-    finished = scheduler.take_decode_steps(run, len(ends))
     m = run.num_seqs
-    result.stored_slots.extend(range(stored + m, stored + (len(ends) + 1) * m, m))
-    result.reserved_slots.extend(reserved_slots_during(scheduler, reserved, run.blocks_used))
-    result.step_durations.extend(end - begin for begin, end in itertools.pairwise([start, *ends]))
-    result.step_times.extend(ends)
+    steps = result.steps
+    steps.stored_slots.extend(range(stored + m, stored + (len(ends) + 1) * m, m))
+    steps.reserved_slots.extend(reserved_slots_during(engine.scheduler, reserved, run.blocks_used))
+    steps.duration.extend(end - begin for begin, end in itertools.pairwise([start, *ends]))
+    steps.end.extend(ends)
     return finished
 
 

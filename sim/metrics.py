@@ -3,11 +3,13 @@ memory utilization, preemptions, prefix hits, goodput under an SLO."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedkv.scheduler.validation import InputModel
-from pagedkv.sim.driver import RunResult
+from pagedkv.sim.driver import RequestRecord, RunResult
 
 
 class Percentiles(BaseModel):
@@ -61,31 +63,40 @@ class Summary(BaseModel):
     slo: SLO
 
 
+def request_columns(records: Sequence[RequestRecord]) -> dict[str, np.ndarray]:
+    """The records' fields as float columns, by name (``first_token`` is NaN for a request
+    that failed before its first token)."""
+    r = np.array(records, dtype=float).reshape(-1, len(RequestRecord._fields))
+    return dict(zip(RequestRecord._fields, r.T, strict=True))
+
+
 def summarize(result: RunResult, slo: SLO | None = None) -> Summary:
     slo = slo or SLO()
     stats = result.stats
     if stats is None:
         raise ValueError("the run has not finished: it has no stats yet")
-    r = np.array(result.records, dtype=float).reshape(-1, 7)
-    arrival, scheduled, first, finish, _prompt, output, preemptions = r.T
-    duration = float(finish.max() - arrival.min()) if len(r) else 0.0
+    r = request_columns(result.records)
+    arrival, scheduled, first, finish = r["arrival"], r["first_scheduled"], r["first_token"], r["finish"]
+    output, preemptions = r["output_len"], r["preemptions"]
+    completed = len(result.records)
+    duration = float(finish.max() - arrival.min()) if completed else 0.0
     tpot = np.where(output > 1, (finish - first) / np.maximum(output - 1, 1), 0.0)
     ttft = first - arrival
     good = (ttft <= slo.ttft_s) & (tpot <= slo.tpot_s)
 
-    dt = np.array(result.step_durations)
-    stored = np.array(result.stored_slots, dtype=float)
-    reserved = np.array(result.reserved_slots, dtype=float)
+    dt = np.array(result.steps.duration)
+    stored = np.array(result.steps.stored_slots, dtype=float)
+    reserved = np.array(result.steps.reserved_slots, dtype=float)
     busy = reserved > 0
     weight = dt[busy].sum()
     utilization = float((dt[busy] * stored[busy] / reserved[busy]).sum() / weight) if weight > 0 else 1.0
     occupancy = float((dt * reserved).sum() / (dt.sum() * result.capacity_slots)) if dt.sum() > 0 else 0.0
     return Summary(
         policy=result.policy,
-        completed=len(r),
+        completed=completed,
         rejected=result.rejected,
         duration_s=duration,
-        requests_per_s=len(r) / duration if duration else 0.0,
+        requests_per_s=completed / duration if duration else 0.0,
         output_tokens_per_s=float(output.sum()) / duration if duration else 0.0,
         ttft_s=Percentiles.of(ttft),
         tpot_s=Percentiles.of(tpot),

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pagedkv.sim.driver import RunResult
-from pagedkv.sim.metrics import Percentiles, Summary
+from pagedkv.sim.metrics import Percentiles, Summary, request_columns
 
 ROWS = [
     ("completed / rejected", lambda s: f"{s.completed} / {s.rejected}"),
@@ -83,8 +83,8 @@ def plot_kv_over_time(results: Sequence[RunResult], path: str | Path) -> None:
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for r in results:
-        t = np.array(r.step_times)
-        stored, reserved = np.array(r.stored_slots, float), np.array(r.reserved_slots, float)
+        t = np.array(r.steps.end)
+        stored, reserved = np.array(r.steps.stored_slots, float), np.array(r.steps.reserved_slots, float)
         top.plot(t, np.divide(stored, reserved, out=np.ones_like(stored), where=reserved > 0), label=r.policy, lw=1)
         bottom.plot(t, reserved / r.capacity_slots, label=r.policy, lw=1)
     top.set_ylabel("slots holding K/V\n/ slots held back")
@@ -101,8 +101,9 @@ def plot_latency_cdf(results: Sequence[RunResult], path: str | Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
-        rec = np.array(r.records, dtype=float).reshape(-1, 7)
-        for ax, values in zip(axes, (rec[:, 2] - rec[:, 0], rec[:, 3] - rec[:, 0]), strict=True):
+        rec = request_columns(r.records)
+        ttft, e2e = rec["first_token"] - rec["arrival"], rec["finish"] - rec["arrival"]
+        for ax, values in zip(axes, (ttft, e2e), strict=True):
             values = np.sort(values)
             ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=r.policy)
     axes[0].set_xlabel("time to first token (s)")

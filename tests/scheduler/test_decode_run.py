@@ -221,4 +221,4 @@ def test_simulated_runs_are_identical_with_and_without_bulk_steps(policy, engine
     bulk = _run(specs, engine, policy, closed, fast_forward=True)
     assert bulk == plain and len(plain.records) + plain.rejected == len(specs)
     if policy != "static":  # the one policy that never takes bulk steps (it pads finished rows)
-        assert len(schedules) < len(plain.step_times)  # these workloads keep requests waiting: few runs
+        assert len(schedules) < len(plain.steps)  # these workloads keep requests waiting: few runs

@@ -300,10 +300,10 @@ def test_a_real_run_on_a_loaded_model_times_every_step_it_takes(tiny_model):
     timings: list[tuple[Features, float]] = []
     result, summary = run_real(workload, EngineConfig(block_size=4, num_blocks=64, max_num_batched_tokens=32),
                                tiny_model, timings=timings)
-    assert summary.completed == 6 and len(timings) == len(result.step_durations)
+    assert summary.completed == 6 and len(timings) == len(result.steps.duration)
     features, seconds = as_arrays(timings)
     assert features[:, 0].sum() == sum(r.prompt_len for r in result.records) + 6 * (5 - 1)  # every token once
-    assert (seconds > 0).all() and (seconds <= np.array(result.step_durations)).all()
+    assert (seconds > 0).all() and (seconds <= np.array(result.steps.duration)).all()
 
 
 def test_the_calibration_in_parts_runs_every_workload_once_streams_thinned_bursts_whole():
