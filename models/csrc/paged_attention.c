@@ -213,6 +213,147 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
     store(p->out, p->dtype, tile.first * heads * head_dim, acc, rows * head_dim);
 }
 
+
+/* Tiles with at least 16 rows per K/V head (prefill chunks): rows in vector lanes.
+ *
+ * A K/V head's rows (its query heads times the tile's tokens) are a small matrix multiplied by
+ * the keys and then by the values. Putting 16 rows in the lanes of a vector turns both products
+ * into broadcast multiply-adds with no horizontal sums: scores for 8 keys and up to 48 rows sit in
+ * 24 registers while the 64 (or 32, 128) dimensions stream past, each query vector loaded once
+ * for 8 keys and each key element broadcast to 48 rows. The softmax then runs down the keys with
+ * each row's running maximum and total in a lane. Per K/V head g the buffers are
+ *   qt[g]  [head_dim][rpad]      scaled queries, row r = j * group + i (token j, head g * group + i)
+ *   st[g]  [cpad][rpad]          scores, then probabilities, for keys 0..cpad (context rounded up to CHUNK)
+ *   at[g]  [head_dim][rpad]      the weighted sums of the values, transposed back into out at the end
+ *   inverse[g] [rpad]            each row's 1 / (sum of its exponentials)
+ * rpad is the rows rounded up to 16: the padding lanes hold zero queries and are never stored. */
+#define KEYS 8 /* keys (scores) or dims (values) per register tile */
+
+/* st[t + i][v * 16 ..] = qt[.][v * 16 ..] . key(t + i) for the CHUNK keys of a chunk, NV row vectors */
+static inline __attribute__((always_inline)) void wide_scores(const float *qt, int64_t rpad, const float *keys,
+                                                               int64_t token_stride, float *st, const int nv,
+                                                               const int64_t head_dim) {
+    for (int64_t i0 = 0; i0 < CHUNK; i0 += KEYS) {
+        v16 acc[3][KEYS] = {{{0}}};
+        for (int64_t d = 0; d < head_dim; d++) {
+            v16 q[3];
+            for (int v = 0; v < nv; v++) memcpy(&q[v], qt + d * rpad + 16 * v, sizeof(v16));
+            for (int64_t i = 0; i < KEYS; i++) {
+                const float k = keys[(i0 + i) * token_stride + d];
+                for (int v = 0; v < nv; v++) acc[v][i] += q[v] * k;
+            }
+        }
+        for (int64_t i = 0; i < KEYS; i++)
+            for (int v = 0; v < nv; v++) memcpy(st + (i0 + i) * rpad + 16 * v, &acc[v][i], sizeof(v16));
+    }
+}
+
+/* at[d][v * 16 ..] += sum over the chunk's keys of st[t + i][v * 16 ..] * value(t + i)[d] */
+static inline __attribute__((always_inline)) void wide_values(const float *st, int64_t rpad, const float *values,
+                                                               int64_t token_stride, float *at, const int nv,
+                                                               const int64_t head_dim) {
+    for (int64_t d0 = 0; d0 < head_dim; d0 += KEYS) {
+        v16 acc[3][KEYS];
+        for (int64_t d = 0; d < KEYS; d++)
+            for (int v = 0; v < nv; v++) memcpy(&acc[v][d], at + (d0 + d) * rpad + 16 * v, sizeof(v16));
+        for (int64_t i = 0; i < CHUNK; i++) {
+            v16 w[3];
+            for (int v = 0; v < nv; v++) memcpy(&w[v], st + i * rpad + 16 * v, sizeof(v16));
+            for (int64_t d = 0; d < KEYS; d++) {
+                const float x = values[i * token_stride + d0 + d];
+                for (int v = 0; v < nv; v++) acc[v][d] += w[v] * x;
+            }
+        }
+        for (int64_t d = 0; d < KEYS; d++)
+            for (int v = 0; v < nv; v++) memcpy(at + (d0 + d) * rpad + 16 * v, &acc[v][d], sizeof(v16));
+    }
+}
+
+/* The row vectors of one K/V head, three at a time (24 accumulators, 3 operands: 27 of AVX-512's
+ * 32 registers), with nv a constant in each call so that the accumulators stay in registers. */
+#define BY_THREE(CALL, rvecs, ...)                                                   \
+    for (int64_t v0 = 0; v0 < (rvecs); v0 += 3) {                                   \
+        const int64_t left = (rvecs) - v0;                                          \
+        if (left >= 3) CALL(__VA_ARGS__, 3, head_dim);                              \
+        else if (left == 2) CALL(__VA_ARGS__, 2, head_dim);                         \
+        else CALL(__VA_ARGS__, 1, head_dim);                                        \
+    }
+
+/* Zero-fills the chunk past the context, so that the register tiles always take CHUNK keys. */
+static inline void load_full_chunk(const struct problem *p, const void *cache, const int64_t *table, int64_t t,
+                                   int64_t context, float *chunk, int64_t token_stride) {
+    const int64_t n = load_chunk(p, cache, table, t, context, chunk, token_stride);
+    memset(chunk + n * token_stride, 0, sizeof(float) * (size_t)((CHUNK - n) * token_stride));
+}
+
+static inline __attribute__((always_inline)) void attend_wide(const struct problem *p, struct tile tile,
+                                                              float *buffer, float *chunk, const int64_t head_dim) {
+    const int64_t heads = p->heads, kv_heads = p->kv_heads, group = heads / kv_heads;
+    const int64_t token_stride = kv_heads * head_dim, n_new = tile.n_new, context = tile.context;
+    const int64_t rows = n_new * group, rvecs = (rows + 15) / 16, rpad = 16 * rvecs;
+    const int64_t cpad = (context + CHUNK - 1) / CHUNK * CHUNK, base = context - n_new; /* row r sees keys 0..base + r / group */
+    const int64_t *table = p->block_tables + tile.seq * p->table_width;
+    float *qt = buffer, *at = qt + kv_heads * head_dim * rpad, *inverse = at + kv_heads * head_dim * rpad;
+    float *st = inverse + kv_heads * rpad;
+
+    memset(qt, 0, sizeof(float) * (size_t)(2 * kv_heads * head_dim * rpad)); /* queries and sums */
+    for (int64_t j = 0; j < n_new; j++) {
+        float row[heads * head_dim];
+        load(p->q, p->dtype, (tile.first + j) * p->q_stride, row, heads * head_dim);
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t d = 0; d < head_dim; d++)
+                qt[((h / group) * head_dim + d) * rpad + j * group + h % group] = row[h * head_dim + d] * p->scale;
+    }
+
+    for (int64_t t = 0; t < context; t += CHUNK) {
+        load_full_chunk(p, p->k_cache, table, t, context, chunk, token_stride);
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const float *qg = qt + g * head_dim * rpad, *keys = chunk + g * head_dim;
+            float *sg = st + (g * cpad + t) * rpad;
+            BY_THREE(wide_scores, rvecs, qg + 16 * v0, rpad, keys, token_stride, sg + 16 * v0)
+        }
+    }
+
+    for (int64_t g = 0; g < kv_heads; g++) /* causal softmax down the keys, one row per lane */
+        for (int64_t v = 0; v < rvecs; v++) {
+            float *s = st + g * cpad * rpad + 16 * v, peak[16], total[16], last[16];
+            for (int l = 0; l < 16; l++) {
+                last[l] = (float)(base + (16 * v + l) / group); /* the last key row l sees */
+                peak[l] = s[l];
+                total[l] = 0.0f;
+            }
+            for (int64_t t = 1; t < context; t++)
+                for (int l = 0; l < 16; l++)
+                    peak[l] = (float)t <= last[l] && s[t * rpad + l] > peak[l] ? s[t * rpad + l] : peak[l];
+            for (int64_t t = 0; t < cpad; t++)
+                for (int l = 0; l < 16; l++) {
+                    const float e = (float)t <= last[l] ? softmax_exp(s[t * rpad + l] - peak[l]) : 0.0f;
+                    s[t * rpad + l] = e;
+                    total[l] += e;
+                }
+            for (int l = 0; l < 16; l++) inverse[g * rpad + 16 * v + l] = 1.0f / total[l];
+        }
+
+    for (int64_t t = 0; t < context; t += CHUNK) {
+        load_full_chunk(p, p->v_cache, table, t, context, chunk, token_stride);
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const float *sg = st + (g * cpad + t) * rpad, *values = chunk + g * head_dim;
+            float *ag = at + g * head_dim * rpad;
+            BY_THREE(wide_values, rvecs, sg + 16 * v0, rpad, values, token_stride, ag + 16 * v0)
+        }
+    }
+
+    for (int64_t j = 0; j < n_new; j++) {
+        float row[heads * head_dim];
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t g = h / group, r = j * group + h % group;
+            for (int64_t d = 0; d < head_dim; d++)
+                row[h * head_dim + d] = at[(g * head_dim + d) * rpad + r] * inverse[g * rpad + r];
+        }
+        store(p->out, p->dtype, (tile.first + j) * heads * head_dim, row, heads * head_dim);
+    }
+}
+
 static int paged_attention(const struct problem *p, int64_t seqs, int64_t head_dim) {
     int64_t tiles = 0, most_context = 0, most_new = 0;
     for (int64_t seq = 0; seq < seqs; seq++) { /* check every index before touching memory: O(blocks) */
@@ -238,18 +379,30 @@ static int paged_attention(const struct problem *p, int64_t seqs, int64_t head_d
         }
     }
     const int64_t most_rows = (most_new < TILE ? most_new : TILE) * p->heads; /* decodes: one row per head */
+    const int64_t group = p->heads / p->kv_heads, most_rpad = (most_rows / p->kv_heads + 15) / 16 * 16;
+    const int64_t narrow = most_rows * most_context + 2 * most_rows * head_dim;
+    const int64_t wide = p->kv_heads * most_rpad * (2 * head_dim + 1 + (most_context + CHUNK - 1) / CHUNK * CHUNK);
+    const int64_t most_floats = narrow > wide ? narrow : wide;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        /* one buffer per thread: scores, scaled queries, accumulators, a chunk of K or V */
-        float *scores = malloc(sizeof(float) * (size_t)(most_rows * most_context + 2 * most_rows * head_dim
-                                                        + CHUNK * p->kv_heads * head_dim));
+        /* one buffer per thread: scores, scaled queries and accumulators in either layout, then a
+         * chunk of K or V */
+        float *scores = malloc(sizeof(float) * (size_t)(most_floats + CHUNK * p->kv_heads * head_dim));
         float *queries = scores + most_rows * most_context, *acc = queries + most_rows * head_dim;
-        float *chunk = acc + most_rows * head_dim;
+        float *chunk = scores + most_floats;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < tiles; i++) {
             if (!scores) {
                 failed = OUT_OF_MEMORY;
+                continue;
+            }
+            if (work[i].n_new * group >= 16 && (head_dim == 32 || head_dim == 64 || head_dim == 128)) {
+                switch (head_dim) {
+                case 32: attend_wide(p, work[i], scores, chunk, 32); break;
+                case 64: attend_wide(p, work[i], scores, chunk, 64); break;
+                default: attend_wide(p, work[i], scores, chunk, 128);
+                }
                 continue;
             }
             switch (head_dim) {

@@ -202,20 +202,25 @@ def test_reduced_precision_cpu_path_matches_float32(heads: int, kv_heads: int, q
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("block_size", "heads", "kv_heads", "head_dim"), [(1, 4, 4, 8), (16, 9, 3, 64), (5, 6, 2, 32)])
+@pytest.mark.parametrize(("block_size", "heads", "kv_heads", "head_dim"),
+                         [(1, 4, 4, 8), (16, 9, 3, 64), (5, 6, 2, 32), (3, 16, 2, 32), (16, 4, 4, 128)])
+@pytest.mark.parametrize(("new", "context"), [
+    ([1, 1, 3, 1, 7, 1], [1, 90, 40, 33, 7, 150]),
+    ([40, 23, 16, 1, 17, 6], [40, 100, 17, 60, 17, 50]),  # tiles of 16+ rows per K/V head: rows in lanes
+], ids=["decodes", "chunks"])
 def test_kernel_matches_gather_path_in_each_dtype(dtype: torch.dtype, block_size: int, heads: int, kv_heads: int,
-                                                  head_dim: int) -> None:
+                                                  head_dim: int, new: list[int], context: list[int]) -> None:
     """The kernel against the gather path on the same cache, in the model's dtype: float32
     within 1e-5, bfloat16 within 2e-2 (both round their output to bfloat16 once; the kernel
     accumulates in float32, the gather path's matmuls in bfloat16). Sequences read blocks
     scattered over the pool; several new tokens per sequence are causal among themselves;
-    rows of the output that no sequence names are left untouched."""
+    rows of the output that no sequence names are left untouched. The chunks take both of the
+    kernel's layouts: one row per query (few rows per K/V head) and rows in vector lanes (16 or
+    more: one to eight row vectors, contexts off the 16-key chunks, tiles split from 40 tokens)."""
     g = torch.Generator().manual_seed(block_size * 100 + heads)
     num_blocks = 200
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
-    new = [1, 1, 3, 1, 7, 1]
-    context = [1, 90, 40, 33, 7, 150]
     width = -(-max(context) // block_size)
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in new])
     starts = torch.tensor([0, *new]).cumsum(0)[:-1]
