@@ -55,23 +55,28 @@ static inline void store(void *dst, enum dtype dtype, int64_t at, const float *s
     }
 }
 
-/* exp(x) for the softmax's x <= 0, in plain arithmetic so that it vectorizes (libm's expf
- * does not without -ffast-math, which would also drop NaN and infinity semantics). Cephes'
- * single-precision polynomial: within 2 ulp of expf; x below -87 gives about 1e-38, not 0;
- * NaN stays NaN. */
-static inline float softmax_exp(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
+/* yes where mask is true (all bits set), no where it is false */
+static inline v16 select(vi16 mask, v16 yes, v16 no) {
+    return (v16)(((vi16)yes & mask) | ((vi16)no & ~mask));
+}
+
+/* exp(x) of 16 lanes for the softmax's x <= 0, in plain arithmetic (libm's expf does not
+ * vectorize without -ffast-math, which would also drop NaN and infinity semantics). Cephes'
+ * single-precision polynomial: within 2 ulp of expf; x below -87 gives about 1e-38, not 0; NaN
+ * stays NaN. floor() is truncation, one less where that rounded a negative value up. */
+static inline v16 exp16(v16 x) {
+    x = select(x < -87.0f, (v16){0} - 87.0f, x);
+    const v16 y = x * 1.44269504088896341f + 0.5f;
+    vi16 whole = __builtin_convertvector(y, vi16);
+    whole += __builtin_convertvector(whole, v16) > y; /* true is -1: one less where truncation rounded up */
+    const v16 n = __builtin_convertvector(whole, v16);
+    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.0f;
-    const union { uint32_t bits; float value; } scale = {(uint32_t)((int32_t)n + 127) << 23};
-    return y * scale.value;
+    return (p * r * r + r + 1.0f) * (v16)((whole + 127) << 23);
 }
 
 /* The lane sums of 16 vectors as one vector (lane i: the sum of v[i]'s lanes), by four levels
@@ -129,6 +134,20 @@ static inline int64_t load_chunk(const struct problem *p, const void *cache, con
     return n;
 }
 
+/* The next tokens [t, t + *n) of a sequence as float32: in place when the cache is float32 and
+ * they lie in one block (always, with block sizes that are multiples of CHUNK), else converted
+ * or copied into chunk. */
+static inline const float *chunk_at(const struct problem *p, const void *cache, const int64_t *table, int64_t t,
+                                    int64_t context, float *chunk, const int64_t token_stride, int64_t *n) {
+    const int64_t offset = t % p->block_size, want = context - t < CHUNK ? context - t : CHUNK;
+    if (p->dtype == F32 && offset + want <= p->block_size) {
+        *n = want;
+        return (const float *)cache + (table[t / p->block_size] * p->block_size + offset) * token_stride;
+    }
+    *n = load_chunk(p, cache, table, t, context, chunk, token_stride);
+    return chunk;
+}
+
 /* One sequence: query rows r = j * heads + h (token j, head h) read K/V head h / group.
  * Always inlined into a switch on head_dim, so the common head sizes get constant-length
  * loops and a register-resident query or accumulator. */
@@ -146,11 +165,12 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
     for (int64_t x = 0; x < rows * head_dim; x++) queries[x] *= p->scale;
 
     for (int64_t t = 0; t < context;) {
-        const int64_t n = load_chunk(p, p->k_cache, table, t, context, chunk, token_stride);
+        int64_t n;
+        const float *at = chunk_at(p, p->k_cache, table, t, context, chunk, token_stride, &n);
         /* causal: token j's rows see the chunk only if j >= t - (context - n_new) */
         const int64_t first_row = t > context - n_new ? (t - (context - n_new)) * heads : 0;
         for (int64_t r = first_row; r < rows; r++) {
-            const float *qr = queries + r * head_dim, *keys = chunk + (r % heads) / group * head_dim;
+            const float *qr = queries + r * head_dim, *keys = at + (r % heads) / group * head_dim;
             float *s = scores + r * context + t;
             if (vectors) {
                 v16 qv[lanes], sums[CHUNK] = {{0}}, kv;
@@ -178,8 +198,19 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
         float *s = scores + r * context, peak = s[0], total = 0.0f;
 #pragma omp simd reduction(max : peak)
         for (int64_t t = 1; t < visible; t++) peak = s[t] > peak ? s[t] : peak;
-#pragma omp simd
-        for (int64_t t = 0; t < visible; t++) s[t] = softmax_exp(s[t] - peak);
+        v16 x = {0};
+        int64_t t = 0;
+        for (; t + 16 <= visible; t += 16) {
+            memcpy(&x, s + t, sizeof x);
+            x = exp16(x - peak);
+            memcpy(s + t, &x, sizeof x);
+        }
+        if (t < visible) { /* the last few, in the lanes of one more vector */
+            const size_t some = sizeof(float) * (size_t)(visible - t);
+            memcpy(&x, s + t, some);
+            x = exp16(x - peak);
+            memcpy(s + t, &x, some);
+        }
 #pragma omp simd reduction(+ : total)
         for (int64_t t = 0; t < visible; t++) total += s[t];
         const float inverse = 1.0f / total;
@@ -189,10 +220,11 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
 
     memset(acc, 0, sizeof(float) * (size_t)(rows * head_dim));
     for (int64_t t = 0; t < context;) {
-        const int64_t n = load_chunk(p, p->v_cache, table, t, context, chunk, token_stride);
+        int64_t n;
+        const float *at = chunk_at(p, p->v_cache, table, t, context, chunk, token_stride, &n);
         const int64_t first_row = t > context - n_new ? (t - (context - n_new)) * heads : 0; /* as above */
         for (int64_t r = first_row; r < rows; r++) {
-            const float *w = scores + r * context + t, *values = chunk + (r % heads) / group * head_dim;
+            const float *w = scores + r * context + t, *values = at + (r % heads) / group * head_dim;
             float *a = acc + r * head_dim;
             if (vectors) {
                 v16 av[lanes], vv;
@@ -316,22 +348,24 @@ static inline __attribute__((always_inline)) void attend_wide(const struct probl
 
     for (int64_t g = 0; g < kv_heads; g++) /* causal softmax down the keys, one row per lane */
         for (int64_t v = 0; v < rvecs; v++) {
-            float *s = st + g * cpad * rpad + 16 * v, peak[16], total[16], last[16];
-            for (int l = 0; l < 16; l++) {
-                last[l] = (float)(base + (16 * v + l) / group); /* the last key row l sees */
-                peak[l] = s[l];
-                total[l] = 0.0f;
+            float *s = st + g * cpad * rpad + 16 * v;
+            vi16 last; /* the last key each lane's row sees: keys up to base are seen by all */
+            for (int l = 0; l < 16; l++) last[l] = (int32_t)(base + (16 * v + l) / group);
+            v16 peak, total = {0}, x;
+            memcpy(&peak, s, sizeof peak);
+            for (int64_t t = 1; t < context; t++) {
+                memcpy(&x, s + t * rpad, sizeof x);
+                peak = select((x > peak) & ((int32_t)t <= last), x, peak);
             }
-            for (int64_t t = 1; t < context; t++)
-                for (int l = 0; l < 16; l++)
-                    peak[l] = (float)t <= last[l] && s[t * rpad + l] > peak[l] ? s[t * rpad + l] : peak[l];
-            for (int64_t t = 0; t < cpad; t++)
-                for (int l = 0; l < 16; l++) {
-                    const float e = (float)t <= last[l] ? softmax_exp(s[t * rpad + l] - peak[l]) : 0.0f;
-                    s[t * rpad + l] = e;
-                    total[l] += e;
-                }
-            for (int l = 0; l < 16; l++) inverse[g * rpad + 16 * v + l] = 1.0f / total[l];
+            for (int64_t t = 0; t < cpad; t++) {
+                memcpy(&x, s + t * rpad, sizeof x);
+                x = exp16(x - peak);
+                if (t > base) x = select((int32_t)t <= last, x, (v16){0});
+                total += x;
+                memcpy(s + t * rpad, &x, sizeof x);
+            }
+            const v16 one = 1.0f / total;
+            memcpy(inverse + g * rpad + 16 * v, &one, sizeof one);
         }
 
     for (int64_t t = 0; t < context; t += CHUNK) {
