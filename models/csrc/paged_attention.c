@@ -4,16 +4,21 @@
  * the longest context of the batch, into a dense tensor per layer and then runs batched
  * matmuls whose rows are a handful of query heads: both the copy and the tiny matmuls cost far
  * more than reading the cache once. Here one work item is one sequence's next (up to) 16 new
- * tokens: it reads their keys (every K/V head of a token is contiguous) once for all their query
- * rows (heads times those tokens), softmaxes in float32, then reads the values once, skipping
- * the keys the causal mask hides from the whole chunk. Work items are spread over
- * the OpenMP threads of the process (the runtime PyTorch already loaded). Decodes are one item
- * each; prefill chunks, many (PyTorch's SDPA took 2-4x longer on SmolLM2's prompts).
+ * tokens: it reads their keys once for all their query rows (heads times those tokens),
+ * softmaxes in float32, then reads the values once, skipping the keys the causal mask hides from
+ * the whole tile. Work items are spread over the OpenMP threads of the process (the runtime
+ * PyTorch already loaded). Decodes are one item each; prefill chunks, many.
  *
- * Keys and values are converted to float32 a chunk of CHUNK tokens at a time; every row then
- * works on that chunk with its query (or accumulator) held in vector registers. GCC's vector
- * extensions give the common head sizes (32, 64, 128) explicit 16-float vectors on any target
- * (AVX-512, AVX2 pairs, NEON quads); other sizes take plain loops.
+ * Two layouts, by the rows a K/V head has in the tile (its query heads times the tokens):
+ *   - fewer than 16 (decodes): one row per query. Keys and values are read 16 tokens at a time,
+ *     in place through the block table when those lie in one block (converted in registers from
+ *     bfloat16), and each key vector serves all the query heads sharing its K/V head; a row's 16
+ *     dot products are summed across lanes together (sum16). These steps run close to the speed
+ *     of reading the cache from memory.
+ *   - 16 or more (prefill chunks): rows in vector lanes (attend_wide), where both products are
+ *     register-tiled broadcast multiply-adds with no horizontal sums: bound by arithmetic.
+ * GCC's vector extensions give the common head sizes (32, 64, 128) explicit 16-float vectors on
+ * any target (AVX-512, AVX2 pairs, NEON quads); other sizes take plain loops.
  *
  * Layouts (all contiguous, row-major):
  *   q, out        [tokens, heads, head_dim]             the flat batch; q's tokens q_stride elements apart
@@ -24,7 +29,6 @@
  *   context_lens  [seqs]                                int64 tokens cached once this step's are written
  * Query j of a sequence with n new tokens sits at position context - n + j and sees keys 0..that.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -134,18 +138,102 @@ static inline int64_t load_chunk(const struct problem *p, const void *cache, con
     return n;
 }
 
-/* The next tokens [t, t + *n) of a sequence as float32: in place when the cache is float32 and
- * they lie in one block (always, with block sizes that are multiples of CHUNK), else converted
- * or copied into chunk. */
-static inline const float *chunk_at(const struct problem *p, const void *cache, const int64_t *table, int64_t t,
-                                    int64_t context, float *chunk, const int64_t token_stride, int64_t *n) {
-    const int64_t offset = t % p->block_size, want = context - t < CHUNK ? context - t : CHUNK;
-    if (p->dtype == F32 && offset + want <= p->block_size) {
-        *n = want;
-        return (const float *)cache + (table[t / p->block_size] * p->block_size + offset) * token_stride;
+/* The next tokens [t, t + *n) of a sequence: in place (*bf16 telling the dtype) when CHUNK
+ * tokens from t lie in one block (always, with block sizes that are multiples of CHUNK), else
+ * converted or copied into chunk as float32. In place, the tokens past *n up to CHUNK are
+ * readable (stale, maybe not even numbers); callers compute with them and drop the results. */
+static inline const void *chunk_at(const struct problem *p, const void *cache, const int64_t *table, int64_t t,
+                                   int64_t context, float *chunk, const int64_t token_stride, int64_t *n, int *bf16) {
+    const int64_t offset = t % p->block_size;
+    if (offset + CHUNK <= p->block_size) {
+        *n = context - t < CHUNK ? context - t : CHUNK;
+        *bf16 = p->dtype == BF16;
+        const int64_t at = (table[t / p->block_size] * p->block_size + offset) * token_stride;
+        return *bf16 ? (const void *)((const uint16_t *)cache + at) : (const void *)((const float *)cache + at);
     }
     *n = load_chunk(p, cache, table, t, context, chunk, token_stride);
+    *bf16 = 0;
     return chunk;
+}
+
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+
+/* 16 elements from element `at` of a float32 or (bf16) bfloat16 array, as float32 */
+static inline v16 load16(const void *src, const int bf16, int64_t at) {
+    v16 x;
+    if (bf16) {
+        vh16 h;
+        memcpy(&h, (const uint16_t *)src + at, sizeof h);
+        const vi16 bits = __builtin_convertvector(h, vi16) << 16;
+        memcpy(&x, &bits, sizeof x);
+    } else {
+        memcpy(&x, (const float *)src + at, sizeof x);
+    }
+    return x;
+}
+
+/* The scores of nv (<= 3) query rows that share a K/V head (q_step floats apart) against a
+ * chunk's CHUNK keys: each key vector is loaded and converted once for all nv rows, 8 keys at a
+ * time (24 accumulators), then each row's 16 dot products are summed across lanes at once. */
+static inline __attribute__((always_inline)) void group_scores(const float *q, int64_t q_step, const void *keys,
+                                                               int64_t k_at, int64_t token_stride, float *s,
+                                                               int64_t s_step, int64_t n, const int bf16,
+                                                               const int nv, const int64_t head_dim) {
+    v16 sums[3][CHUNK];
+    for (int64_t i0 = 0; i0 < CHUNK; i0 += 8) {
+        v16 acc[3][8] = {{{0}}};
+        for (int64_t l = 0; l < head_dim / 16; l++)
+            for (int64_t i = 0; i < 8; i++) {
+                const v16 k = load16(keys, bf16, k_at + (i0 + i) * token_stride + 16 * l);
+                for (int v = 0; v < nv; v++) {
+                    v16 qv;
+                    memcpy(&qv, q + v * q_step + 16 * l, sizeof qv);
+                    acc[v][i] += qv * k;
+                }
+            }
+        for (int v = 0; v < nv; v++) memcpy(&sums[v][i0], acc[v], sizeof acc[v]);
+    }
+    for (int v = 0; v < nv; v++) {
+        const v16 dots = sum16(sums[v]);
+        memcpy(s + v * s_step, &dots, sizeof(float) * (size_t)n);
+    }
+}
+
+/* acc rows (head_dim apart) += the nv rows' weights (w_step apart) times the chunk's n values */
+static inline __attribute__((always_inline)) void group_values(const float *w, int64_t w_step, const void *values,
+                                                               int64_t v_at, int64_t token_stride, float *acc,
+                                                               int64_t n, const int bf16, const int nv,
+                                                               const int64_t head_dim) {
+    v16 a[3][head_dim / 16];
+    for (int v = 0; v < nv; v++) memcpy(a[v], acc + v * head_dim, sizeof a[v]);
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t l = 0; l < head_dim / 16; l++) {
+            const v16 x = load16(values, bf16, v_at + i * token_stride + 16 * l);
+            for (int v = 0; v < nv; v++) a[v][l] += w[v * w_step + i] * x;
+        }
+    for (int v = 0; v < nv; v++) memcpy(acc + v * head_dim, a[v], sizeof a[v]);
+}
+
+/* Calls CALL(..., bf16, nv, head_dim) over the query heads of each K/V head, three at a time,
+ * with bf16 and nv constants in each call so that the accumulators stay in registers. */
+#define BY_GROUP(CALL, first, bf16, ...)                                                                  \
+    for (int64_t h = 0, nv; h < heads; h += nv) {                                                          \
+        const int64_t g = h / group, r = (first) + h;                                                      \
+        nv = (g + 1) * group - h < 3 ? (g + 1) * group - h : 3;                                            \
+        if (bf16) {                                                                                        \
+            if (nv == 3) CALL(__VA_ARGS__, 1, 3, head_dim);                                                \
+            else if (nv == 2) CALL(__VA_ARGS__, 1, 2, head_dim);                                           \
+            else CALL(__VA_ARGS__, 1, 1, head_dim);                                                        \
+        } else {                                                                                           \
+            if (nv == 3) CALL(__VA_ARGS__, 0, 3, head_dim);                                                \
+            else if (nv == 2) CALL(__VA_ARGS__, 0, 2, head_dim);                                           \
+            else CALL(__VA_ARGS__, 0, 1, head_dim);                                                        \
+        }                                                                                                  \
+    }
+
+/* element at of a float32 or bfloat16 array, as float32 */
+static inline float element(const void *src, const int bf16, int64_t at) {
+    return bf16 ? bf16_to_float(((const uint16_t *)src)[at]) : ((const float *)src)[at];
 }
 
 /* One sequence: query rows r = j * heads + h (token j, head h) read K/V head h / group.
@@ -156,7 +244,6 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
                                                          const int64_t head_dim) {
     const int64_t heads = p->heads, group = heads / p->kv_heads, token_stride = p->kv_heads * head_dim;
     const int64_t seq = tile.seq, n_new = tile.n_new, context = tile.context, rows = n_new * heads;
-    const int64_t lanes = head_dim / 16;
     const int vectors = head_dim % 16 == 0;
     const int64_t *table = p->block_tables + seq * p->table_width;
     for (int64_t j = 0; j < n_new; j++)
@@ -166,29 +253,23 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
 
     for (int64_t t = 0; t < context;) {
         int64_t n;
-        const float *at = chunk_at(p, p->k_cache, table, t, context, chunk, token_stride, &n);
+        int bf16;
+        const void *keys = chunk_at(p, p->k_cache, table, t, context, chunk, token_stride, &n, &bf16);
         /* causal: token j's rows see the chunk only if j >= t - (context - n_new) */
-        const int64_t first_row = t > context - n_new ? (t - (context - n_new)) * heads : 0;
-        for (int64_t r = first_row; r < rows; r++) {
-            const float *qr = queries + r * head_dim, *keys = at + (r % heads) / group * head_dim;
-            float *s = scores + r * context + t;
+        for (int64_t j = t > context - n_new ? t - (context - n_new) : 0; j < n_new; j++) {
             if (vectors) {
-                v16 qv[lanes], sums[CHUNK] = {{0}}, kv;
-                memcpy(qv, qr, sizeof qv);
-                for (int64_t i = 0; i < n; i++)
-                    for (int64_t l = 0; l < lanes; l++) {
-                        memcpy(&kv, keys + i * token_stride + 16 * l, sizeof kv);
-                        sums[i] += qv[l] * kv;
-                    }
-                const v16 dots = sum16(sums);
-                memcpy(s, &dots, sizeof(float) * (size_t)n);
-            } else {
+                BY_GROUP(group_scores, j * heads, bf16, queries + r * head_dim, head_dim, keys, g * head_dim,
+                         token_stride, scores + r * context + t, context, n)
+                continue;
+            }
+            for (int64_t r = j * heads; r < (j + 1) * heads; r++)
                 for (int64_t i = 0; i < n; i++) {
                     float sum = 0.0f;
-                    for (int64_t d = 0; d < head_dim; d++) sum += qr[d] * keys[i * token_stride + d];
-                    s[i] = sum;
+                    for (int64_t d = 0; d < head_dim; d++)
+                        sum += queries[r * head_dim + d]
+                               * element(keys, bf16, (r % heads) / group * head_dim + i * token_stride + d);
+                    scores[r * context + t + i] = sum;
                 }
-            }
         }
         t += n;
     }
@@ -221,24 +302,19 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
     memset(acc, 0, sizeof(float) * (size_t)(rows * head_dim));
     for (int64_t t = 0; t < context;) {
         int64_t n;
-        const float *at = chunk_at(p, p->v_cache, table, t, context, chunk, token_stride, &n);
-        const int64_t first_row = t > context - n_new ? (t - (context - n_new)) * heads : 0; /* as above */
-        for (int64_t r = first_row; r < rows; r++) {
-            const float *w = scores + r * context + t, *values = at + (r % heads) / group * head_dim;
-            float *a = acc + r * head_dim;
+        int bf16;
+        const void *values = chunk_at(p, p->v_cache, table, t, context, chunk, token_stride, &n, &bf16);
+        for (int64_t j = t > context - n_new ? t - (context - n_new) : 0; j < n_new; j++) { /* as above */
             if (vectors) {
-                v16 av[lanes], vv;
-                memcpy(av, a, sizeof av);
-                for (int64_t i = 0; i < n; i++)
-                    for (int64_t l = 0; l < lanes; l++) {
-                        memcpy(&vv, values + i * token_stride + 16 * l, sizeof vv);
-                        av[l] += w[i] * vv;
-                    }
-                memcpy(a, av, sizeof av);
-            } else {
-                for (int64_t i = 0; i < n; i++)
-                    for (int64_t d = 0; d < head_dim; d++) a[d] += w[i] * values[i * token_stride + d];
+                BY_GROUP(group_values, j * heads, bf16, scores + r * context + t, context, values, g * head_dim,
+                         token_stride, acc + r * head_dim, n)
+                continue;
             }
+            for (int64_t r = j * heads; r < (j + 1) * heads; r++)
+                for (int64_t i = 0; i < n; i++)
+                    for (int64_t d = 0; d < head_dim; d++)
+                        acc[r * head_dim + d] += scores[r * context + t + i]
+                                                 * element(values, bf16, (r % heads) / group * head_dim + i * token_stride + d);
         }
         t += n;
     }
