@@ -68,8 +68,8 @@ def instrument(model: torch.nn.Module, runner: ModelRunner, timers: Timers) -> N
         else:
             continue
         module.forward = timers.wrap(category, module.forward)  # type: ignore[method-assign]
-    llama = __import__("pagedkv.models.llama", fromlist=["rotate"])
-    llama.rotate = timers.wrap("rope", llama.rotate)
+    llama = __import__("pagedkv.models.llama", fromlist=["Rotation"])
+    llama.Rotation.__call__ = timers.wrap("rope", llama.Rotation.__call__)  # the kernel's or rotate()
     attention_module.gather = timers.wrap("attention: gather", attention_module.gather)
     attention_module.attend = timers.wrap("attention: softmax(QK)V", attention_module.attend)
     attention_module.PagedAttention.__call__ = timers.wrap(  # type: ignore[method-assign]

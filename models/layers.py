@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedkv.models.cpu_kernel import CPUKernels, load_cpu_kernel
+from pagedkv.models.cpu_kernel import CPUKernels, kernels_for
 
 # The batch size the packed layouts are tuned for; any other row count still multiplies correctly.
 PACKING_ROWS = 64
@@ -89,8 +89,6 @@ class RMSNorm(nn.RMSNorm):
         return self.eps if self.eps is not None else torch.finfo(self.weight.dtype).eps
 
     def _kernels(self, x: torch.Tensor) -> CPUKernels | None:
-        weight = self.weight
-        if x.device.type != "cpu" or torch.is_grad_enabled() or weight is None or x.dtype != weight.dtype:
+        if self.weight is None or x.dtype != self.weight.dtype or not x.is_contiguous():
             return None
-        kernels = load_cpu_kernel()
-        return kernels if kernels is not None and kernels.supports(x.dtype) and x.is_contiguous() else None
+        return kernels_for(x)

@@ -17,6 +17,7 @@ from torch import nn
 
 from pagedkv.models.attention import Attention
 from pagedkv.models.base import PagedLM
+from pagedkv.models.cpu_kernel import kernels_for
 from pagedkv.models.layers import Linear, RMSNorm
 
 
@@ -62,9 +63,31 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for these positions, shaped to broadcast over heads: [T, 1, head_dim / 2]."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def forward(self, positions: torch.Tensor) -> Rotation:
+        """The rotation at these positions, for every layer of one forward."""
+        return Rotation(self.cos, self.sin, positions)
+
+
+class Rotation:
+    """RoPE at one forward's positions. On the CPU the kernel rotates q and k in place in the
+    fused QKV output, one pass (PyTorch takes eight ops and a copy of both); elsewhere the cos
+    and sin rows are gathered once per forward and :func:`rotate` applies them."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> None:
+        self.kernels = kernels_for(cos) if positions.dtype == torch.int64 else None
+        self.positions = positions.contiguous()
+        if self.kernels is not None:
+            self.cos, self.sin = cos, sin  # the tables: the kernel looks positions up itself
+        else:
+            self.cos, self.sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, D / 2]
+
+    def __call__(self, qkv: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k of the fused QKV output ``qkv`` ([T, heads + 2 kv_heads, D]), rotated."""
+        if self.kernels is not None:
+            self.kernels.rope_(qkv, heads + kv_heads, self.positions, self.cos, self.sin)
+            return qkv[:, :heads], qkv[:, heads : heads + kv_heads]
+        q, k = rotate(qkv[:, : heads + kv_heads], self.cos, self.sin).split([heads, kv_heads], dim=1)
+        return q, k
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -85,12 +108,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, qkv, bias=False)
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: Attention, layer: int
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotation, attention: Attention, layer: int) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)  # [T, H + 2 Hkv, D]
-        qk = rotate(qkv[:, : self.num_heads + self.num_kv_heads], *rope)  # q and k rotated together
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = rope(qkv, self.num_heads, self.num_kv_heads)
         out = attention(layer, q, k, qkv[:, self.num_heads + self.num_kv_heads :])
         return self.o_proj(out.flatten(1))
 
@@ -119,7 +139,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: Rotation,
         attention: Attention, layer: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: the previous block's MLP output (the embeddings, with ``residual`` None, for

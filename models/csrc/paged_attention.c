@@ -34,11 +34,10 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "vec16.h"
 
 #define CHUNK 16
 enum dtype { F32 = 0, BF16 = 1 };
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
 
 /* n elements from element offset `at` of a float32 or bfloat16 array, as float32. */
 static inline void load(const void *src, enum dtype dtype, int64_t at, float *dst, int64_t n) {
@@ -57,30 +56,6 @@ static inline void store(void *dst, enum dtype dtype, int64_t at, const float *s
     } else {
         memcpy((float *)dst + at, src, sizeof(float) * (size_t)n);
     }
-}
-
-/* yes where mask is true (all bits set), no where it is false */
-static inline v16 select(vi16 mask, v16 yes, v16 no) {
-    return (v16)(((vi16)yes & mask) | ((vi16)no & ~mask));
-}
-
-/* exp(x) of 16 lanes for the softmax's x <= 0, in plain arithmetic (libm's expf does not
- * vectorize without -ffast-math, which would also drop NaN and infinity semantics). Cephes'
- * single-precision polynomial: within 2 ulp of expf; x below -87 gives about 1e-38, not 0; NaN
- * stays NaN. floor() is truncation, one less where that rounded a negative value up. */
-static inline v16 exp16(v16 x) {
-    x = select(x < -87.0f, (v16){0} - 87.0f, x);
-    const v16 y = x * 1.44269504088896341f + 0.5f;
-    vi16 whole = __builtin_convertvector(y, vi16);
-    whole += __builtin_convertvector(whole, v16) > y; /* true is -1: one less where truncation rounded up */
-    const v16 n = __builtin_convertvector(whole, v16);
-    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    return (p * r * r + r + 1.0f) * (v16)((whole + 127) << 23);
 }
 
 /* The lane sums of 16 vectors as one vector (lane i: the sum of v[i]'s lanes), by four levels
@@ -154,22 +129,6 @@ static inline const void *chunk_at(const struct problem *p, const void *cache, c
     *n = load_chunk(p, cache, table, t, context, chunk, token_stride);
     *bf16 = 0;
     return chunk;
-}
-
-typedef uint16_t vh16 __attribute__((vector_size(32)));
-
-/* 16 elements from element `at` of a float32 or (bf16) bfloat16 array, as float32 */
-static inline v16 load16(const void *src, const int bf16, int64_t at) {
-    v16 x;
-    if (bf16) {
-        vh16 h;
-        memcpy(&h, (const uint16_t *)src + at, sizeof h);
-        const vi16 bits = __builtin_convertvector(h, vi16) << 16;
-        memcpy(&x, &bits, sizeof x);
-    } else {
-        memcpy(&x, (const float *)src + at, sizeof x);
-    }
-    return x;
 }
 
 /* The scores of nv (<= 3) query rows that share a K/V head (q_step floats apart) against a

@@ -1,5 +1,6 @@
 """models.layers.Linear computes exactly what nn.Linear does, whichever way it takes, and its
-prepacked weight follows every change of the weight; RMSNorm's C pass equals torch's."""
+prepacked weight follows every change of the weight; the C passes for RMSNorm and RoPE equal
+torch's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from pagedkv.models.cpu_kernel import load_cpu_kernel
 from pagedkv.models.layers import Linear, RMSNorm
+from pagedkv.models.llama import RotaryEmbedding, rotate
 from tests.helpers import needs_cpu_kernel
 
 
@@ -85,7 +88,7 @@ def test_rms_norm_kernel_matches_torch_with_and_without_the_residual_add(dtype: 
 
 def test_rms_norm_without_the_kernels_is_torch_s(monkeypatch: pytest.MonkeyPatch) -> None:
     """No C compiler (load_cpu_kernel() is None): the same results from PyTorch's own ops."""
-    monkeypatch.setattr("pagedkv.models.layers.load_cpu_kernel", lambda: None)
+    monkeypatch.setattr("pagedkv.models.cpu_kernel.load_cpu_kernel", lambda: None)
     torch.manual_seed(3)
     norm, reference = RMSNorm(64, eps=1e-5), torch.nn.RMSNorm(64, eps=1e-5)
     x, residual = torch.randn(5, 64), torch.randn(5, 64)
@@ -110,3 +113,32 @@ def test_packed_weight_follows_state_dict_loads_and_explicit_repacks_and_inferen
         built_inside = Linear(16, 8)  # inference tensors: no version counter
         torch.testing.assert_close(built_inside(x), torch.nn.functional.linear(x, built_inside.weight,
                                                                                 built_inside.bias))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 40])  # 40: halves of 20, a tail off the 16-lane vectors
+def test_rope_kernel_rotates_q_and_k_in_place_as_rotate_does(dtype: torch.dtype, head_dim: int) -> None:
+    """The kernel rotates the first heads of the fused QKV output in place, as ``rotate`` computes
+    (float32 bit for bit; bfloat16 as float32 rounded once), leaves the values alone, and refuses a
+    position past its tables before writing anything."""
+    torch.manual_seed(6)
+    heads, kv_heads, tokens = 6, 2, 11
+    rope = RotaryEmbedding(head_dim, 300, 10000.0).to(dtype)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim).to(dtype)
+    positions = torch.randint(0, 300, (tokens,))
+    before = qkv.clone()
+    with torch.inference_mode():
+        rotation = rope(positions)
+        assert rotation.kernels is not None
+        q, k = rotation(qkv, heads, kv_heads)
+    assert q.data_ptr() == qkv.data_ptr() and k.data_ptr() == qkv[:, heads].data_ptr()  # views, in place
+    cos, sin = (t.float()[positions].unsqueeze(1) for t in (rope.cos, rope.sin))
+    expected = rotate(before[:, : heads + kv_heads].float(), cos, sin).to(dtype)
+    assert torch.equal(qkv[:, : heads + kv_heads], expected)
+    assert torch.equal(qkv[:, heads + kv_heads :], before[:, heads + kv_heads :])
+    kernels = load_cpu_kernel()
+    assert kernels is not None
+    with pytest.raises(ValueError, match=r"position lies outside \[0, 300\)"):
+        kernels.rope_(qkv, heads, torch.tensor([0] * (tokens - 1) + [300]), rope.cos, rope.sin)
+    assert torch.equal(qkv[:, : heads + kv_heads], expected)
