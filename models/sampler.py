@@ -12,7 +12,7 @@ from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 
-from pagedkv.scheduler.outputs import TokenLogprobs
+from pagedkv.scheduler.logprobs import TokenLogprobs
 from pagedkv.scheduler.sampling_params import SamplingParams
 
 

@@ -6,7 +6,8 @@ Torch-free: the engine reaches the model only through the :class:`Executor` prot
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.engine import ConcurrentStepError, LLMEngine
 from pagedkv.scheduler.executor import BulkDecodeExecutor, CacheLayout, Executor, SampledTokens, StepResult
-from pagedkv.scheduler.outputs import EngineStats, RequestMetrics, RequestOutput, SequenceOutput, TokenLogprobs
+from pagedkv.scheduler.logprobs import TokenLogprobs
+from pagedkv.scheduler.outputs import EngineStats, RequestMetrics, RequestOutput, SequenceOutput
 from pagedkv.scheduler.plan import ScheduledRequest, SchedulerOutput
 from pagedkv.scheduler.request import FinishReason, Request, RequestStatus
 from pagedkv.scheduler.sampling_params import SamplingParams

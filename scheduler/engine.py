@@ -226,6 +226,15 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def is_unfinished(self, request_id: str) -> bool:
+        """Whether ``request_id`` names a request that has not ended (so :meth:`abort` would end it)."""
+        return request_id in self.scheduler.requests
+
+    @property
+    def num_waiting_requests(self) -> int:
+        """Sequences queued for admission (new, or preempted)."""
+        return len(self.scheduler.waiting)
+
     def stats(self) -> EngineStats:
         return self.scheduler.stats()
 
@@ -235,10 +244,12 @@ class LLMEngine:
         sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
         priority: Sequence[int] | None = None,
+        request_ids: Sequence[str] | None = None,
     ) -> list[RequestOutput]:
         """Run ``prompts`` to completion, batched continuously; return their final outputs
         in prompt order. ``on_output`` sees every streamed output as it happens;
-        ``priority`` gives each prompt's priority (lower is more urgent)."""
+        ``priority`` gives each prompt's priority (lower is more urgent); ``request_ids``
+        names the requests (default ``generate-N``), so that ``on_output`` can tell them apart."""
         if self.has_unfinished_requests():
             raise EngineBusyError(
                 "generate() runs the engine to completion; finish or abort the requests in flight first"
@@ -255,7 +266,14 @@ class LLMEngine:
         priority = [0] * len(prompts) if priority is None else list(priority)
         if len(priority) != len(prompts):
             raise InvalidRequestError(f"got {len(priority)} priorities for {len(prompts)} prompts", "priority")
-        ids = [f"generate-{next(self._generate_ids)}" for _ in prompts]
+        if request_ids is None:
+            ids = [f"generate-{next(self._generate_ids)}" for _ in prompts]
+        elif len(request_ids) != len(prompts) or len(set(request_ids)) != len(prompts):
+            raise InvalidRequestError(
+                f"got {len(request_ids)} request ids for {len(prompts)} prompts, or some twice", "request_ids"
+            )
+        else:
+            ids = list(request_ids)
         try:
             for rid, prompt, params, p in zip(ids, prompts, per_prompt, priority, strict=True):
                 self.add_request(rid, prompt, params, priority=p)

@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
 from pagedkv.scheduler.config import EngineConfig
-from pagedkv.scheduler.outputs import TokenLogprobs
+from pagedkv.scheduler.logprobs import TokenLogprobs
 from pagedkv.scheduler.plan import SchedulerOutput
 
 

@@ -4,19 +4,9 @@ stats. (A step's plan, for the executor, is :mod:`pagedkv.scheduler.plan`.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
+from pagedkv.scheduler.logprobs import TokenLogprobs
 from pagedkv.scheduler.request import FinishReason, Request
-
-
-class TokenLogprobs(NamedTuple):
-    """The log-probabilities of one generated token (``SamplingParams.logprobs``)."""
-
-    logprob: float
-    """The sampled token's log-probability."""
-    top: tuple[tuple[int, float], ...]
-    """The ``SamplingParams.logprobs`` most likely tokens as ``(token id, logprob)``, most
-    likely first."""
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from pagedkv.scheduler.logprobs import TokenLogprobs
 from pagedkv.scheduler.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from pagedkv.scheduler.outputs import TokenLogprobs
 
 
 class RequestStatus(enum.Enum):

@@ -178,7 +178,7 @@ class AsyncLLMEngine:
         stream = _Stream()
         async with lock:
             self._check_serving()
-            if len(self.engine.scheduler.waiting) >= self.max_waiting:
+            if self.engine.num_waiting_requests >= self.max_waiting:
                 raise EngineBusyError(f"{self.max_waiting} requests are already waiting; try again later")
             if request_id in self._streams:
                 raise InvalidRequestError(f"request_id {request_id!r} is already streaming", "request_id")
@@ -328,7 +328,7 @@ class AsyncLLMEngine:
     def _abort_now(self, rid: str) -> None:
         """Abort ``rid`` between steps (the lock held, or no loop running); its final
         output, which the next step hands back, is for nobody."""
-        if rid in self.engine.scheduler.requests:
+        if self.engine.is_unfinished(rid):
             self.engine.abort(rid)
             self._superseded.add(rid)
         self._last_token.pop(rid, None)

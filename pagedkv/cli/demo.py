@@ -77,7 +77,7 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def summary(engine: LLMEngine, num_requests: int, generated: int, seconds: float) -> str:
     stats: EngineStats = engine.stats()
-    kib = _runner(engine).model.kv_cache_spec().bytes_per_block(engine.config.block_size) / 1024
+    kib = engine.cache_layout.block_bytes / 1024
     return (
         f"{num_requests} requests, {generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tok/s; "
         f"KV pages used: peak {stats.kv_blocks_peak} of {stats.kv_blocks_total} "
@@ -87,11 +87,10 @@ def summary(engine: LLMEngine, num_requests: int, generated: int, seconds: float
 
 def run_batch(engine: LLMEngine, prompts: Sequence[str | list[int]], params: SamplingParams, labels: list[str]) -> None:
     """Generate ``prompts`` together, streaming into a live view, then print the summary."""
-    ids = [f"generate-{i}" for i in range(len(prompts))]
-    # generate() numbers its requests the same way, so the view can find them.
+    ids = [f"demo-{i}" for i in range(len(prompts))]
     view = LiveView(dict(zip(ids, labels, strict=True)))
     start = time.perf_counter()
-    outputs = engine.generate(list(prompts), params, on_output=lambda o: view(o))
+    outputs = engine.generate(list(prompts), params, on_output=lambda o: view(o), request_ids=ids)
     view.finish()
     generated = sum(len(o.output_token_ids) for o in outputs)
     print(summary(engine, len(prompts), generated, time.perf_counter() - start))

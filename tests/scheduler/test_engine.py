@@ -324,3 +324,19 @@ def test_sampling_params_copied_past_validation_are_revalidated(engine_with):
     assert not engine.has_unfinished_requests()
     good = SamplingParams(max_tokens=2).model_copy(update={"temperature": 0.5})
     assert engine.generate([[1, 2]], good)[0].output_token_ids == [1, 1]
+
+
+def test_generate_takes_request_ids_and_reports_waiting_and_unfinished(engine_with):
+    engine, _ = engine_with(block_size=4, num_blocks=16, max_num_seqs=1)
+    seen: list[tuple[str, int, bool]] = []
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+
+    def watch(out):
+        seen.append((out.request_id, engine.num_waiting_requests, engine.is_unfinished(out.request_id)))
+
+    outs = engine.generate([[1, 2], [3, 4]], params, on_output=watch, request_ids=["x", "y"])
+    assert [o.request_id for o in outs] == ["x", "y"]
+    assert seen[0] == ("x", 1, True)  # one seat: y waits while x runs
+    assert seen[-1] == ("y", 0, False)
+    with pytest.raises(InvalidRequestError, match="request ids"):
+        engine.generate([[1], [2]], params, request_ids=["z", "z"])
