@@ -116,19 +116,19 @@ class KVCacheManager:
     def num_tables(self) -> int:
         return len(self._tables)
 
-    def find_prefix(self, token_ids: Sequence[int], keys: list[bytes] | None = None) -> PrefixHit:
+    def find_prefix(self, token_ids: Sequence[int], keys: Sequence[bytes] = ()) -> PrefixHit:
         """The longest run of cached blocks holding ``token_ids``' leading full blocks.
 
-        Read-only for the pool. ``keys``, if given, memoizes the chained keys of the
-        sequence's blocks across calls (the scheduler keeps one per request, so a request
-        that retries admission step after step hashes its prompt once). At least one token
+        Read-only. ``keys`` are the chained keys of the sequence's blocks known from an
+        earlier lookup (its ``PrefixHit.keys``; the scheduler keeps them per request, so a
+        request that retries admission step after step hashes its prompt once). At least one token
         is always left over, even when the whole sequence is cached: the step must compute
         the last token to get the logits to sample from.
         """
         if not self.prefix_caching:
             return NO_HIT
         bs = self.block_size
-        keys = [] if keys is None else keys
+        keys = list(keys)
         blocks = []
         for i in range((len(token_ids) - 1) // bs):
             chunk = token_ids[i * bs:(i + 1) * bs]
@@ -138,7 +138,7 @@ class KVCacheManager:
             if b is None:
                 break
             blocks.append(b)
-        return PrefixHit(tuple(blocks), tuple(keys[: len(blocks)]))
+        return PrefixHit(tuple(blocks), tuple(keys[: len(blocks)]), tuple(keys))
 
     def allocate_slots(
         self, seq_id: Hashable, num_tokens: int, prefix: PrefixHit = NO_HIT, reserve: int = 0

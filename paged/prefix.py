@@ -30,6 +30,9 @@ class PrefixHit(NamedTuple):
 
     blocks: tuple[int, ...]
     hashes: tuple[bytes, ...]
+    keys: tuple[bytes, ...] = ()
+    """Every key of the sequence's leading blocks computed so far (at least ``hashes``): the
+    caller keeps them and passes them to the next lookup, so a prompt is hashed once."""
 
 
 NO_HIT = PrefixHit((), ())

@@ -3,6 +3,7 @@
 Torch-free: the engine reaches the model only through the :class:`Executor` protocol.
 """
 
+from pagedkv.scheduler.admission import AdmissionPolicy, PagedAdmission
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.engine import ConcurrentStepError, LLMEngine
 from pagedkv.scheduler.executor import BulkDecodeExecutor, CacheLayout, Executor, SampledTokens, StepResult
@@ -14,6 +15,7 @@ from pagedkv.scheduler.sampling_params import SamplingParams
 from pagedkv.scheduler.scheduler import Scheduler
 
 __all__ = [
+    "AdmissionPolicy",
     "BulkDecodeExecutor",
     "CacheLayout",
     "ConcurrentStepError",
@@ -22,6 +24,7 @@ __all__ = [
     "Executor",
     "FinishReason",
     "LLMEngine",
+    "PagedAdmission",
     "Request",
     "RequestMetrics",
     "RequestOutput",

@@ -69,7 +69,7 @@ class Request:
     """Preempted by swap: waiting with its K/V in the swap space and its progress kept."""
     rank: tuple[float, int] = (0.0, 0)
     """The scheduler's ordering key (smaller first), set when the request is added."""
-    block_keys: list[bytes] = field(default_factory=list, repr=False)
+    block_keys: tuple[bytes, ...] = field(default=(), repr=False)
     """Prefix-cache keys of its leading full blocks, computed once (``find_prefix``)."""
     logprobs: list[TokenLogprobs] | None = field(init=False, repr=False)
     """Those of each generated token, when ``params.logprobs`` asks for them and the executor

@@ -224,6 +224,7 @@ class Scheduler(RequestQueues):
         prefix = NO_HIT
         if start == 0 and self.kv.prefix_caching and not self.kv.has(seq_id):
             prefix = self.kv.find_prefix(request.token_ids, request.block_keys)
+            request.block_keys = prefix.keys
             start = len(prefix.blocks) * self.kv.block_size
         n = total - start if total - start < budget else budget
         if whole and start + n < total:
