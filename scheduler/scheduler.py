@@ -256,8 +256,9 @@ class Scheduler(RequestQueues):
 
     def victim(self) -> Request:
         """The running sequence to preempt when memory or seats run out: the worst-ranked.
-        An extension point: whichever is chosen, the scheduler stays live as long as it
-        is running."""
+        An extension point, with one rule: the scheduler walks the running queue best rank
+        first, so the victim must come after every sequence already given a chunk in this
+        step (the worst-ranked always does)."""
         return self.running[-1]
 
     def preempt(self, request: Request, plan: SchedulerOutput) -> Request:

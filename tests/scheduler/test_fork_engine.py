@@ -218,3 +218,25 @@ def test_a_failed_row_of_a_fork_fails_the_whole_request_once(engine_with):
     assert len(finals) == 1 and finals[0].request_id == "r"
     assert [s.finish_reason for s in finals[0].outputs] == [FinishReason.ERROR] * 2
     assert "non-finite logits" in finals[0].error
+
+
+def test_a_failed_forking_row_hands_its_unborn_forks_to_the_executor_as_finished(engine_with):
+    """The row that would fork fails: the request ends, and the sequence ids its samples
+    were to start (``sample_seq_ids``) reach the executor in ``finished_seq_ids``, so that
+    per-sequence state (a seeded generator) made for them is dropped."""
+    engine, executor = engine_with(block_size=4, num_blocks=16)
+    execute = executor.execute
+
+    def failing(plan):
+        result = execute(plan)
+        if len(executor.plans) == 1:
+            assert plan.scheduled[0].sample_seq_ids == ("r", ("r", 1), ("r", 2))
+            return StepResult(result.tokens, {0: "FloatingPointError: non-finite logits"})
+        return result
+
+    executor.execute = failing
+    engine.add_request("r", [1, 2, 3], SamplingParams(n=3, seed=5, max_tokens=2))
+    (out,) = engine.step()
+    assert out.finished and out.error == "FloatingPointError: non-finite logits"
+    engine.step()  # nothing to run; the plan still hands over what ended
+    assert set(executor.plans[-1].finished_seq_ids) == {"r", ("r", 1), ("r", 2)}
