@@ -23,7 +23,7 @@ PROFILE = CostModel(
 )
 # a small pool, so that the run preempts and bulk decode runs alternate with single steps
 ENGINE = EngineConfig(block_size=16, kv_cache_memory_bytes=2 * 2**20, max_model_len=2048, max_num_batched_tokens=256)
-WORKLOAD = WorkloadConfig(num_requests=60, preset="sharegpt", arrival="poisson", rate=2.0, seed=5)
+WORKLOAD = WorkloadConfig(num_requests=30, preset="sharegpt", arrival="poisson", rate=2.0, seed=5)
 
 
 def run(policy: str) -> str:
@@ -35,7 +35,7 @@ def run(policy: str) -> str:
 def slowed(method: Callable[..., Any], calls: list[str]) -> Callable[..., Any]:
     def slow(*args: Any, **kwargs: Any) -> Any:
         calls.append(method.__name__)
-        time.sleep(0.0005)  # a host busy with other work: each step takes real time
+        time.sleep(0.0002)  # a host busy with other work: each step takes real time
         return method(*args, **kwargs)
     return slow
 
