@@ -11,6 +11,8 @@ what the command line does too.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +31,8 @@ from pagedkv.sim.workload import WorkloadConfig, generate
 
 if TYPE_CHECKING:
     from pagedkv.models.base import PagedLM
+
+log = logging.getLogger(__name__)
 
 
 def _progress(label: str, show: bool) -> Progress | None:
@@ -58,7 +62,17 @@ def simulate(
         concurrency=workload.concurrency if workload.closed_loop else None,
         progress=_progress(f"simulating {policy}", progress),
     )
-    return result, summarize(result, slo)
+    return _summarize_loudly(result, slo)
+
+
+def _summarize_loudly(result: RunResult, slo: SLO | None) -> tuple[RunResult, Summary]:
+    """The run's summary, with a warning when it completed nothing: its latencies are NaN, and a
+    table of NaN says nothing about why (usually no request fits the pool or max_model_len)."""
+    summary = summarize(result, slo)
+    if summary.completed == 0:
+        log.warning("policy %s completed no request (%d rejected as never fitting: a max_model_len or a "
+                    "KV pool too small for the workload); its latencies are NaN", result.policy, summary.rejected)
+    return result, summary
 
 
 def run_real(
@@ -86,7 +100,7 @@ def run_real(
         concurrency=workload.concurrency if workload.closed_loop else None,
         progress=_progress(f"running {model if isinstance(model, str) else type(model).__name__}", progress),
     )
-    return result, summarize(result, slo)
+    return _summarize_loudly(result, slo)
 
 
 class SweepResult(BaseModel):
@@ -96,7 +110,14 @@ class SweepResult(BaseModel):
     curves: dict[str, list[Summary]]
     latency_budget_s: float
     sustained_rate: dict[str, float]
-    """Per policy, the highest swept rate up to which p50 latency per output token stays within budget."""
+    """Per policy, the highest swept rate up to which it sustains the load (0.0: not even the lowest)."""
+
+
+def sustains(summary: Summary, latency_budget_s: float) -> bool:
+    """Whether a run kept up: it completed requests, rejected none, and its p50 latency per output
+    token is a number within the budget (NaN, from no completions, never is)."""
+    p50 = summary.normalized_latency_s.p50
+    return summary.completed > 0 and summary.rejected == 0 and math.isfinite(p50) and p50 <= latency_budget_s
 
 
 def sweep(
@@ -109,8 +130,9 @@ def sweep(
     slo: SLO | None = None,
     progress: bool = False,
 ) -> SweepResult:
-    """Simulate every policy at every rate. Without a ``latency_budget_s``, the budget is
-    three times the best p50 latency per output token seen at the lowest rate."""
+    """Simulate every policy at every rate; a policy sustains the rates up to the first where it
+    fails :func:`sustains`. Without a ``latency_budget_s``, the budget is three times the best p50
+    latency per output token seen at the lowest rate (among policies that completed requests)."""
     rates = sorted(rates)
     curves: dict[str, list[Summary]] = {p: [] for p in policies}
     with tqdm(total=len(policies) * len(rates), desc="sweeping", unit="run", disable=not progress) as bar:
@@ -122,12 +144,13 @@ def sweep(
                                     f"{summary.normalized_latency_s.p50:.3f} s")
                 bar.update()
     if latency_budget_s is None:
-        latency_budget_s = 3 * min(c[0].normalized_latency_s.p50 for c in curves.values())
+        lowest = [c[0].normalized_latency_s.p50 for c in curves.values() if c[0].completed > 0]
+        latency_budget_s = 3 * min(lowest) if lowest else 0.0
     sustained: dict[str, float] = {}
     for name, summaries in curves.items():
         sustained[name] = 0.0
-        for rate, summary in zip(rates, summaries, strict=True):  # up to the first rate that breaks the budget
-            if summary.normalized_latency_s.p50 > latency_budget_s:
+        for rate, summary in zip(rates, summaries, strict=True):  # up to the first rate it fails
+            if not sustains(summary, latency_budget_s):
                 break
             sustained[name] = rate
     return SweepResult(rates=list(rates), curves=curves, latency_budget_s=latency_budget_s, sustained_rate=sustained)

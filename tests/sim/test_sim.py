@@ -244,6 +244,21 @@ def test_sweep_finds_a_higher_sustained_rate_for_paging():
     assert result.sustained_rate["paged"] > result.sustained_rate["reserve-max-len"]
 
 
+def test_a_policy_that_completes_nothing_sustains_no_rate_and_says_so(caplog):
+    """reserve-max-len reserves 4096 slots per request in a pool of 2048: it rejects every
+    request, its latencies are NaN, and NaN never exceeding the budget must not make it sustain
+    the highest rate (as it once did); the run warns instead of printing a quiet table of NaN."""
+    workload = WorkloadConfig(num_requests=30, preset="alpaca", seed=3)
+    engine = EngineConfig(block_size=16, kv_cache_memory_bytes=2 * 2**20, max_model_len=4096)
+    with caplog.at_level("WARNING", logger="pagedkv.sim.api"):
+        result = sweep(workload, [0.5, 1, 2], ["paged", "reserve-max-len"], engine, PROFILE)
+    assert [s.completed for s in result.curves["reserve-max-len"]] == [0, 0, 0]
+    assert np.isnan(result.curves["reserve-max-len"][0].normalized_latency_s.p50)
+    assert result.sustained_rate == {"paged": 2, "reserve-max-len": 0.0}
+    assert "policy reserve-max-len completed no request (30 rejected" in caplog.text
+    assert "policy paged" not in caplog.text
+
+
 def test_summarize_of_a_run_round_trips_through_json():
     workload = WorkloadConfig(num_requests=20, preset="alpaca", seed=1)
     result, summary = simulate(workload, ENGINE, "paged", PROFILE)
