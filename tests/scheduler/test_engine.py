@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagedkv.errors import EngineBusyError, InvalidRequestError
+from pagedkv.paged.block_pool import BlockPoolError
 from pagedkv.scheduler import EngineConfig, FinishReason, LLMEngine, RequestStatus, SamplingParams
 from tests.fakes import FailingRunner
 from tests.helpers import assert_drained, drain, random_prompts
@@ -24,6 +25,18 @@ def test_step_with_nothing_to_do_returns_empty(make_engine):
     engine = make_engine(num_blocks=8)
     assert engine.step() == []
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("leak", ["table with blocks", "empty table"])
+def test_an_idle_engine_does_not_hide_a_leak(engine_with, leak):
+    """Idle, every step checks in O(1) that no table, block, stored token or swap block is
+    still held: a sequence the bookkeeping forgot to free surfaces at the next step."""
+    engine, _ = engine_with(block_size=4, num_blocks=8)
+    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+    engine.kv_manager.allocate_slots("forgotten", 5 if leak == "table with blocks" else 0)
+    with pytest.raises(BlockPoolError, match="idle, yet 1 tables, .* a leak"):
+        engine.step()
+    engine.kv_manager.free("forgotten")
 
 
 def test_abort_running_request_frees_its_blocks(make_engine):
