@@ -240,6 +240,11 @@ class LLMEngine:
         return request_id in self.scheduler.requests
 
     @property
+    def num_unfinished_requests(self) -> int:
+        """Requests added that have not ended (waiting, running or swapped out)."""
+        return len(self.scheduler.requests)
+
+    @property
     def num_waiting_requests(self) -> int:
         """Sequences queued for admission (new, or preempted)."""
         return len(self.scheduler.waiting)

@@ -1,7 +1,7 @@
 """The workload simulator: the engine's own scheduler and KV manager on a virtual clock,
 priced by a cost model fitted to the real model (the ``pagedkv sim`` commands drive it)."""
 
-from pagedkv.sim.api import SweepResult, run_real, simulate, sweep
+from pagedkv.sim.api import FleetSummary, SweepResult, run_real, simulate, simulate_fleet, sweep
 from pagedkv.sim.cost_model import CostModel
 from pagedkv.sim.metrics import SLO, Summary
 from pagedkv.sim.workload import LengthDist, RequestSpec, WorkloadConfig, generate, load_trace, save_trace
@@ -9,6 +9,7 @@ from pagedkv.sim.workload import LengthDist, RequestSpec, WorkloadConfig, genera
 __all__ = [
     "SLO",
     "CostModel",
+    "FleetSummary",
     "LengthDist",
     "RequestSpec",
     "Summary",
@@ -19,5 +20,6 @@ __all__ = [
     "run_real",
     "save_trace",
     "simulate",
+    "simulate_fleet",
     "sweep",
 ]

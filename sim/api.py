@@ -1,4 +1,5 @@
-"""The simulator's Python API: run a workload (simulated or for real), or sweep request rates.
+"""The simulator's Python API: run a workload (simulated or for real) on one engine or a fleet
+behind a router, or sweep request rates.
 
     from pagedkv import EngineConfig, WorkloadConfig, simulate
     result, summary = simulate(WorkloadConfig(preset="sharegpt", rate=0.5, num_requests=1000),
@@ -20,10 +21,12 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
+from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel, Features
 from pagedkv.sim.driver import RunResult, run_workload
 from pagedkv.sim.executor import SimulatedExecutor, VirtualClock, WallClock
+from pagedkv.sim.fleet import ROUTERS, FleetResult, Router, run_fleet
 from pagedkv.sim.metrics import SLO, Summary, summarize
 from pagedkv.sim.policies import Policy
 from pagedkv.sim.report import Progress
@@ -73,6 +76,46 @@ def _summarize_loudly(result: RunResult, slo: SLO | None) -> tuple[RunResult, Su
         log.warning("policy %s completed no request (%d rejected as never fitting: a max_model_len or a "
                     "KV pool too small for the workload); its latencies are NaN", result.policy, summary.rejected)
     return result, summary
+
+
+class FleetSummary(BaseModel):
+    """A fleet's metrics: all its requests as one run, and each replica's."""
+
+    model_config = ConfigDict(frozen=True)
+
+    router: str
+    fleet: Summary
+    replicas: list[Summary]
+    routed: list[int]
+    """Requests sent to each replica."""
+
+
+def simulate_fleet(
+    workload: WorkloadConfig,
+    engine: EngineConfig,
+    replicas: int,
+    router: Router = "round-robin",
+    policy: Policy = "paged",
+    profile: CostModel | str | Path | None = None,
+    slo: SLO | None = None,
+    progress: bool = False,
+) -> tuple[FleetResult, FleetSummary]:
+    """Run ``workload`` on ``replicas`` simulated copies of ``engine`` behind ``router``
+    (:mod:`pagedkv.sim.fleet`). Open-loop workloads only: a closed loop's clients would
+    need a router of their own."""
+    if workload.closed_loop:
+        raise InvalidRequestError("a fleet takes open-loop arrivals (poisson, gamma, offline), not closed", "arrival")
+    if replicas < 1:
+        raise InvalidRequestError(f"replicas must be at least 1, got {replicas}", "replicas")
+    if router not in ROUTERS:
+        raise InvalidRequestError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}", "router")
+    cost = profile if isinstance(profile, CostModel) else CostModel.load(profile or DEFAULT_PROFILE)
+    label = f"simulating {replicas} x {policy} ({router})"
+    result = run_fleet(generate(workload), _serving(engine, workload), cost, replicas, router, policy,
+                       progress=_progress(label, progress))
+    summaries = [_summarize_loudly(r, slo)[1] for r in result.replicas]
+    fleet = summarize(result.merged(), slo)
+    return result, FleetSummary(router=router, fleet=fleet, replicas=summaries, routed=result.routed)
 
 
 def run_real(

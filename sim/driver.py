@@ -137,6 +137,72 @@ def _build_engine(config: EngineConfig, executor: Executor, clock: Clock, policy
     return engine, metered
 
 
+class Replica:
+    """One engine of a run, on its executor and clock: the requests routed to it and their
+    records. :func:`run_workload` drives one; :func:`pagedkv.sim.fleet.run_fleet`, several
+    behind a router, each on its own clock."""
+
+    def __init__(self, config: EngineConfig, executor: Executor, clock: Clock, policy: Policy = "paged",
+                 fast_forward: bool = True) -> None:
+        self.engine, self.metered = _build_engine(config, executor, clock, policy)
+        self.clock = clock
+        kv = self.engine.kv_manager
+        self.result = RunResult(policy, kv.block_size, kv.num_blocks * kv.block_size)
+        # Bulk decode steps need an executor that prices a decode step from its size alone.
+        self.bulk = executor if fast_forward and isinstance(executor, SimulatedExecutor) else None
+        self.arrived = 0
+        self._params: dict[int, SamplingParams] = {}
+
+    @property
+    def busy(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    @property
+    def outstanding(self) -> int:
+        """Requests given to it that have not finished."""
+        return self.engine.num_unfinished_requests
+
+    def arrive(self, index: int, spec: RequestSpec, at: float) -> None:
+        """Add the workload's ``index``-th request, arrived at ``at``; counted as rejected if
+        it can never fit."""
+        sp = self._params.get(spec.output_len) or self._params.setdefault(
+            spec.output_len, SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True)
+        )
+        # Without token ids a prompt is its own token repeated: it shares no prefix with
+        # any other request (so the prefix cache serves only its own preemptions).
+        prompt = list(spec.prompt_token_ids) if spec.prompt_token_ids is not None else [index + 1] * spec.prompt_len
+        self.arrived += 1
+        try:
+            self.engine.add_request(str(index), prompt, sp, priority=spec.priority, arrival_time=at)
+        except InvalidRequestError:
+            self.result.rejected += 1
+
+    def step(self, next_arrival: float) -> list[RequestRecord]:
+        """One step, or a run of pure decode steps in bulk up to the first that would start at
+        or after ``next_arrival``; the records of the requests that finished."""
+        now = self.clock()
+        finished = _decode_run(self.engine, self.bulk, self.clock, self.result, next_arrival) if self.bulk else None
+        if finished is None:
+            step = self.engine.step_sequences()
+            if step.plan.is_empty:
+                raise RuntimeError("the scheduler scheduled nothing while requests wait")  # no policy should
+            end = self.clock()
+            self.result.steps.append(StepRecord(end, end - now, self.metered.stored, self.metered.reserved))
+            finished = [r for r in step.advanced if r.finish_time is not None]
+        records = [record(request) for request in finished]
+        self.result.records.extend(records)
+        return records
+
+    def finish(self) -> RunResult:
+        """The run's result, once every request is done; checks the books balance."""
+        self.result.stats = self.engine.stats()
+        self.engine.kv_manager.check()
+        if self.arrived != len(self.result.records) + self.result.rejected:
+            raise RuntimeError(f"{self.arrived} requests arrived but {len(self.result.records)} finished and "
+                               f"{self.result.rejected} were rejected")
+        return self.result
+
+
 def run_workload(
     specs: list[RequestSpec],
     config: EngineConfig,
@@ -152,39 +218,23 @@ def run_workload(
     With ``fast_forward`` and the simulated executor, runs of pure decode steps are taken
     in bulk (``pagedkv.scheduler.decode_run``), with the same result to the last bit:
     ``False`` is there to check that, and for a subclass that watches every plan."""
-    engine, metered = _build_engine(config, executor, clock, policy)
-    kv = engine.kv_manager
-    result = RunResult(policy, kv.block_size, kv.num_blocks * kv.block_size)
-    params: dict[int, SamplingParams] = {}
+    replica = Replica(config, executor, clock, policy, fast_forward)
     ids = itertools.count()
 
     def arrive(spec: RequestSpec, at: float) -> None:
-        sp = params.get(spec.output_len) or params.setdefault(
-            spec.output_len, SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True)
-        )
-        i = next(ids)
-        # Without token ids a prompt is its own token repeated: it shares no prefix with
-        # any other request (so the prefix cache serves only its own preemptions).
-        prompt = list(spec.prompt_token_ids) if spec.prompt_token_ids is not None else [i + 1] * spec.prompt_len
-        try:
-            engine.add_request(str(i), prompt, sp, priority=spec.priority, arrival_time=at)
-        except InvalidRequestError:
-            result.rejected += 1
+        replica.arrive(next(ids), spec, at)
 
     pending = deque(specs)
     if concurrency is not None:  # closed loop: the first clients start together
         for _ in range(min(concurrency, len(pending))):
             arrive(pending.popleft(), clock())
     total = len(specs)
-    # Bulk decode steps need an executor that prices a decode step from its size alone.
-    bulk = executor if fast_forward and isinstance(executor, SimulatedExecutor) else None
-
-    while pending or engine.has_unfinished_requests():
+    while pending or replica.busy:
         now = clock()
         while concurrency is None and pending and pending[0].arrival_time <= now:
             spec = pending.popleft()
             arrive(spec, spec.arrival_time)
-        if not engine.has_unfinished_requests():
+        if not replica.busy:
             if not pending:  # the last arrivals were all rejected
                 break
             if concurrency is not None:  # every client was rejected: start the next ones
@@ -193,23 +243,12 @@ def run_workload(
                 clock.wait_until(pending[0].arrival_time)
             continue
         arrival = pending[0].arrival_time if concurrency is None and pending else float("inf")
-        finished = _decode_run(engine, bulk, clock, result, arrival) if bulk is not None else None
-        if finished is None:
-            step = engine.step_sequences()
-            if step.plan.is_empty:
-                raise RuntimeError("the scheduler scheduled nothing while requests wait")  # no policy should
-            end = clock()
-            result.steps.append(StepRecord(end, end - now, metered.stored, metered.reserved))
-            finished = [r for r in step.advanced if r.finish_time is not None]
-        for request in finished:
-            result.records.append(done := record(request))
+        for done in replica.step(arrival):
             if concurrency is not None and pending:
                 arrive(pending.popleft(), done.finish)
             if progress is not None:
-                progress(len(result.records) + result.rejected, total)
-    result.stats = engine.stats()
-    kv.check()
-    return result
+                progress(len(replica.result.records) + replica.result.rejected, total)
+    return replica.finish()
 
 
 def _decode_run(

@@ -1,4 +1,4 @@
-"""``pagedkv sim run | sweep | calibrate``: arguments in, tables, JSON and plots out.
+"""``pagedkv sim run | sweep | fleet | calibrate``: arguments in, tables, JSON and plots out.
 
 Workload flags are :class:`WorkloadConfig`'s fields and engine flags :class:`EngineConfig`'s
 (one ``--max-model-len`` sets both). Nothing here imports torch until ``--executor real``
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pagedkv.cli.flags import add_model_flags, given_fields
 from pagedkv.scheduler.config import EngineConfig
+from pagedkv.sim.fleet import ROUTERS, Router
 from pagedkv.sim.metrics import SLO
 from pagedkv.sim.policies import POLICIES, Policy
 from pagedkv.sim.workload import LengthDist, WorkloadConfig
@@ -39,12 +40,13 @@ def parse_length(text: str) -> LengthDist:
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
-    sim = commands.add_parser("sim", help="the workload simulator: run, sweep, calibrate")
+    sim = commands.add_parser("sim", help="the workload simulator: run, sweep, fleet, calibrate")
     sim.set_defaults(run=main)
     subcommands = sim.add_subparsers(dest="sim_command", required=True)
     run = subcommands.add_parser("run", help="run one workload under one or more policies")
     sweep = subcommands.add_parser("sweep", help="simulate a range of request rates per policy")
-    for parser in (run, sweep):
+    fleet = subcommands.add_parser("fleet", help="simulate replicas of one engine behind a router")
+    for parser in (run, sweep, fleet):
         add_model_flags(parser, WorkloadConfig, "workload (WorkloadConfig)", parsers={LengthDist: parse_length})
         add_model_flags(parser, EngineConfig, "engine (EngineConfig)", exclude=ENGINE_FLAGS_UNUSED)
         parser.add_argument("--policy", default="paged",
@@ -64,6 +66,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                        help="comma-separated request rates")
     sweep.add_argument("--latency-budget", type=float,
                        help="s per output token (default: 3x the best at the lowest rate)")
+    fleet.add_argument("--replicas", type=int, required=True, help="how many replicas of the engine")
+    fleet.add_argument("--router", default="round-robin",
+                       help=f"one of {', '.join(ROUTERS)}, comma-separated, or all")
     calibrate = subcommands.add_parser("calibrate", help="time the real model and fit a cost-model profile")
     calibrate.add_argument("--model", default="smollm2-135m")
     calibrate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -98,6 +103,15 @@ def policies_from(args: argparse.Namespace) -> list[Policy]:
     return [policy for name in names for policy in POLICIES if policy == name]
 
 
+def routers_from(args: argparse.Namespace) -> list[Router]:
+    """``--router``: names from :data:`ROUTERS`, comma-separated, or ``all``."""
+    names: list[str] = list(ROUTERS) if args.router == "all" else args.router.split(",")
+    unknown = [name for name in names if name not in ROUTERS]
+    if unknown:
+        raise ValueError(f"unknown router {', '.join(unknown)}; choose from {', '.join(ROUTERS)} or all")
+    return [router for name in names for router in ROUTERS if router == name]
+
+
 def main(args: argparse.Namespace) -> None:
     from pagedkv.sim import api, report
 
@@ -127,6 +141,24 @@ def main(args: argparse.Namespace) -> None:
             if args.plots:
                 report.plot_kv_over_time([r for r, _ in results], args.out / "kv_memory.png")
                 report.plot_latency_cdf([r for r, _ in results], args.out / "latency_cdf.png")
+            print(f"wrote {args.out}/")
+        return
+    if args.sim_command == "fleet":
+        if len(policies) != 1:
+            raise ValueError("sim fleet runs one --policy at a time (compare routers with --router all)")
+        fleets = [api.simulate_fleet(workload, engine, args.replicas, router, policies[0], args.profile, slo,
+                                     progress=True)[1] for router in routers_from(args)]
+        print(report.table([f.fleet.model_copy(update={"policy": f"{f.router} x{args.replicas}"}) for f in fleets]))
+        for f in fleets:
+            print(f"\n{f.router}, per replica (routed / completed / rejected, TTFT p50, prefix hit rate):")
+            for i, (routed, s) in enumerate(zip(f.routed, f.replicas, strict=True)):
+                print(f"  replica {i}: {routed} / {s.completed} / {s.rejected}, {s.ttft_s.p50:.2f} s, "
+                      f"{s.prefix_hit_rate:.1%}")
+        if args.out:
+            report.write_json(args.out / "fleet.json", {
+                "workload": workload.model_dump(), "engine": engine.model_dump(), "replicas": args.replicas,
+                "fleets": [f.model_dump() for f in fleets],
+            })
             print(f"wrote {args.out}/")
         return
     result = api.sweep(workload, args.rates, policies, engine, args.profile, args.latency_budget, slo, progress=True)
