@@ -1,7 +1,17 @@
 """The workload simulator: the engine's own scheduler and KV manager on a virtual clock,
 priced by a cost model fitted to the real model (the ``pagedkv sim`` commands drive it)."""
 
-from pagedkv.sim.api import FleetSummary, SweepResult, run_real, simulate, simulate_fleet, sweep
+from pagedkv.sim.api import (
+    FleetSummary,
+    Interval,
+    IntervalSummary,
+    SweepResult,
+    run_real,
+    simulate,
+    simulate_fleet,
+    simulate_intervals,
+    sweep,
+)
 from pagedkv.sim.cost_model import CostModel
 from pagedkv.sim.metrics import SLO, Summary
 from pagedkv.sim.workload import LengthDist, RequestSpec, WorkloadConfig, generate, load_trace, save_trace
@@ -10,6 +20,8 @@ __all__ = [
     "SLO",
     "CostModel",
     "FleetSummary",
+    "Interval",
+    "IntervalSummary",
     "LengthDist",
     "RequestSpec",
     "Summary",
@@ -21,5 +33,6 @@ __all__ = [
     "save_trace",
     "simulate",
     "simulate_fleet",
+    "simulate_intervals",
     "sweep",
 ]

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
@@ -42,6 +43,10 @@ def _progress(label: str, show: bool) -> Progress | None:
     return Progress(label) if show else None
 
 
+def _cost(profile: CostModel | str | Path | None) -> CostModel:
+    return profile if isinstance(profile, CostModel) else CostModel.load(profile or DEFAULT_PROFILE)
+
+
 def _serving(engine: EngineConfig, workload: WorkloadConfig) -> EngineConfig:
     """``engine`` with the workload's context length where it gives none."""
     if engine.max_model_len is not None:
@@ -56,12 +61,14 @@ def simulate(
     profile: CostModel | str | Path | None = None,
     slo: SLO | None = None,
     progress: bool = False,
+    noise_seed: int | None = None,
 ) -> tuple[RunResult, Summary]:
-    """Run ``workload`` through the real scheduler and KV manager on a virtual clock."""
-    cost = profile if isinstance(profile, CostModel) else CostModel.load(profile or DEFAULT_PROFILE)
+    """Run ``workload`` through the real scheduler and KV manager on a virtual clock; with
+    ``noise_seed``, each step's time varies as the profile's fit residuals did."""
+    cost = _cost(profile)
     clock = VirtualClock()
     result = run_workload(
-        generate(workload), _serving(engine, workload), SimulatedExecutor(cost, clock), clock, policy,
+        generate(workload), _serving(engine, workload), SimulatedExecutor(cost, clock, noise_seed), clock, policy,
         concurrency=workload.concurrency if workload.closed_loop else None,
         progress=_progress(f"simulating {policy}", progress),
     )
@@ -76,6 +83,78 @@ def _summarize_loudly(result: RunResult, slo: SLO | None) -> tuple[RunResult, Su
         log.warning("policy %s completed no request (%d rejected as never fitting: a max_model_len or a "
                     "KV pool too small for the workload); its latencies are NaN", result.policy, summary.rejected)
     return result, summary
+
+
+class Interval(BaseModel):
+    """A metric over repeated runs: the median and the central ``level`` of the values."""
+
+    model_config = ConfigDict(frozen=True)
+
+    central: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float], level: float) -> Interval:
+        finite = np.asarray([v for v in values if math.isfinite(v)])
+        if len(finite) < len(values) or not len(finite):  # a run without the metric: no interval either
+            return cls(central=math.nan, low=math.nan, high=math.nan)
+        low, central, high = np.quantile(finite, [(1 - level) / 2, 0.5, (1 + level) / 2])
+        return cls(central=float(central), low=float(low), high=float(high))
+
+    def __contains__(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+INTERVAL_METRICS: dict[str, Callable[[Summary], float]] = {
+    "throughput (req/s)": lambda s: s.requests_per_s,
+    "output tokens/s": lambda s: s.output_tokens_per_s,
+    "TTFT p50 (s)": lambda s: s.ttft_s.p50,
+    "TTFT p90 (s)": lambda s: s.ttft_s.p90,
+    "TPOT p50 (s)": lambda s: s.tpot_s.p50,
+    "TPOT p90 (s)": lambda s: s.tpot_s.p90,
+    "latency p50 (s)": lambda s: s.e2e_s.p50,
+    "goodput (req/s in SLO)": lambda s: s.goodput_requests_per_s,
+}
+
+
+class IntervalSummary(BaseModel):
+    """Repeated simulations of one workload and policy: every metric's median and interval."""
+
+    model_config = ConfigDict(frozen=True)
+
+    policy: str
+    level: float
+    metrics: dict[str, Interval]
+    runs: list[Summary]
+
+
+def simulate_intervals(
+    workload: WorkloadConfig,
+    engine: EngineConfig,
+    runs: int = 20,
+    policy: Policy = "paged",
+    profile: CostModel | str | Path | None = None,
+    slo: SLO | None = None,
+    level: float = 0.9,
+    progress: bool = False,
+) -> IntervalSummary:
+    """``runs`` simulations of ``workload`` under ``policy``, run i with workload seed
+    ``workload.seed + i`` (other arrivals and lengths from the same distributions) and step
+    noise seed i (step times varying as the profile's fit residuals did), summarized as each
+    metric's median and central ``level`` interval: a prediction of where a real run's value
+    falls, given what the profile knows about its own errors."""
+    if runs < 2:
+        raise InvalidRequestError(f"runs must be at least 2 for an interval, got {runs}", "runs")
+    if not 0 < level < 1:
+        raise InvalidRequestError(f"level must be in (0, 1), got {level}", "level")
+    cost = _cost(profile)
+    summaries = []
+    for i in tqdm(range(runs), desc=f"simulating {policy} x{runs}", unit="run", disable=not progress):
+        seeded = workload.model_copy(update={"seed": workload.seed + i})
+        summaries.append(simulate(seeded, engine, policy, cost, slo, noise_seed=i)[1])
+    metrics = {name: Interval.of([metric(s) for s in summaries], level) for name, metric in INTERVAL_METRICS.items()}
+    return IntervalSummary(policy=policy, level=level, metrics=metrics, runs=summaries)
 
 
 class FleetSummary(BaseModel):
@@ -109,7 +188,7 @@ def simulate_fleet(
         raise InvalidRequestError(f"replicas must be at least 1, got {replicas}", "replicas")
     if router not in ROUTERS:
         raise InvalidRequestError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}", "router")
-    cost = profile if isinstance(profile, CostModel) else CostModel.load(profile or DEFAULT_PROFILE)
+    cost = _cost(profile)
     label = f"simulating {replicas} x {policy} ({router})"
     result = run_fleet(generate(workload), _serving(engine, workload), cost, replicas, router, policy,
                        progress=_progress(label, progress))

@@ -136,6 +136,7 @@ def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.nda
         kv_bytes_per_token=model.kv_cache_spec().bytes_per_block(1),
         max_model_len=model.max_model_len,
         fit_note=f"fitted on {len(seconds)} timed steps; median relative error {result.median_relative_error:.1%}",
+        step_noise=result.step_noise,
     )
 
 

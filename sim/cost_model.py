@@ -97,9 +97,14 @@ class CostModel(BaseModel):
         10e9, gt=0, description="copy rate between the pool and the swap space (assumed, not fitted: memcpy or PCIe)"
     )
     fit_note: str = ""
+    step_noise: list[float] = Field(default_factory=list, description=(
+        "quantiles (0% to 100%, evenly spaced) of log(measured / predicted) over the fitted steps: "
+        "what a simulation with noise draws each step's time from; empty: none recorded"))
 
     @model_validator(mode="after")
     def _check_curve(self) -> CostModel:
+        if len(self.step_noise) == 1 or any(b < a for a, b in pairwise(self.step_noise)):
+            raise ValueError("step_noise must be empty or at least two quantiles in increasing order")
         if len(self.token_knots) != len(self.token_costs_s):
             raise ValueError("token_knots and token_costs_s must have the same length")
         if self.token_knots[0] < 1 or any(b <= a for a, b in pairwise(self.token_knots)):
@@ -173,6 +178,9 @@ class Fit(NamedTuple):
     per_prefill_attended_pair_s: float
     per_sampled_token_s: float
     median_relative_error: float
+    step_noise: list[float]
+    """Quantiles 0%, 1%, ..., 100% of log(measured / predicted): the residuals, kept for
+    simulations with noise (:class:`StepNoise`)."""
 
 
 def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int]) -> Fit:
@@ -186,6 +194,25 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int]) -> Fit:
     design = np.column_stack([hat_basis(features[:, 0], knots), features[:, 1:]])
     weight = 1 / np.sqrt(seconds)
     coef = nnls(design * weight[:, None], seconds * weight)
-    error = float(np.median(np.abs(design @ coef - seconds) / seconds))
+    predicted = design @ coef
+    error = float(np.median(np.abs(predicted - seconds) / seconds))
+    noise = np.quantile(np.log(seconds / np.maximum(predicted, 1e-12)), np.linspace(0, 1, 101))
     k = len(knots)
-    return Fit([float(c) for c in coef[:k]], float(coef[k]), float(coef[k + 1]), float(coef[k + 2]), error)
+    return Fit([float(c) for c in coef[:k]], float(coef[k]), float(coef[k + 1]), float(coef[k + 2]), error,
+               [float(q) for q in noise])
+
+
+class StepNoise:
+    """Multipliers for simulated step times, drawn from a profile's recorded residuals
+    (``CostModel.step_noise``, inverse-transform sampling between its quantiles) with a seed
+    of its own, a few thousand at a time: a simulation with noise takes millions of steps."""
+
+    def __init__(self, quantiles: list[float], seed: int) -> None:
+        self._levels, self._quantiles = np.linspace(0, 1, len(quantiles)), np.asarray(quantiles)
+        self._rng = np.random.default_rng(seed)
+        self._batch: list[float] = []
+
+    def __call__(self) -> float:
+        if not self._batch:
+            self._batch = np.exp(np.interp(self._rng.random(4096), self._levels, self._quantiles)).tolist()
+        return self._batch.pop()

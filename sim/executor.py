@@ -13,7 +13,7 @@ from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.executor import CacheLayout, StepResult
 from pagedkv.scheduler.plan import SchedulerOutput
-from pagedkv.sim.cost_model import CostModel
+from pagedkv.sim.cost_model import CostModel, StepNoise
 
 DUMMY_TOKEN = 0
 _ONE = (DUMMY_TOKEN,)  # one row's sample; `_ONE * k` is k of them (and `_ONE * 1` is _ONE itself)
@@ -60,9 +60,14 @@ class SimulatedExecutor:
     eos_token_id = None
     vocab_size = 2**31  # any token id a workload uses is valid
 
-    def __init__(self, cost: CostModel, clock: VirtualClock) -> None:
+    def __init__(self, cost: CostModel, clock: VirtualClock, noise_seed: int | None = None) -> None:
+        """With ``noise_seed``, every step's time is the cost model's times a multiplier drawn
+        from the profile's recorded residuals (:class:`~pagedkv.sim.cost_model.StepNoise`)."""
         self.cost = cost
         self.clock = clock
+        if noise_seed is not None and not cost.step_noise:
+            raise InvalidRequestError(f"profile {cost.name!r} records no step noise (recalibrate it)", "noise_seed")
+        self._noise = StepNoise(cost.step_noise, noise_seed) if noise_seed is not None else None
         self.max_model_len = cost.max_model_len
         self.busy_seconds = 0.0
         self._block_bytes = 0
@@ -116,5 +121,7 @@ class SimulatedExecutor:
         return ends
 
     def _spend(self, seconds: float) -> None:
+        if self._noise is not None:
+            seconds *= self._noise()
         self.busy_seconds += seconds
         self.clock.advance(seconds)

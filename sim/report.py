@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from pagedkv.sim.driver import RunResult
 from pagedkv.sim.metrics import Percentiles, Summary, request_columns
+
+if TYPE_CHECKING:
+    from pagedkv.sim.api import IntervalSummary
 
 ROWS = [
     ("completed / rejected", lambda s: f"{s.completed} / {s.rejected}"),
@@ -37,8 +40,12 @@ def _pct(p: Percentiles) -> str:
 
 def table(summaries: Sequence[Summary]) -> str:
     """One column per run, one row per metric."""
-    head = ["metric", *[s.policy for s in summaries]]
-    body = [[label, *[fmt(s) for s in summaries]] for label, fmt in ROWS]
+    return _render(["metric", *[s.policy for s in summaries]],
+                   [[label, *[fmt(s) for s in summaries]] for label, fmt in ROWS])
+
+
+def _render(head: list[str], body: list[list[str]]) -> str:
+    """Columns aligned: the first to the left, the others to the right; a rule under the head."""
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
@@ -46,6 +53,13 @@ def table(summaries: Sequence[Summary]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def interval_table(runs: Sequence[IntervalSummary]) -> str:
+    """One column per policy: each metric's median [low, high] over the repeated runs."""
+    return _render(["metric", *[f"{r.policy} ({len(r.runs)} runs, {r.level:.0%})" for r in runs]],
+                   [[name, *[f"{i.central:.3f} [{i.low:.3f}, {i.high:.3f}]" for i in (r.metrics[name] for r in runs)]]
+                    for name in runs[0].metrics])
 
 
 def write_json(path: str | Path, payload: dict) -> None:

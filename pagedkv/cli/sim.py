@@ -62,6 +62,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--executor", choices=["sim", "real"], default="sim",
                      help="real: the engine and model, wall clock")
     run.add_argument("--model", default="smollm2-135m", help="model for --executor real")
+    run.add_argument("--runs", type=int, default=1,
+                     help="simulate R times (other workload seeds, step times varying as the profile's fit "
+                          "residuals did) and print each metric's median and 90%% interval")
     sweep.add_argument("--rates", required=True, type=lambda s: [float(x) for x in s.split(",")],
                        help="comma-separated request rates")
     sweep.add_argument("--latency-budget", type=float,
@@ -125,6 +128,19 @@ def main(args: argparse.Namespace) -> None:
         return
     workload, engine, slo = workload_from(args), engine_from(args), slo_from(args)
     policies = policies_from(args)
+    if args.sim_command == "run" and args.runs != 1:
+        if args.executor == "real":
+            raise ValueError("--runs repeats simulations; it does not apply to --executor real")
+        intervals = [api.simulate_intervals(workload, engine, args.runs, policy, args.profile, slo, progress=True)
+                     for policy in policies]
+        print(report.interval_table(intervals))
+        if args.out:
+            report.write_json(args.out / "intervals.json", {
+                "workload": workload.model_dump(), "engine": engine.model_dump(),
+                "intervals": [i.model_dump() for i in intervals],
+            })
+            print(f"wrote {args.out}/")
+        return
     if args.sim_command == "run":
         results = []
         for policy in policies:

@@ -1,0 +1,101 @@
+"""Prediction intervals: a fit records its residuals, a simulation with noise draws each step's
+time from them, and repeated simulations give intervals that cover what independent runs of a
+system with that noise actually do."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pagedkv.errors import InvalidRequestError
+from pagedkv.scheduler import EngineConfig
+from pagedkv.sim import CostModel, LengthDist, WorkloadConfig, simulate, simulate_intervals
+from pagedkv.sim.api import INTERVAL_METRICS
+from pagedkv.sim.cost_model import StepNoise, fit, power_of_two_knots
+
+BASE = CostModel(
+    name="test", token_knots=[1, 2, 1026], token_costs_s=[0.024, 0.03, 1.054],
+    per_decode_context_token_s=1e-6, per_prefill_attended_pair_s=1e-6,
+    kv_bytes_per_token=1024, max_model_len=4096,
+)
+ENGINE = EngineConfig(block_size=16, kv_cache_memory_bytes=4 * 2**20, max_model_len=2048, max_num_batched_tokens=512)
+WORKLOAD = WorkloadConfig(num_requests=80, preset="alpaca", rate=6.0, seed=100)
+
+
+def lognormal_noise(sigma: float) -> list[float]:
+    """Quantiles 0..100% of a normal log-residual with this sigma (ends at +-3 sigma)."""
+    sample = np.random.default_rng(0).normal(0.0, sigma, 200_000)
+    return [float(q) for q in np.quantile(np.clip(sample, -3 * sigma, 3 * sigma), np.linspace(0, 1, 101))]
+
+
+def test_a_fit_records_the_residuals_it_leaves() -> None:
+    """Steps 10% slower than the model half the time and 10% faster the other half: the
+    recorded quantiles say so."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, 100, 400)
+    truth = 0.01 + 0.001 * tokens
+    seconds = truth * np.where(rng.random(400) < 0.5, 1.1, 0.9)
+    result = fit(np.column_stack([tokens, np.zeros((400, 3))]), seconds, power_of_two_knots(100))
+    noise = np.exp(result.step_noise)
+    assert noise[10] == pytest.approx(0.9, rel=0.03) and noise[90] == pytest.approx(1.1, rel=0.03)
+
+
+def test_noise_multiplies_step_times_by_draws_from_the_quantiles() -> None:
+    noise = StepNoise([0.0, math.log(2.0)], seed=3)
+    draws = np.array([noise() for _ in range(20_000)])
+    assert draws.min() >= 1.0 and draws.max() <= 2.0  # between exp of the two quantiles
+    assert np.median(draws) == pytest.approx(math.sqrt(2.0), rel=0.02)  # uniform in log space
+
+
+def test_constant_noise_slows_every_step_by_exactly_that() -> None:
+    """All at once (offline) on a profile whose every step runs 25% slow: the same schedule,
+    every time stretched by 1.25."""
+    burst = WorkloadConfig(num_requests=40, preset="alpaca", arrival="offline", seed=2)
+    slow = BASE.model_copy(update={"step_noise": [math.log(1.25)] * 2})
+    _, exact = simulate(burst, ENGINE, profile=BASE)
+    _, noisy = simulate(burst, ENGINE, profile=slow, noise_seed=7)
+    assert noisy.duration_s == pytest.approx(1.25 * exact.duration_s, rel=1e-9)
+    assert noisy.ttft_s.p90 == pytest.approx(1.25 * exact.ttft_s.p90, rel=1e-9)
+
+
+def test_intervals_cover_independent_runs_of_a_system_with_known_noise() -> None:
+    """The 'real' system here is the cost model with 30% log-normal step noise, run 40 times
+    with other seeds; 20 simulations predict it. Each metric's 90% interval holds the real
+    runs' median and most of the real runs (80-90% here; at least 60% for any metric and 75% on
+    average, allowing for intervals estimated from 40 samples and judged on 40 more).
+    Lengths are fixed and requests arrive at once, so that all of the spread is the steps'
+    noise: intervals that left it out would have no width."""
+    noisy = BASE.model_copy(update={"step_noise": lognormal_noise(0.3)})
+    workload = WORKLOAD.model_copy(update={"arrival": "offline", "prompt": LengthDist(kind="fixed", value=48),
+                                           "output": LengthDist(kind="fixed", value=24)})
+    predicted = simulate_intervals(workload, ENGINE, runs=40, profile=noisy, level=0.9)
+    real = [simulate(workload.model_copy(update={"seed": 1000 + i}), ENGINE, profile=noisy, noise_seed=1000 + i)[1]
+            for i in range(40)]
+    coverage = {}
+    for name, metric in INTERVAL_METRICS.items():
+        interval, values = predicted.metrics[name], [metric(s) for s in real]
+        assert interval.low < interval.high, name
+        assert float(np.median(values)) in interval, f"{name}: real median {np.median(values)} outside {interval}"
+        coverage[name] = sum(v in interval for v in values) / len(values)
+    assert min(coverage.values()) >= 0.6 and np.mean(list(coverage.values())) >= 0.75, coverage
+
+
+def test_without_noise_the_runs_differ_only_by_their_workload_seed() -> None:
+    result = simulate_intervals(WORKLOAD, ENGINE, runs=3, profile=BASE.model_copy(update={"step_noise": [0.0, 0.0]}))
+    for i, summary in enumerate(result.runs):
+        _, alone = simulate(WORKLOAD.model_copy(update={"seed": WORKLOAD.seed + i}), ENGINE, profile=BASE)
+        assert summary.model_dump_json() == alone.model_dump_json()
+
+
+def test_what_intervals_refuse() -> None:
+    with pytest.raises(InvalidRequestError, match="records no step noise") as error:
+        simulate_intervals(WORKLOAD, ENGINE, runs=2, profile=BASE)
+    assert error.value.param == "noise_seed"
+    with pytest.raises(InvalidRequestError, match="at least 2") as error:
+        simulate_intervals(WORKLOAD, ENGINE, runs=1, profile=BASE)
+    assert error.value.param == "runs"
+    with pytest.raises(InvalidRequestError, match=r"level must be in \(0, 1\)") as error:
+        simulate_intervals(WORKLOAD, ENGINE, runs=2, profile=BASE, level=1.0)
+    assert error.value.param == "level"
