@@ -31,6 +31,7 @@ from pagedkv.sim.fleet import ROUTERS, FleetResult, Router, run_fleet
 from pagedkv.sim.metrics import SLO, Summary, summarize
 from pagedkv.sim.policies import Policy
 from pagedkv.sim.report import Progress
+from pagedkv.sim.search import Bound, SearchResult, SearchSpace, parse_slo, search
 from pagedkv.sim.workload import WorkloadConfig, generate
 
 if TYPE_CHECKING:
@@ -195,6 +196,40 @@ def simulate_fleet(
     summaries = [_summarize_loudly(r, slo)[1] for r in result.replicas]
     fleet = summarize(result.merged(), slo)
     return result, FleetSummary(router=router, fleet=fleet, replicas=summaries, routed=result.routed)
+
+
+def capacity_search(
+    workload: WorkloadConfig,
+    slo: str | list[Bound],
+    space: SearchSpace | None = None,
+    rate: float | None = None,
+    router: Router = "least-outstanding",
+    profile: CostModel | str | Path | None = None,
+    precision: float = 0.1,
+    progress: bool = False,
+) -> SearchResult:
+    """The configurations of ``space`` (defaults: :class:`SearchSpace`) that meet ``slo``
+    (``"ttft_p90<2s,tpot_p50<100ms"``) on ``workload`` at ``rate``, cheapest first; without a
+    rate, the highest rate each sustains (:mod:`pagedkv.sim.search`). Fleets of several
+    replicas run behind ``router``."""
+    if workload.closed_loop or workload.arrival == "offline":
+        raise InvalidRequestError("a capacity search varies the request rate: use poisson or gamma arrivals",
+                                  "arrival")
+    bounds = parse_slo(slo) if isinstance(slo, str) else slo
+    cost = _cost(profile)
+    bar = tqdm(desc="searching", unit="sim", disable=not progress)
+
+    def evaluate(engine: EngineConfig, replicas: int, at: float) -> Summary:
+        bar.update()
+        at_rate = workload.model_copy(update={"rate": at})
+        if replicas == 1:
+            return simulate(at_rate, engine, profile=cost)[1]
+        return simulate_fleet(at_rate, engine, replicas, router, profile=cost)[1].fleet
+
+    try:
+        return search(space or SearchSpace(), bounds, evaluate, rate, precision=precision)
+    finally:
+        bar.close()
 
 
 def run_real(

@@ -12,9 +12,11 @@ from tqdm.auto import tqdm
 
 from pagedkv.sim.driver import RunResult
 from pagedkv.sim.metrics import Percentiles, Summary, request_columns
+from pagedkv.sim.search import metric_value
 
 if TYPE_CHECKING:
     from pagedkv.sim.api import IntervalSummary
+    from pagedkv.sim.search import SearchResult
 
 ROWS = [
     ("completed / rejected", lambda s: f"{s.completed} / {s.rejected}"),
@@ -60,6 +62,39 @@ def interval_table(runs: Sequence[IntervalSummary]) -> str:
     return _render(["metric", *[f"{r.policy} ({len(r.runs)} runs, {r.level:.0%})" for r in runs]],
                    [[name, *[f"{i.central:.3f} [{i.low:.3f}, {i.high:.3f}]" for i in (r.metrics[name] for r in runs)]]
                     for name in runs[0].metrics])
+
+
+def search_table(result: SearchResult) -> str:
+    """The frontier, cheapest first: each configuration, its rate and the SLO's metrics there."""
+    bounds = [b.metric for b in result.slo]
+    head = ["KV / replica", "replicas", "block", "max seqs", "token budget", "chunked", "preemption",
+            "rate (req/s)", *[f"{m} (s)" for m in bounds]]
+    body = []
+    for c in result.frontier:
+        e = c.engine
+        values = [f"{metric_value(c.summary, m):.3f}" if c.summary else "-" for m in bounds]
+        body.append([f"{(e.kv_cache_memory_bytes or 0) >> 20} MiB", str(c.replicas), str(e.block_size),
+                     str(e.max_num_seqs), str(e.max_num_batched_tokens), "yes" if e.enable_chunked_prefill else "no",
+                     e.preemption_mode, f"{c.rate:.3g}", *values])
+    return _render(head, body) if body else "no configuration in the space meets the SLO"
+
+
+def plot_search(result: SearchResult, path: str | Path) -> None:
+    """Every configuration's fleet KV memory against its rate, passing or not; the frontier joined."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for meets, marker in ((True, "o"), (False, "x")):
+        chosen = [c for c in result.candidates if c.meets == meets]
+        ax.scatter([c.cost_bytes / 2**20 for c in chosen], [c.rate for c in chosen], marker=marker,
+                   label="meets the SLO" if meets else "does not")
+    frontier = result.frontier
+    ax.plot([c.cost_bytes / 2**20 for c in frontier], [c.rate for c in frontier], color="black", label="frontier")
+    ax.set_xlabel("KV memory of the fleet (MiB)")
+    ax.set_ylabel("request rate (req/s)")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(plt, fig, path)
 
 
 def write_json(path: str | Path, payload: dict) -> None:

@@ -1,4 +1,4 @@
-"""``pagedkv sim run | sweep | fleet | calibrate``: arguments in, tables, JSON and plots out.
+"""``pagedkv sim run | sweep | fleet | search | calibrate``: arguments in, tables, JSON and plots out.
 
 Workload flags are :class:`WorkloadConfig`'s fields and engine flags :class:`EngineConfig`'s
 (one ``--max-model-len`` sets both). Nothing here imports torch until ``--executor real``
@@ -40,7 +40,7 @@ def parse_length(text: str) -> LengthDist:
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
-    sim = commands.add_parser("sim", help="the workload simulator: run, sweep, fleet, calibrate")
+    sim = commands.add_parser("sim", help="the workload simulator: run, sweep, fleet, search, calibrate")
     sim.set_defaults(run=main)
     subcommands = sim.add_subparsers(dest="sim_command", required=True)
     run = subcommands.add_parser("run", help="run one workload under one or more policies")
@@ -72,6 +72,18 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     fleet.add_argument("--replicas", type=int, required=True, help="how many replicas of the engine")
     fleet.add_argument("--router", default="round-robin",
                        help=f"one of {', '.join(ROUTERS)}, comma-separated, or all")
+    search = subcommands.add_parser(
+        "search", help="the cheapest configurations that meet an SLO at --rate, or the rate each sustains without it")
+    add_model_flags(search, WorkloadConfig, "workload (WorkloadConfig)", parsers={LengthDist: parse_length})
+    search.add_argument("--slo", required=True, help='bounds, e.g. "ttft_p90<2s,tpot_p50<100ms"')
+    search.add_argument("--space", type=Path,
+                        help="JSON of SearchSpace's lists (kv_cache_memory_bytes, block_size, max_num_seqs, "
+                             "max_num_batched_tokens, enable_chunked_prefill, preemption_mode, replicas); default: "
+                             "64-512 MiB, 16-token blocks, 32 or 128 seqs, 512 or 1024 tokens, 1 or 2 replicas")
+    search.add_argument("--router", default="least-outstanding", help=f"for fleets: one of {', '.join(ROUTERS)}")
+    search.add_argument("--profile", type=Path, help="cost-model JSON (default: the shipped SmolLM2 CPU profile)")
+    search.add_argument("--out", type=Path, help="write search.json (and frontier.png with --plots) here")
+    search.add_argument("--plots", action="store_true", help="draw the frontier into --out (needs matplotlib)")
     calibrate = subcommands.add_parser("calibrate", help="time the real model and fit a cost-model profile")
     calibrate.add_argument("--model", default="smollm2-135m")
     calibrate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -125,6 +137,9 @@ def main(args: argparse.Namespace) -> None:
         profile = calibrate(args.model, args.dtype, config.block_size, config.max_num_batched_tokens)
         profile.save(args.out)
         print(f"wrote {args.out}: {profile.fit_note}\n{profile.model_dump_json(indent=2)}")
+        return
+    if args.sim_command == "search":
+        _search(args)
         return
     workload, engine, slo = workload_from(args), engine_from(args), slo_from(args)
     policies = policies_from(args)
@@ -186,4 +201,29 @@ def main(args: argparse.Namespace) -> None:
         report.write_json(args.out / "sweep.json", result.model_dump())
         if args.plots:
             report.plot_sweep(result.rates, result.curves, args.out / "latency_vs_rate.png")
+        print(f"wrote {args.out}/")
+
+
+def _search(args: argparse.Namespace) -> None:
+    import time
+
+    from pagedkv.sim import api, report
+    from pagedkv.sim.search import SearchSpace
+
+    if args.router not in ROUTERS:
+        raise ValueError(f"unknown router {args.router}; choose from {', '.join(ROUTERS)}")
+    space = SearchSpace.model_validate_json(args.space.read_text()) if args.space else SearchSpace()
+    start = time.perf_counter()
+    workload = workload_from(args)
+    rate = workload.rate if "rate" in given_fields(args, WorkloadConfig) else None  # without: sustained rates
+    result = api.capacity_search(workload, args.slo, space, rate, args.router, args.profile, progress=True)
+    seconds = time.perf_counter() - start
+    print(report.search_table(result))
+    met = len(result.frontier)
+    print(f"\n{result.simulations} simulations in {seconds:.0f} s over {len(result.candidates)} configurations; "
+          + (f"{met} meet the SLO at {rate:g} req/s" if rate else f"{met} on the frontier"))
+    if args.out:
+        report.write_json(args.out / "search.json", result.model_dump())
+        if args.plots:
+            report.plot_search(result, args.out / "frontier.png")
         print(f"wrote {args.out}/")
