@@ -32,6 +32,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
+from pagedkv.paged.invariants import POOL_CHECKS, violations
+
 
 class BlockPoolError(RuntimeError):
     """A caller broke the pool's contract (double free, unknown id, ...)."""
@@ -43,6 +45,9 @@ class PoolSnapshot(NamedTuple):
     ref_counts: tuple[int, ...]
     free_order: tuple[int, ...]
     cached: tuple[tuple[int, tuple[bytes, tuple[int, ...]]], ...] = ()
+    """Each registered block's recorded key: ``(block, (hash, tokens))``, by block."""
+    prefix_index: tuple[tuple[bytes, int], ...] = ()
+    """The prefix index: ``(hash, block)``, by hash."""
 
 
 class BlockPool:
@@ -177,21 +182,16 @@ class BlockPool:
                 self._free[b] = None
 
     def snapshot(self) -> PoolSnapshot:
-        return PoolSnapshot(tuple(self.ref_counts), tuple(self._free), tuple(sorted(self._keys.items())))
+        return PoolSnapshot(
+            tuple(self.ref_counts), tuple(self._free), tuple(sorted(self._keys.items())),
+            tuple(sorted(self._cached.items())),
+        )
 
     def check(self) -> None:
-        """Raise :class:`BlockPoolError` if any invariant in the module docstring fails."""
-        for b, rc in enumerate(self.ref_counts):
-            if rc < 0:
-                raise BlockPoolError(f"block {b} has negative ref count {rc}")
-            if (rc == 0) != (b in self._free):
-                raise BlockPoolError(f"block {b}: ref count {rc} but free={b in self._free}")
-        if self.num_free + sum(1 for rc in self.ref_counts if rc > 0) != self.num_blocks:
-            raise BlockPoolError("free + used != total")
-        if len(self._cached) != len(self._keys) or any(
-            self._keys.get(b, (None,))[0] != h for h, b in self._cached.items()
-        ):
-            raise BlockPoolError("the prefix-cache index and the blocks' keys disagree")
+        """Raise :class:`BlockPoolError` if any invariant in the module docstring fails
+        (``pagedkv.paged.invariants.POOL_CHECKS``)."""
+        for v in violations(POOL_CHECKS, self):
+            raise BlockPoolError(str(v))
 
     def _check_id(self, block_id: int) -> None:
         if type(block_id) is not int or not 0 <= block_id < self.num_blocks:  # no bools, no floats

@@ -29,12 +29,12 @@ filled; the simulator takes most of its steps so (``pagedkv.scheduler.decode_run
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
 from pagedkv.paged.block_pool import BlockPool, BlockPoolError
 from pagedkv.paged.block_table import BlockTable, blocks_for
+from pagedkv.paged.invariants import kv_violations
 from pagedkv.paged.prefix import NO_HIT, PrefixHit, block_hash, root_hash
 from pagedkv.paged.swap import SwapSpace
 
@@ -115,6 +115,10 @@ class KVCacheManager:
 
     def num_tables(self) -> int:
         return len(self._tables)
+
+    def seq_ids(self) -> list[Hashable]:
+        """The sequences with a block table (resident ones; swapped-out ones are ``swap.seq_ids()``)."""
+        return list(self._tables)
 
     def find_prefix(self, token_ids: Sequence[int], keys: Sequence[bytes] = ()) -> PrefixHit:
         """The longest run of cached blocks holding ``token_ids``' leading full blocks.
@@ -353,23 +357,7 @@ class KVCacheManager:
         return len(table.blocks)
 
     def check(self) -> None:
-        """Raise :class:`BlockPoolError` (or ``SwapSpaceError``) if a pool, table or swap
-        space invariant fails."""
-        self.pool.check()
-        self.swap.check()
-        both = [s for s in self._tables if self.swap.has(s)]
-        if both:
-            raise BlockPoolError(f"sequences {both} are both resident and swapped out")
-        holders = Counter(b for t in self._tables.values() for b in t.blocks)
-        for b in range(self.pool.num_blocks):
-            if self.pool.ref_count(b) != holders[b]:
-                raise BlockPoolError(
-                    f"block {b}: ref count {self.pool.ref_count(b)} but held by {holders[b]} table(s)"
-                )
-        for seq_id, t in self._tables.items():
-            if len(t.hashes) > t.num_tokens // self.block_size:
-                raise BlockPoolError(f"sequence {seq_id!r}: a partially filled block has a prefix-cache key")
-            if len(t.blocks) != blocks_for(t.num_tokens, self.block_size):
-                raise BlockPoolError(f"sequence {seq_id!r}: {len(t.blocks)} blocks for {t.num_tokens} tokens")
-        if self._stored != sum(t.num_tokens for t in self._tables.values()):
-            raise BlockPoolError("the stored-token count disagrees with the tables")
+        """Raise :class:`BlockPoolError` if a pool, table or swap space invariant fails
+        (:func:`pagedkv.paged.invariants.kv_violations`)."""
+        for v in kv_violations(self):
+            raise BlockPoolError(str(v))

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import NamedTuple
 
+from pagedkv.paged.invariants import SWAP_CHECKS, violations
+
 
 class SwapSpaceError(RuntimeError):
     """A swap space invariant was broken: a bug, never a user error."""
@@ -43,8 +45,16 @@ class SwapSpace:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def free_blocks(self) -> tuple[int, ...]:
+        return tuple(self._free)
+
     def has(self, seq_id: Hashable) -> bool:
         return seq_id in self._tables
+
+    def seq_ids(self) -> list[Hashable]:
+        """The swapped-out sequences."""
+        return list(self._tables)
 
     def table(self, seq_id: Hashable) -> SwappedTable:
         return self._tables[seq_id]
@@ -67,9 +77,6 @@ class SwapSpace:
         return table
 
     def check(self) -> None:
-        held = [b for t in self._tables.values() for b in t.blocks]
-        everything = held + self._free
-        if len(everything) != self.num_blocks or set(everything) != set(range(self.num_blocks)):
-            raise SwapSpaceError(
-                f"swap space: {len(held)} held + {len(self._free)} free blocks do not partition {self.num_blocks}"
-            )
+        """Raise :class:`SwapSpaceError` if an invariant fails (``pagedkv.paged.invariants.SWAP_CHECKS``)."""
+        for v in violations(SWAP_CHECKS, self):
+            raise SwapSpaceError(str(v))

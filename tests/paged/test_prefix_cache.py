@@ -1,27 +1,20 @@
 """Prefix caching in the allocator: unit cases for each detail that is easy to get wrong,
-and a hypothesis state machine whose sequences share prefixes, hit the cache, fork, copy
-on write and evict, with a stand-in for K/V that lets it check every cached block's
-contents against its key."""
+and pagedkv.testing's state machine whose sequences share prefixes, hit the cache, fork,
+copy on write, evict and swap, with a stand-in for K/V that lets it check every cached
+block's contents against its key."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections import Counter
 
-from hypothesis import settings, strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-    run_state_machine_as_test,
-)
+from hypothesis import settings
+from hypothesis.stateful import run_state_machine_as_test
 
 import pagedkv.paged.kv_manager
 from pagedkv.paged import KVCacheManager
 from pagedkv.paged.prefix import block_hash, root_hash
+from pagedkv.testing import PrefixCacheMachine
 
 
 def admit(kv: KVCacheManager, seq, tokens: list[int]):
@@ -117,112 +110,10 @@ def test_caching_off_finds_nothing():
     assert kv.find_prefix([1, 2, 3]).blocks == () and kv.num_cached_blocks == 0
 
 
-class PrefixCacheMachine(RuleBasedStateMachine):
-    """Sequences of tokens from a 2-letter alphabet (so prefixes collide often) on a tiny
-    pool. ``kv_of[slot]`` stands in for K/V: the token prefix whose last token's K/V the
-    slot holds, which is what a fresh computation would write there."""
-
-    coverage: Counter[str] = Counter()
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seqs: dict[int, list[int]] = {}  # live sequence -> its tokens, all computed
-        self.kv_of: dict[int, tuple[int, ...]] = {}
-        self.next_id = 0
-
-    @initialize(num_blocks=st.integers(2, 12), block_size=st.integers(1, 4))
-    def make(self, num_blocks: int, block_size: int) -> None:
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
-        self.bs = block_size
-
-    def compute(self, seq: int, start: int) -> None:
-        """Write the stand-in K/V of tokens ``start..`` and register newly full blocks."""
-        table = self.kv.table(seq)
-        tokens = self.seqs[seq]
-        for i in range(start, len(tokens)):
-            self.kv_of[table.slot(i)] = tuple(tokens[: i + 1])
-        self.kv.cache_full_blocks(seq, tokens, len(tokens))
-
-    @rule(tokens=st.lists(st.integers(0, 1), min_size=1, max_size=14))
-    def new_sequence(self, tokens: list[int]) -> None:
-        hit = self.kv.find_prefix(tokens)
-        before = self.kv.pool.snapshot()
-        evictions = self.kv.pool.num_evictions
-        self.next_id += 1
-        if self.kv.allocate_slots(self.next_id, len(tokens), hit) is None:
-            assert self.kv.pool.snapshot() == before and not self.kv.has(self.next_id)
-            self.coverage["refused"] += 1
-            return
-        self.seqs[self.next_id] = tokens
-        self.compute(self.next_id, len(hit.blocks) * self.bs)
-        self.coverage["hit" if hit.blocks else "miss"] += 1
-        self.coverage["evict"] += self.kv.pool.num_evictions > evictions
-
-    @precondition(lambda self: self.seqs)
-    @rule(data=st.data(), extra=st.lists(st.integers(0, 1), min_size=1, max_size=5))
-    def append(self, data: st.DataObject, extra: list[int]) -> None:
-        seq = data.draw(st.sampled_from(sorted(self.seqs)))
-        start = len(self.seqs[seq])
-        allocation = self.kv.allocate_slots(seq, start + len(extra))
-        if allocation is None:
-            return
-        for src, dst in allocation.copies:  # copy on write, as the engine does before the step
-            for j in range(self.bs):
-                if src * self.bs + j in self.kv_of:
-                    self.kv_of[dst * self.bs + j] = self.kv_of[src * self.bs + j]
-            self.coverage["copy-on-write"] += 1
-        self.seqs[seq] = self.seqs[seq] + extra
-        self.compute(seq, start)
-
-    @precondition(lambda self: self.seqs)
-    @rule(data=st.data())
-    def fork(self, data: st.DataObject) -> None:
-        parent = data.draw(st.sampled_from(sorted(self.seqs)))
-        self.next_id += 1
-        self.kv.fork(parent, self.next_id)
-        self.seqs[self.next_id] = list(self.seqs[parent])
-        self.coverage["fork"] += 1
-
-    @precondition(lambda self: self.seqs)
-    @rule(data=st.data())
-    def free(self, data: st.DataObject) -> None:
-        seq = data.draw(st.sampled_from(sorted(self.seqs)))
-        self.kv.free(seq)
-        del self.seqs[seq]
-
-    @invariant()
-    def pool_and_tables_are_consistent(self) -> None:
-        self.kv.check()  # free xor referenced, ref counts == holders, index <-> keys
-
-    @invariant()
-    def every_sequence_reads_the_kv_a_fresh_computation_gives(self) -> None:
-        for seq, tokens in self.seqs.items():
-            table = self.kv.table(seq)
-            for i in range(len(tokens)):
-                assert self.kv_of[table.slot(i)] == tuple(tokens[: i + 1])
-
-    @invariant()
-    def every_cached_block_holds_what_its_key_says(self) -> None:
-        for b, (key, tokens) in self.kv.pool._keys.items():
-            prefix = self.kv_of[b * self.bs + self.bs - 1]  # the whole prefix through this block
-            assert prefix[-self.bs:] == tokens
-            parent = root_hash()
-            for i in range(len(prefix) // self.bs):
-                parent = block_hash(parent, prefix[i * self.bs:(i + 1) * self.bs])
-            assert parent == key
-
-    def teardown(self) -> None:
-        if hasattr(self, "kv"):
-            for seq in list(self.seqs):
-                self.kv.free(seq)
-            assert self.kv.num_free_blocks == self.kv.num_blocks  # nothing leaks
-            self.kv.check()
-
-
 def test_prefix_cache_state_machine():
     PrefixCacheMachine.coverage.clear()
     run_state_machine_as_test(
         PrefixCacheMachine, settings=settings(max_examples=300, stateful_step_count=40, deadline=None)
     )
-    for path in ("hit", "miss", "evict", "fork", "copy-on-write", "refused"):
+    for path in ("hit", "miss", "evict", "fork", "copy-on-write", "refused", "swap-out", "swap-in", "swap-refused"):
         assert PrefixCacheMachine.coverage[path] > 0, f"the state machine never exercised {path}"
