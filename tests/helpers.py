@@ -14,7 +14,7 @@ import pytest
 
 from pagedkv.models.cpu_kernel import load_cpu_kernel
 from pagedkv.scheduler import CacheLayout, EngineConfig, LLMEngine, SchedulerOutput, StepResult
-from tests.fakes import fake_layout
+from pagedkv.testing.executor import fake_layout
 
 # Both attention paths of the CPU runner: the C kernel (skipped where no C compiler builds it)
 # and the gather path, the reference it is checked against.

@@ -28,10 +28,20 @@ from pagedkv.paged.invariants import (
     tables_fit_their_tokens,
     violations,
 )
+from pagedkv.scheduler.invariants import (
+    SCHEDULER_CHECKS,
+    no_orphan_blocks,
+    one_queue_per_sequence,
+    queues_sorted_by_rank,
+    running_hold_their_context,
+    seats_within_limit,
+    waiting_hold_no_blocks,
+)
 
 __all__ = [
     "KV_CHECKS",
     "POOL_CHECKS",
+    "SCHEDULER_CHECKS",
     "SWAP_CHECKS",
     "Check",
     "Violation",
@@ -39,12 +49,18 @@ __all__ = [
     "free_plus_used_is_total",
     "free_xor_referenced",
     "kv_violations",
+    "no_orphan_blocks",
+    "one_queue_per_sequence",
     "pool_is_whole",
     "prefix_index_matches_keys",
+    "queues_sorted_by_rank",
     "ref_count_is_number_of_holders",
     "resident_xor_swapped",
+    "running_hold_their_context",
+    "seats_within_limit",
     "stored_tokens_add_up",
     "swap_blocks_partitioned",
     "tables_fit_their_tokens",
     "violations",
+    "waiting_hold_no_blocks",
 ]

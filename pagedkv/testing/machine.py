@@ -12,9 +12,9 @@ machine fresh ones for each run.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import ClassVar, NoReturn, TypeVar
 
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant
 from hypothesis.strategies import SearchStrategy
@@ -60,6 +60,10 @@ class InvariantMachine(RuleBasedStateMachine):
         found = violations(checks, subject)
         if found:
             raise InvariantViolated(found)
+
+    def violated(self, invariant: str, detail: str, request: Hashable | None = None) -> NoReturn:
+        """Fail a property the machine itself checks (progress, every request ending once)."""
+        raise InvariantViolated([Violation(invariant, detail, request=request)])
 
     @invariant()
     def count_step(self) -> None:
