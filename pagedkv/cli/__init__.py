@@ -2,7 +2,8 @@
 
 - :mod:`pagedkv.cli.demo`: ``demo``, ``generate`` and ``chat`` (text generation);
 - :mod:`pagedkv.cli.serve`: ``serve`` (the OpenAI-compatible HTTP server);
-- :mod:`pagedkv.cli.sim`: ``sim run | sweep | calibrate`` (the workload simulator).
+- :mod:`pagedkv.cli.sim`: ``sim run | sweep | calibrate`` (the workload simulator);
+- :mod:`pagedkv.cli.check`: ``check`` (the invariants' state machines, ``pagedkv.testing``).
 
 Building the parser imports no torch, so ``--help`` and the simulator answer at once;
 each command imports what it needs when it runs.
@@ -15,7 +16,7 @@ import logging
 import sys
 
 from pagedkv import __version__
-from pagedkv.cli import demo, serve, sim
+from pagedkv.cli import check, demo, serve, sim
 from pagedkv.errors import PagedKVError
 
 
@@ -26,16 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(commands)
     serve.add_command(commands)
     sim.add_command(commands)
+    check.add_command(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; a refused argument prints ``pagedkv: error: ...`` and returns 2."""
+    """Run one command and return its exit status (a command may return one: ``check``
+    returns 1 when an invariant fails); a refused argument prints ``pagedkv: error: ...``
+    and returns 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress notes, on stderr
     try:
-        args.run(args)
+        status = args.run(args)
     except (PagedKVError, ValueError, FileNotFoundError) as e:
         print(f"pagedkv: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0

@@ -15,7 +15,14 @@ from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis.reporting import with_reporter
 from hypothesis.stateful import get_state_machine_test
 
+from pagedkv.testing.executor import WrongContext
 from pagedkv.testing.machine import InvariantMachine, Tally
+
+REPRODUCTION_IMPORTS = (
+    "from pagedkv.scheduler import EngineConfig, SamplingParams\n"
+    "from pagedkv.testing.strategies import RequestSpec, engine_config\n"
+)
+"""What a reproduction's arguments may name, besides the machine."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,8 @@ class MachineReport:
     failure: str | None = None
     """The failed invariant or assertion, or ``None``: every example passed."""
     reproduction: str = ""
-    """Hypothesis' shrunk failing run as Python calls (empty when none failed)."""
+    """Hypothesis' shrunk failing run as Python calls, after the imports they need (empty
+    when none failed): paste it to replay the failure."""
 
     @property
     def passed(self) -> bool:
@@ -52,6 +60,7 @@ def run_machine(
     test = get_state_machine_test(machine, settings=settings(
         max_examples=examples, stateful_step_count=steps, deadline=None, database=None, phases=phases,
         suppress_health_check=list(HealthCheck), verbosity=Verbosity.normal, print_blob=False,
+        report_multiple_bugs=False,  # the first distinct failure, not an ExceptionGroup of them
     ))
     if seed is not None:
         test = hypothesis.seed(seed)(test)
@@ -61,14 +70,17 @@ def run_machine(
     with with_reporter(lambda value: lines.append(str(value))):
         try:
             test()
-        except Exception as e:  # the failing example's error, after shrinking
+        except (Exception, WrongContext) as e:  # the failing example's error, after shrinking
             first = e  # a teardown that fails too raises over the step's failure: report the step's
             while isinstance(first.__context__, AssertionError):
                 first = first.__context__
             failure = f"{type(first).__name__}: {first}".splitlines()[0]
             lines += getattr(e, "__notes__", [])  # where hypothesis puts the falsifying example
+    calls = [line for line in "\n".join(lines).splitlines() if not line.startswith("Failing test case")]
     tally = machine.tally
     return MachineReport(
         machine.__name__, tally.examples, tally.steps, tally.checks, len(tally.invariants),
-        time.perf_counter() - start, failure, "\n".join(lines).strip() if failure else "",
+        time.perf_counter() - start, failure,
+        f"{REPRODUCTION_IMPORTS}from {machine.__module__} import {machine.__name__}\n" + "\n".join(calls)
+        if failure else "",
     )

@@ -74,7 +74,7 @@ def engine_configs(max_len: int = 40, base: EngineConfig | None = None) -> st.Se
             st.integers(0, 6),
         )
     return st.builds(
-        _config,
+        engine_config,
         block_size=st.integers(1, 4),
         extra_blocks=st.integers(0, 6),
         budget=st.integers(1, 20),
@@ -88,13 +88,14 @@ def engine_configs(max_len: int = 40, base: EngineConfig | None = None) -> st.Se
     )
 
 
-def _config(
+def engine_config(
     block_size: int, extra_blocks: int, budget: int, max_num_seqs: int, swap_kib: int | None, caching: bool,
     chunked: bool, watermark: float, patience: int, max_len: int,
 ) -> EngineConfig:
-    """``swap_kib`` ``None`` preempts by recompute; otherwise by swap into that many 1 KiB
-    blocks (the stand-in executor's block size). Unchunked prefill needs a budget that
-    holds a whole prompt."""
+    """One configuration of :func:`engine_configs` (a reproduction names it so): a pool of
+    ``extra_blocks`` more than a ``max_len``-token request needs; ``swap_kib`` ``None``
+    preempts by recompute, otherwise by swap into that many 1 KiB blocks (the stand-in
+    executor's block size); unchunked prefill gets a budget that holds a whole prompt."""
     return EngineConfig(
         block_size=block_size,
         num_blocks=blocks_for(max_len, block_size) + extra_blocks,
