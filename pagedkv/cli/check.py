@@ -4,7 +4,7 @@ Without ``--config`` each machine draws its own configurations (block sizes, poo
 budgets, preemption modes, ...): the widest search. With ``--config FILE`` (a JSON object
 of :class:`EngineConfig` fields) they are pinned to that engine configuration; only the
 pool size is still drawn small unless the file gives ``num_blocks``, because bugs show
-where memory runs out. ``--machine module:Class`` runs your own machine (a subclass with
+where memory runs out, and so is the swap space. ``--machine module:Class`` runs your own machine (a subclass with
 your admission policy or manager) instead of the built-in ones.
 """
 

@@ -7,6 +7,7 @@ that replay it (``state = Machine()``, ``state.rule(...)``, ...).
 from __future__ import annotations
 
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from pagedkv.testing.machine import InvariantMachine, Tally
 
 REPRODUCTION_IMPORTS = (
     "from pagedkv.scheduler import EngineConfig, SamplingParams\n"
-    "from pagedkv.testing.strategies import RequestSpec, engine_config\n"
+    "from pagedkv.testing.strategies import RequestSpec, engine_config, pinned_config\n"
 )
 """What a reproduction's arguments may name, besides the machine."""
 
@@ -74,7 +75,7 @@ def run_machine(
             first = e  # a teardown that fails too raises over the step's failure: report the step's
             while isinstance(first.__context__, AssertionError):
                 first = first.__context__
-            failure = f"{type(first).__name__}: {first}".splitlines()[0]
+            failure = f"{type(first).__name__}: {first or _failed_line(first)}".splitlines()[0]
             lines += getattr(e, "__notes__", [])  # where hypothesis puts the falsifying example
     calls = [line for line in "\n".join(lines).splitlines() if not line.startswith("Failing test case")]
     tally = machine.tally
@@ -84,3 +85,9 @@ def run_machine(
         f"{REPRODUCTION_IMPORTS}from {machine.__module__} import {machine.__name__}\n" + "\n".join(calls)
         if failure else "",
     )
+
+
+def _failed_line(error: BaseException) -> str:
+    """Where a bare ``assert`` failed: its function and source line."""
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"in {frame.name}: {frame.line}"

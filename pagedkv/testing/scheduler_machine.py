@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import ClassVar
 
+from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.paged.invariants import KV_CHECKS, POOL_CHECKS, SWAP_CHECKS, pool_is_whole
-from pagedkv.scheduler import AdmissionPolicy, EngineConfig, LLMEngine
+from pagedkv.scheduler import AdmissionPolicy, EngineConfig, LLMEngine, SamplingParams
 from pagedkv.scheduler.invariants import SCHEDULER_CHECKS
 from pagedkv.testing.executor import ContentExecutor
 from pagedkv.testing.machine import InvariantMachine
@@ -25,7 +26,8 @@ from pagedkv.testing.pool_machine import PICK
 from pagedkv.testing.strategies import RequestSpec, engine_configs, requests
 
 MAX_LEN = 40
-"""Longest prompt + output; the drawn pools hold one such request and a few blocks more."""
+"""Longest prompt + output (the context length); the drawn pools hold a few blocks fewer or
+more than such a request needs."""
 DRAIN_STEPS = 5000
 """Steps a run may take to finish every request at its end before it counts as stuck."""
 
@@ -74,6 +76,25 @@ class SchedulerMachine(InvariantMachine):
             self.coverage["refused"] += 1  # the admission policy said it could never run this one
             return
         self.added.add(rid)
+
+    @precondition(lambda self: self._engine is not None)
+    @rule(prompt_len=st.integers(1, MAX_LEN))
+    def add_never_fitting(self, prompt_len: int) -> None:
+        """A request whose longest context needs one block more than the whole pool is
+        refused when it is added; accepted, it would wait (or thrash) forever."""
+        kv = self.engine.kv_manager
+        total = kv.num_blocks * kv.block_size + 2  # its last token needs no slot: total - 1 slots
+        if total > MAX_LEN:
+            return  # refused for its length anyway
+        prompt = [3] * min(prompt_len, total - 1)
+        params = SamplingParams(max_tokens=total - len(prompt), ignore_eos=True)
+        try:
+            self.engine.add_request(f"too-big-{self.next_id}", prompt, params)
+        except InvalidRequestError:
+            self.coverage["refused-never-fitting"] += 1
+            return
+        self.violated("never_fitting_requests_refused", f"needs {kv.num_blocks + 1} blocks of {kv.num_blocks}",
+                      f"too-big-{self.next_id}")
 
     @precondition(lambda self: self._engine is not None and self._engine.has_unfinished_requests())
     @rule(pick=PICK)

@@ -62,24 +62,23 @@ def requests(max_len: int = 40, max_n: int = 4) -> st.SearchStrategy[RequestSpec
 
 
 def engine_configs(max_len: int = 40, base: EngineConfig | None = None) -> st.SearchStrategy[EngineConfig]:
-    """Engine configurations with pools that just hold one ``max_len``-token request or a
-    few blocks more. Without ``base``, every scheduling knob is drawn too; with it, only
-    the pool size (unless ``base.num_blocks`` is set: then ``base`` itself)."""
+    """Engine configurations with pools of a few blocks fewer or more than one
+    ``max_len``-token request needs (the longer requests cannot run in the smaller ones,
+    and must be refused), and swap spaces of 0 to 64 blocks. Without ``base``, every scheduling
+    knob is drawn too; with it, only the pool (unless ``base.num_blocks`` is set) and the
+    swap space (:func:`pinned_config`)."""
+    swap_kib = st.sampled_from([0, 4, 64])
     if base is not None:
-        if base.num_blocks is not None:
-            return st.just(base)
         least = blocks_for(max_len, base.block_size)
-        return st.builds(
-            lambda extra: base.model_copy(update={"num_blocks": least + extra, "kv_cache_memory_bytes": None}),
-            st.integers(0, 6),
-        )
+        pools = st.just(base.num_blocks) if base.num_blocks else st.integers(least, least + 6)
+        return st.builds(pinned_config, st.just(base), pools, swap_kib)
     return st.builds(
         engine_config,
         block_size=st.integers(1, 4),
-        extra_blocks=st.integers(0, 6),
+        extra_blocks=st.integers(-4, 6),
         budget=st.integers(1, 20),
         max_num_seqs=st.integers(1, 6),
-        swap_kib=st.sampled_from([None, 0, 4, 64]),
+        swap_kib=st.none() | swap_kib,
         caching=st.booleans(),
         chunked=st.booleans(),
         watermark=st.sampled_from([0.0, 0.1]),
@@ -88,12 +87,21 @@ def engine_configs(max_len: int = 40, base: EngineConfig | None = None) -> st.Se
     )
 
 
+def pinned_config(base: EngineConfig, num_blocks: int, swap_kib: int) -> EngineConfig:
+    """``base`` with a pool of ``num_blocks`` and ``swap_kib`` 1 KiB swap blocks (the
+    stand-in executor's block size: a real byte budget would mean thousands of them)."""
+    return EngineConfig(**{
+        **base.model_dump(), "num_blocks": num_blocks, "kv_cache_memory_bytes": None, "gpu_memory_fraction": None,
+        "swap_space_bytes": swap_kib * 1024,
+    })
+
+
 def engine_config(
     block_size: int, extra_blocks: int, budget: int, max_num_seqs: int, swap_kib: int | None, caching: bool,
     chunked: bool, watermark: float, patience: int, max_len: int,
 ) -> EngineConfig:
     """One configuration of :func:`engine_configs` (a reproduction names it so): a pool of
-    ``extra_blocks`` more than a ``max_len``-token request needs; ``swap_kib`` ``None``
+    ``extra_blocks`` more (or, negative, fewer) than a ``max_len``-token request needs; ``swap_kib`` ``None``
     preempts by recompute, otherwise by swap into that many 1 KiB blocks (the stand-in
     executor's block size); unchunked prefill gets a budget that holds a whole prompt."""
     return EngineConfig(
