@@ -1,6 +1,7 @@
 """A long soak of the scheduler and KV manager under pressure: many random requests (shared
 prefixes, n > 1, priorities, stop tokens, random aborts) on a small pool, with a stand-in
-executor that checks every token of every context each step (tests/fakes.py). Prints what
+executor that checks every token of every context each step (pagedkv.testing's
+ContentExecutor, through tests/fakes.py). Prints what
 happened; raises on the first lost request, leak, wrong token or empty step.
 
     python benchmarks/soak.py [--requests 20000] [--mode recompute|swap] [--seed 0]
