@@ -76,3 +76,9 @@ def test_the_docs_policy_passes_and_its_seeded_bug_fails_with_a_reproduction(use
     (user_modules / "repro.py").write_text(reproduction)
     pasted = subprocess.run([sys.executable, "repro.py"], cwd=user_modules, capture_output=True, text=True)
     assert pasted.returncode == 1 and "InvariantViolated: every_step_makes_progress" in pasted.stderr
+
+
+def test_a_machine_that_is_not_one_is_refused(capsys):
+    assert cli.main(["check", "--machine", "no_such_module:Machine"]) == 2
+    assert cli.main(["check", "--machine", "pagedkv.testing:run_machine"]) == 2
+    assert capsys.readouterr().err.count("--machine") == 2

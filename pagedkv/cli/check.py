@@ -4,8 +4,9 @@ Without ``--config`` each machine draws its own configurations (block sizes, poo
 budgets, preemption modes, ...): the widest search. With ``--config FILE`` (a JSON object
 of :class:`EngineConfig` fields) they are pinned to that engine configuration; only the
 pool size is still drawn small unless the file gives ``num_blocks``, because bugs show
-where memory runs out, and so is the swap space. ``--machine module:Class`` runs your own machine (a subclass with
-your admission policy or manager) instead of the built-in ones.
+where memory runs out, and so is the swap space. ``--machine module:Class`` runs your own
+machine (a subclass with your admission policy or manager) instead of the built-in ones;
+``--config`` pins it too if it subclasses one of them.
 """
 
 from __future__ import annotations
@@ -42,32 +43,37 @@ def load_config(path: Path) -> EngineConfig:
     return EngineConfig(**fields)
 
 
-def machines_for(config: EngineConfig | None) -> list[type[InvariantMachine]]:
-    """The built-in machines, pinned to ``config`` if one is given."""
+def pinned(machine: type[InvariantMachine], config: EngineConfig) -> type[InvariantMachine]:
+    """``machine`` (a built-in machine or a subclass of one) drawing its configurations
+    from ``config``: its block size, policy knobs and preemption mode, its pool size if
+    it gives one."""
     from hypothesis import strategies as st
 
     from pagedkv.testing import KVManagerMachine, PrefixCacheMachine, SchedulerMachine
     from pagedkv.testing.scheduler_machine import MAX_LEN
     from pagedkv.testing.strategies import engine_configs
 
-    if config is None:
-        return [KVManagerMachine, PrefixCacheMachine, SchedulerMachine]
     block_size = st.just(config.block_size)
     pool = st.just(config.num_blocks) if config.num_blocks else None
-    swap = st.integers(0, 8) if config.preemption_mode == "swap" else st.just(0)
-    return [
-        KVManagerMachine.with_initial("make_manager", block_size=block_size, num_blocks=pool or st.integers(1, 24)),
-        PrefixCacheMachine.with_initial("make", block_size=block_size, num_blocks=pool or st.integers(2, 12),
-                                        num_swap_blocks=swap),
-        SchedulerMachine.with_initial("setup", config=engine_configs(MAX_LEN, base=config)),
-    ]
+    if issubclass(machine, SchedulerMachine):
+        return machine.with_initial("setup", config=engine_configs(MAX_LEN, base=config))
+    if issubclass(machine, PrefixCacheMachine):
+        swap = st.integers(0, 8) if config.preemption_mode == "swap" else st.just(0)
+        return machine.with_initial("make", block_size=block_size, num_blocks=pool or st.integers(2, 12),
+                                    num_swap_blocks=swap)
+    if issubclass(machine, KVManagerMachine):
+        return machine.with_initial("make_manager", block_size=block_size, num_blocks=pool or st.integers(1, 24))
+    raise ValueError(f"--config pins only the built-in machines and their subclasses, not {machine.__name__}")
 
 
 def import_machine(spec: str) -> type[InvariantMachine]:
     from pagedkv.testing import InvariantMachine
 
     module, _, name = spec.partition(":")
-    machine = getattr(importlib.import_module(module), name, None) if name else None
+    try:
+        machine = getattr(importlib.import_module(module), name, None) if name else None
+    except ImportError as e:
+        raise ValueError(f"--machine {spec}: {e}") from e
     if not (isinstance(machine, type) and issubclass(machine, InvariantMachine)):
         raise ValueError(f"--machine {spec}: expected module:Class naming a pagedkv.testing.InvariantMachine subclass")
     return machine
@@ -84,12 +90,16 @@ def rows(reports: list[MachineReport]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pagedkv.testing import run_machine
+    from pagedkv.testing import KVManagerMachine, PrefixCacheMachine, SchedulerMachine, run_machine
 
     if args.examples < 1 or args.steps < 1:
         raise ValueError("--examples and --steps must be at least 1")
-    config = load_config(args.config) if args.config else None
-    machines = [import_machine(m) for m in args.machine] if args.machine else machines_for(config)
+    machines = [import_machine(m) for m in args.machine or ()] or [
+        KVManagerMachine, PrefixCacheMachine, SchedulerMachine,
+    ]
+    if args.config:
+        config = load_config(args.config)
+        machines = [pinned(m, config) for m in machines]
     reports = []
     for machine in machines:
         print(f"checking {machine.__name__} ...", file=sys.stderr, flush=True)

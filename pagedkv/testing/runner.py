@@ -75,7 +75,7 @@ def run_machine(
             first = e  # a teardown that fails too raises over the step's failure: report the step's
             while isinstance(first.__context__, AssertionError):
                 first = first.__context__
-            failure = f"{type(first).__name__}: {first or _failed_line(first)}".splitlines()[0]
+            failure = f"{type(first).__name__}: {str(first) or _failed_line(first)}".splitlines()[0]
             lines += getattr(e, "__notes__", [])  # where hypothesis puts the falsifying example
     calls = [line for line in "\n".join(lines).splitlines() if not line.startswith("Failing test case")]
     tally = machine.tally
