@@ -26,10 +26,11 @@ if TYPE_CHECKING:
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     check = commands.add_parser("check", help="property-test the allocator's and the scheduler's invariants")
-    check.add_argument("--examples", type=int, default=100, help="runs per machine (default 100)")
-    check.add_argument("--steps", type=int, default=40, help="most rules per run (default 40)")
-    check.add_argument("--config", type=Path, help="a JSON file of EngineConfig fields to pin the machines to")
-    check.add_argument("--seed", type=int, default=0, help="the runs drawn (default 0; the same seed, the same runs)")
+    check.add_argument("--examples", type=int, default=100, metavar="N", help="runs per machine (default 100)")
+    check.add_argument("--steps", type=int, default=40, metavar="K", help="most rules per run (default 40)")
+    check.add_argument("--config", type=Path, metavar="FILE", help="a JSON file of EngineConfig fields to pin to")
+    check.add_argument("--seed", type=int, default=0, metavar="S",
+                       help="the runs drawn (default 0; the same seed, the same runs)")
     check.add_argument("--machine", action="append", metavar="MODULE:CLASS",
                        help="a machine of your own to run instead of the built-in ones (repeatable)")
     check.set_defaults(run=run)
