@@ -2,7 +2,7 @@
 strategies, and the state machines behind ``pagedkv check``, for your own configuration,
 admission policy or eviction choice (``docs/invariants.md``).
 
-Needs hypothesis (``pip install "pagedkv[testing]"``).
+Built on hypothesis, a run-time dependency of pagedkv (``docs/dependencies.md`` says why).
 
 - :mod:`pagedkv.testing.invariants`: every invariant as a named check returning a :class:`Violation`;
 - :mod:`pagedkv.testing.strategies` and :mod:`pagedkv.testing.operations`: inputs and operation sequences;
