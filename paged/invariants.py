@@ -5,9 +5,9 @@ Each check returns the first :class:`Violation` it finds (which invariant, what 
 and the offending block or sequence) or ``None``. They read only the objects' public
 views (``snapshot()``, ``seq_ids()``, ``table()``), so they see exactly what a caller can.
 They live here, beside what they check and free of torch and hypothesis, because the
-classes' own ``check()`` methods run them (the engine does when idle);
-``pagedkv.testing`` adds the scheduler's, the state machines that drive them all, and the
-documented catalogue (``docs/invariants.md``).
+classes' own ``check()`` methods run them (the simulator at the end of a run, the tests);
+the scheduler's are in ``pagedkv.scheduler.invariants``; ``pagedkv.testing`` collects the
+catalogue and adds the state machines that drive them all (``docs/invariants.md``).
 """
 
 from __future__ import annotations
