@@ -55,6 +55,8 @@ def test_a_config_file_pins_the_machines(tmp_path, capsys):
     config.write_text(json.dumps({"block_size": 4, "preemption_mode": "swap", "enable_prefix_caching": False}))
     assert cli.main(["check", "--examples", "10", "--steps", "10", "--config", str(config)]) == 0
     assert capsys.readouterr().out.count(" ok") == 3
+    config.write_text(json.dumps({"block_size": 2, "num_blocks": 30}))  # the pool too
+    assert cli.main(["check", "--examples", "5", "--steps", "5", "--config", str(config)]) == 0
 
 
 def test_a_bad_config_names_the_field(tmp_path, capsys):

@@ -55,15 +55,17 @@ def pinned(machine: type[InvariantMachine], config: EngineConfig) -> type[Invari
     from pagedkv.testing.strategies import engine_configs
 
     block_size = st.just(config.block_size)
-    pool = st.just(config.num_blocks) if config.num_blocks else None
+
+    def pool(least: int, most: int) -> st.SearchStrategy[int]:
+        return st.just(config.num_blocks) if config.num_blocks else st.integers(least, most)
+
     if issubclass(machine, SchedulerMachine):
         return machine.with_initial("setup", config=engine_configs(MAX_LEN, base=config))
     if issubclass(machine, PrefixCacheMachine):
         swap = st.integers(0, 8) if config.preemption_mode == "swap" else st.just(0)
-        return machine.with_initial("make", block_size=block_size, num_blocks=pool or st.integers(2, 12),
-                                    num_swap_blocks=swap)
+        return machine.with_initial("make", block_size=block_size, num_blocks=pool(2, 12), num_swap_blocks=swap)
     if issubclass(machine, KVManagerMachine):
-        return machine.with_initial("make_manager", block_size=block_size, num_blocks=pool or st.integers(1, 24))
+        return machine.with_initial("make_manager", block_size=block_size, num_blocks=pool(1, 24))
     raise ValueError(f"--config pins only the built-in machines and their subclasses, not {machine.__name__}")
 
 
