@@ -12,9 +12,9 @@
  * Two layouts, by the rows a K/V head has in the tile (its query heads times the tokens):
  *   - fewer than 16 (decodes): one row per query. Keys and values are read 16 tokens at a time,
  *     in place through the block table when those lie in one block (converted in registers from
- *     bfloat16), and each key vector serves all the query heads sharing its K/V head; a row's 16
- *     dot products are summed across lanes together (sum16). These steps run close to the speed
- *     of reading the cache from memory.
+ *     bfloat16; the next 16 prefetched), and each key vector serves all the query heads sharing
+ *     its K/V head; a row's 16 dot products are summed across lanes together (sum16). These
+ *     steps run close to the speed of reading the cache from memory.
  *   - 16 or more (prefill chunks): rows in vector lanes (attend_wide), where both products are
  *     register-tiled broadcast multiply-adds with no horizontal sums: bound by arithmetic.
  * GCC's vector extensions give the common head sizes (32, 64, 128) explicit 16-float vectors on
@@ -124,6 +124,16 @@ static inline const void *chunk_at(const struct problem *p, const void *cache, c
         *n = context - t < CHUNK ? context - t : CHUNK;
         *bf16 = p->dtype == BF16;
         const int64_t at = (table[t / p->block_size] * p->block_size + offset) * token_stride;
+        /* Each K/V head reads its slice of every token, so the chunk is read in strides the
+         * hardware prefetchers follow badly: from memory (a step's cache is far beyond L3) that
+         * was 30% slower than copying the chunk whole. Asking for the next chunk now makes it
+         * 1.2-1.5x faster than the copy instead. */
+        const int64_t next = t + CHUNK, bytes = p->dtype == BF16 ? 2 : 4;
+        if (next < context && next % p->block_size + CHUNK <= p->block_size) {
+            const int64_t block = table[next / p->block_size] * p->block_size;
+            const char *ahead = (const char *)cache + (block + next % p->block_size) * token_stride * bytes;
+            for (int64_t b = 0; b < CHUNK * token_stride * bytes; b += 64) __builtin_prefetch(ahead + b);
+        }
         return *bf16 ? (const void *)((const uint16_t *)cache + at) : (const void *)((const float *)cache + at);
     }
     *n = load_chunk(p, cache, table, t, context, chunk, token_stride);
@@ -272,8 +282,8 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
             for (int64_t r = j * heads; r < (j + 1) * heads; r++)
                 for (int64_t i = 0; i < n; i++)
                     for (int64_t d = 0; d < head_dim; d++)
-                        acc[r * head_dim + d] += scores[r * context + t + i]
-                                                 * element(values, bf16, (r % heads) / group * head_dim + i * token_stride + d);
+                        acc[r * head_dim + d] += scores[r * context + t + i] *
+                            element(values, bf16, (r % heads) / group * head_dim + i * token_stride + d);
         }
         t += n;
     }
