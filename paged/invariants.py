@@ -45,6 +45,16 @@ class Violation:
 Check = Callable[[T], "Violation | None"]
 
 
+class InvariantViolation(RuntimeError):
+    """Raised by the debug mode (``EngineConfig.check_invariants``) at the first step after
+    which an invariant fails: a bug in the bookkeeping, never a user error."""
+
+    def __init__(self, step: int, found: list[Violation]) -> None:
+        super().__init__(f"after step {step}: " + "; ".join(str(v) for v in found))
+        self.step = step
+        self.violations = found
+
+
 def violations(checks: Iterable[Check[T]], subject: T) -> list[Violation]:
     """Every violation the checks find in ``subject`` (empty: all hold)."""
     return [v for check in checks if (v := check(subject)) is not None]

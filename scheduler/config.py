@@ -55,6 +55,10 @@ class EngineConfig(InputModel):
     head_of_line_patience: int = Field(32, ge=0)
     """Steps for which requests behind a waiting request that does not fit may be
     admitted before it; after that admission waits for it."""
+    check_invariants: int = Field(0, ge=0)
+    """Debug: run the KV manager's and the scheduler's invariant checks (docs/invariants.md)
+    after every this many steps, and stop at the first violation (0: off). They cost
+    O(pool + requests) each time."""
 
     @model_validator(mode="after")
     def _one_pool_size(self) -> EngineConfig:

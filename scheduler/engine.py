@@ -18,11 +18,13 @@ from typing import NamedTuple, Protocol
 
 from pagedkv.errors import EngineBusyError, InvalidRequestError
 from pagedkv.paged.block_pool import BlockPoolError
+from pagedkv.paged.invariants import InvariantViolation, kv_violations, violations
 from pagedkv.paged.kv_manager import KVCacheManager
 from pagedkv.scheduler.admission import AdmissionPolicy
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.decode_run import DecodeRun
 from pagedkv.scheduler.executor import BulkDecodeExecutor, Executor
+from pagedkv.scheduler.invariants import SCHEDULER_CHECKS
 from pagedkv.scheduler.outputs import EngineStats, RequestOutput
 from pagedkv.scheduler.plan import SchedulerOutput
 from pagedkv.scheduler.request import FinishReason, Request
@@ -103,6 +105,7 @@ class LLMEngine:
         self._aborted: list[RequestOutput] = []  # final outputs of aborts, for the next step()
         self._generate_ids = itertools.count()
         self._stepping = threading.Lock()  # held while step() runs; never waited for
+        self._steps = 0  # steps taken, for the debug mode's checks
 
     def add_request(
         self,
@@ -182,6 +185,7 @@ class LLMEngine:
         with self._one_step():
             ends = executor.execute_decodes(run.num_seqs, run.context, run.max_steps, until)
             finished = self.scheduler.take_decode_steps(run, len(ends)) if ends else []
+            self._check_invariants(len(ends))
             self._check_when_idle()
         return DecodeRunSteps(ends, finished)
 
@@ -210,8 +214,19 @@ class LLMEngine:
                         if self._text_state(seq).add(seq.token_ids[-1]):  # a stop string: this sequence is done
                             self.scheduler.finish_sequence(seq, FinishReason.STOP)
             step = EngineStep(plan, advanced, [plan.scheduled[row].request for row in result.failed_rows])
+        self._check_invariants(1)
         self._check_when_idle()
         return step
+
+    def _check_invariants(self, steps: int) -> None:
+        """The debug mode: after every ``config.check_invariants`` steps (a bulk decode run
+        counts its steps but is checked once, at its end), the whole catalogue."""
+        every, before = self.config.check_invariants, self._steps
+        self._steps += steps
+        if every and self._steps // every > before // every:
+            found = violations(SCHEDULER_CHECKS, self.scheduler) + kv_violations(self.kv_manager)
+            if found:
+                raise InvariantViolation(self._steps, found)
 
     def _check_when_idle(self) -> None:
         """Idle: prove nothing leaked, in O(1) (no table, block, stored token or swap block is

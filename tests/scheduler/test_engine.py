@@ -6,6 +6,7 @@ import pytest
 
 from pagedkv.errors import EngineBusyError, InvalidRequestError
 from pagedkv.paged.block_pool import BlockPoolError
+from pagedkv.paged.invariants import InvariantViolation
 from pagedkv.scheduler import EngineConfig, FinishReason, LLMEngine, RequestStatus, SamplingParams
 from tests.fakes import FailingRunner
 from tests.helpers import assert_drained, drain, random_prompts
@@ -353,3 +354,32 @@ def test_generate_takes_request_ids_and_reports_waiting_and_unfinished(engine_wi
     assert seen[-1] == ("y", 0, False)
     with pytest.raises(InvalidRequestError, match="request ids"):
         engine.generate([[1], [2]], params, request_ids=["z", "z"])
+
+
+def test_the_debug_mode_checks_every_step_and_stops_at_the_first_violation(engine_with):
+    """check_invariants=1 runs the catalogue after every step: a healthy run passes; a block
+    the bookkeeping forgot (held by no request) stops the next step, which names itself."""
+    engine, _ = engine_with(block_size=4, num_blocks=16, check_invariants=1)
+    engine.generate([[1, 2, 3, 4, 5], [6, 7]], SamplingParams(max_tokens=4))  # healthy: no violation
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=8))
+    engine.step()
+    engine.kv_manager.allocate_slots("ghost", 4)
+    with pytest.raises(InvariantViolation, match=r"after step \d+: no_orphan_blocks") as error:
+        engine.step()
+    assert error.value.violations[0].request == "ghost"
+    engine.kv_manager.free("ghost")
+    engine.abort("a")
+    engine.step()
+
+
+def test_the_debug_mode_checks_every_kth_step_only(engine_with, monkeypatch):
+    engine, _ = engine_with(block_size=4, num_blocks=16, check_invariants=3)
+    checked: list[object] = []
+
+    def counting(kv: object) -> list:
+        checked.append(kv)
+        return []
+
+    monkeypatch.setattr("pagedkv.scheduler.engine.kv_violations", counting)
+    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=7))  # 1 prefill step + 6 decodes: 7 steps
+    assert len(checked) == 2  # after steps 3 and 6
