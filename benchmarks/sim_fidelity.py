@@ -36,7 +36,8 @@ import torch
 
 from pagedkv.loader import load_model
 from pagedkv.scheduler import EngineConfig
-from pagedkv.sim import WorkloadConfig, run_real, simulate
+from pagedkv.sim import WorkloadConfig, run_real, simulate, simulate_intervals
+from pagedkv.sim.api import INTERVAL_METRICS
 from pagedkv.sim.calibrate import as_arrays, collect_samples, fit_profile, profile_name
 from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel
 
@@ -44,16 +45,6 @@ WORKLOADS = {
     "offline burst": WorkloadConfig(num_requests=48, arrival="offline", preset="alpaca", seed=21),
     "poisson 1 req/s": WorkloadConfig(num_requests=64, arrival="poisson", rate=1.0, preset="alpaca", seed=22),
 }
-METRICS = [
-    ("throughput (req/s)", lambda s: s.requests_per_s),
-    ("output tokens/s", lambda s: s.output_tokens_per_s),
-    ("TTFT p50 (s)", lambda s: s.ttft_s.p50),
-    ("TTFT p90 (s)", lambda s: s.ttft_s.p90),
-    ("TPOT p50 (s)", lambda s: s.tpot_s.p50),
-    ("latency p50 (s)", lambda s: s.e2e_s.p50),
-]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=str(DEFAULT_PROFILE))
@@ -61,6 +52,9 @@ def main() -> None:
                         help="fit a fresh profile in turns with the real runs (and use it)")
     parser.add_argument("--save-profile", help="where to write the fresh profile")
     parser.add_argument("--repeats", type=int, default=3, help="real runs per workload; the median is compared")
+    parser.add_argument("--intervals", type=int, default=20,
+                        help="simulations with step noise per workload for the 90%% intervals (0: none; the "
+                             "profile must record step noise, as a --calibrate one does)")
     args = parser.parse_args()
     engine = EngineConfig(block_size=16, kv_cache_memory_bytes=256 * 2**20, max_num_batched_tokens=1024,
                           max_model_len=2048)
@@ -85,15 +79,23 @@ def main() -> None:
         _, simulated = simulate(workload, engine, "paged", profile)
         own = fit_profile(model, f"{name}, in sample", *as_arrays(timings[name]), engine.max_num_batched_tokens)
         _, in_sample = simulate(workload, engine, "paged", own)
+        intervals = (simulate_intervals(workload, engine, args.intervals, profile=profile, vary_workload=False)
+                     if args.intervals else None)
         print(f"{name}: {workload.num_requests} requests; real: median of {args.repeats} runs (min to max);")
         print(f"  in sample: priced by a profile fitted on the real runs' own steps ({own.fit_note})")
-        print(f"  {'metric':<20} {'real':>8} {'(spread)':>17} {'simulated':>10} {'error':>7} "
-              f"{'in sample':>10} {'error':>7}")
-        for label, get in METRICS:
+        if intervals:
+            print(f"  interval: 90% of {args.intervals} simulations of the same requests with step noise")
+        print(f"  {'metric':<22} {'real':>8} {'(spread)':>17} {'simulated':>10} {'error':>7} "
+              f"{'in sample':>10} {'error':>7}" + (f" {'interval':>19} {'holds real':>10}" if intervals else ""))
+        for label, get in INTERVAL_METRICS.items():
             runs = sorted(get(r) for r in reals[name])
             r, s, i = statistics.median(runs), get(simulated), get(in_sample)
-            print(f"  {label:<20} {r:8.3f} {f'({runs[0]:.3f} to {runs[-1]:.3f})':>17} {s:10.3f} {(s - r) / r:+7.1%}"
-                  f" {i:10.3f} {(i - r) / r:+7.1%}")
+            line = (f"  {label:<22} {r:8.3f} {f'({runs[0]:.3f} to {runs[-1]:.3f})':>17} {s:10.3f} {(s - r) / r:+7.1%}"
+                    f" {i:10.3f} {(i - r) / r:+7.1%}")
+            if intervals:
+                iv = intervals.metrics[label]
+                line += f" {f'[{iv.low:.3f}, {iv.high:.3f}]':>19} {'yes' if r in iv else 'no':>10}"
+            print(line)
         print(flush=True)
 
 

@@ -139,12 +139,14 @@ def simulate_intervals(
     slo: SLO | None = None,
     level: float = 0.9,
     progress: bool = False,
+    vary_workload: bool = True,
 ) -> IntervalSummary:
     """``runs`` simulations of ``workload`` under ``policy``, run i with workload seed
-    ``workload.seed + i`` (other arrivals and lengths from the same distributions) and step
-    noise seed i (step times varying as the profile's fit residuals did), summarized as each
-    metric's median and central ``level`` interval: a prediction of where a real run's value
-    falls, given what the profile knows about its own errors."""
+    ``workload.seed + i`` (other arrivals and lengths from the same distributions; with
+    ``vary_workload=False`` the same requests every time, to predict a rerun of exactly
+    them) and step noise seed i (step times varying as the profile's fit residuals did),
+    summarized as each metric's median and central ``level`` interval: a prediction of where
+    a real run's value falls, given what the profile knows about its own errors."""
     if runs < 2:
         raise InvalidRequestError(f"runs must be at least 2 for an interval, got {runs}", "runs")
     if not 0 < level < 1:
@@ -152,7 +154,7 @@ def simulate_intervals(
     cost = _cost(profile)
     summaries = []
     for i in tqdm(range(runs), desc=f"simulating {policy} x{runs}", unit="run", disable=not progress):
-        seeded = workload.model_copy(update={"seed": workload.seed + i})
+        seeded = workload.model_copy(update={"seed": workload.seed + i}) if vary_workload else workload
         summaries.append(simulate(seeded, engine, policy, cost, slo, noise_seed=i)[1])
     metrics = {name: Interval.of([metric(s) for s in summaries], level) for name, metric in INTERVAL_METRICS.items()}
     return IntervalSummary(policy=policy, level=level, metrics=metrics, runs=summaries)

@@ -99,3 +99,12 @@ def test_what_intervals_refuse() -> None:
     with pytest.raises(InvalidRequestError, match=r"level must be in \(0, 1\)") as error:
         simulate_intervals(WORKLOAD, ENGINE, runs=2, profile=BASE, level=1.0)
     assert error.value.param == "level"
+
+
+def test_the_same_requests_every_run_when_the_workload_is_held() -> None:
+    """vary_workload=False predicts a rerun of exactly these requests: with constant noise
+    every run is the same, and the interval has no width."""
+    constant = BASE.model_copy(update={"step_noise": [0.1, 0.1]})
+    result = simulate_intervals(WORKLOAD, ENGINE, runs=3, profile=constant, vary_workload=False)
+    assert len({s.model_dump_json() for s in result.runs}) == 1
+    assert all(i.low == i.high for i in result.metrics.values())
