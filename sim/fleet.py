@@ -125,8 +125,8 @@ def run_fleet(
     while pending or any(r.busy for r in fleet):
         busy = [r for r in fleet if r.busy]
         behind = min(busy, key=lambda r: r.clock()) if busy else None
-        if pending and (behind is None or pending[0].arrival_time <= behind.clock()):
-            spec = pending.popleft()
+        if behind is None or (pending and pending[0].arrival_time <= behind.clock()):
+            spec = pending.popleft()  # not empty: nothing busy means something still to arrive
             index = next(ids)
             chosen = route.choose(index, spec, fleet)
             routed[chosen] += 1
@@ -137,7 +137,6 @@ def run_fleet(
             target.arrive(index, spec, spec.arrival_time)
             done += target.result.rejected - rejected
             continue
-        assert behind is not None  # no arrival left and nothing busy ends the loop
         done += len(behind.step(pending[0].arrival_time if pending else float("inf")))
         if progress is not None:
             progress(done, total)
