@@ -31,6 +31,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -172,9 +173,10 @@ def _cpu_flags() -> str:
     return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, extra_flags: Sequence[str] = ()) -> Path:
+    flags = [*FLAGS, *extra_flags]
     sources = [path.read_bytes() for path in SOURCES]
-    key = hashlib.sha256(b"\0".join([*sources, " ".join([compiler, *FLAGS]).encode(), _cpu_flags().encode()]))
+    key = hashlib.sha256(b"\0".join([*sources, " ".join([compiler, *flags]).encode(), _cpu_flags().encode()]))
     target = _cache_dir() / f"pagedkv-kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -182,10 +184,20 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         c_files = [str(path) for path in SOURCES if path.suffix == ".c"]
-        subprocess.run([compiler, *FLAGS, *c_files, "-o", str(built), "-lm"],
+        subprocess.run([compiler, *flags, *c_files, "-o", str(built), "-lm"],
                        check=True, capture_output=True, text=True)
         os.replace(built, target)  # atomic: a concurrent build of the same source is harmless
     return target
+
+
+def build_cpu_kernels(extra_flags: Sequence[str] = ()) -> CPUKernels:
+    """Build (or take from the cache) and load the kernels, compiled with ``extra_flags`` after
+    the usual ones: the tests build them without an instruction set (``-mno-avx512bf16``) to
+    check the paths other CPUs take. Raises if there is no compiler or the build fails."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise FileNotFoundError("no C compiler found (set CC)")
+    return CPUKernels(ctypes.CDLL(str(_build(compiler, extra_flags))))
 
 
 @functools.cache
@@ -196,13 +208,12 @@ def load_cpu_kernel() -> CPUKernels | None:
         raise ValueError(f"PAGEDKV_CPU_KERNEL={switch!r}: 1/true/on/yes builds the kernels, 0/false/off/no does not")
     if switch in ("0", "false", "off", "no"):
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    try:
+        return build_cpu_kernels()
+    except FileNotFoundError:
         log.warning("no C compiler found: CPU attention, RMSNorm and RoPE take slower PyTorch paths "
                     "(set CC to build the kernels)")
         return None
-    try:
-        return CPUKernels(ctypes.CDLL(str(_build(compiler))))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = error.stderr if isinstance(error, subprocess.CalledProcessError) else error
         log.warning("the CPU kernels did not build (%s): attention, RMSNorm and RoPE take slower "

@@ -5,15 +5,18 @@ exactly their slots, touching nothing else in the cache."""
 
 from __future__ import annotations
 
+import functools
+import platform
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pagedkv.models.attention import PagedAttention, attend, causal_mask, gather
-from pagedkv.models.cpu_kernel import load_cpu_kernel
+from pagedkv.models.cpu_kernel import CPUKernels, build_cpu_kernels, load_cpu_kernel
 from pagedkv.models.runner import prepare_inputs
 from pagedkv.paged import blocks_for
 from pagedkv.paged.kv_cache import KVCache, KVCacheSpec
@@ -200,7 +203,21 @@ def test_reduced_precision_cpu_path_matches_float32(heads: int, kv_heads: int, q
     assert (got.float() - expected).abs().max() < 0.05
 
 
+@functools.cache
+def kernel_build(build: str) -> CPUKernels:
+    """The kernels as this CPU runs them ("native"), or built without AVX512-BF16 so that the
+    conversion path other CPUs take for bfloat16 scores is tested here too."""
+    if build == "native":
+        kernel = load_cpu_kernel()
+        assert kernel is not None
+        return kernel
+    if platform.machine() != "x86_64" or "avx512_bf16" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX512-BF16: the native build already takes the other path")
+    return build_cpu_kernels(["-mno-avx512bf16"])
+
+
 @needs_cpu_kernel
+@pytest.mark.parametrize("build", ["native", "no-avx512bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("block_size", "heads", "kv_heads", "head_dim"),
                          [(1, 4, 4, 8), (16, 9, 3, 64), (5, 6, 2, 32), (3, 16, 2, 32), (16, 4, 4, 128), (32, 6, 2, 24)])
@@ -208,8 +225,9 @@ def test_reduced_precision_cpu_path_matches_float32(heads: int, kv_heads: int, q
     ([1, 1, 3, 1, 7, 1], [1, 90, 40, 33, 7, 150]),
     ([40, 23, 16, 1, 17, 6], [40, 100, 17, 60, 17, 50]),  # tiles of 16+ rows per K/V head: rows in lanes
 ], ids=["decodes", "chunks"])
-def test_kernel_matches_gather_path_in_each_dtype(dtype: torch.dtype, block_size: int, heads: int, kv_heads: int,
-                                                  head_dim: int, new: list[int], context: list[int]) -> None:
+def test_kernel_matches_gather_path_in_each_dtype(build: str, dtype: torch.dtype, block_size: int, heads: int,
+                                                  kv_heads: int, head_dim: int, new: list[int],
+                                                  context: list[int]) -> None:
     """The kernel against the gather path on the same cache, in the model's dtype: float32
     within 1e-5, bfloat16 within 2e-2 (both round their output to bfloat16 once; the kernel
     accumulates in float32, the gather path's matmuls in bfloat16). Sequences read blocks
@@ -227,9 +245,8 @@ def test_kernel_matches_gather_path_in_each_dtype(dtype: torch.dtype, block_size
     # two rows nobody names; q a slice of a wider tensor, as of the fused QKV output
     q = torch.randn(sum(new) + 2, heads + 2, head_dim, generator=g).to(dtype)[:, :heads]
     out = torch.full(q.shape, 7.0, dtype=dtype)
-    kernel = load_cpu_kernel()
-    assert kernel is not None
-    kernel.paged_attention(q, k_cache, v_cache, out, tables, starts, torch.tensor(new), torch.tensor(context))
+    kernel_build(build).paged_attention(q, k_cache, v_cache, out, tables, starts, torch.tensor(new),
+                                        torch.tensor(context))
 
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for i, (n, c) in enumerate(zip(new, context, strict=True)):
