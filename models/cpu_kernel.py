@@ -53,6 +53,11 @@ _ROPE_ARGTYPES: list[type[ctypes.c_void_p] | type[ctypes.c_int64]] = [
 ]
 
 
+# x, rows, k, packed, bias, y, n
+_LINEAR_ARGTYPES: list[type[ctypes.c_void_p] | type[ctypes.c_int64]] = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ctypes.c_int64,
+]
 # x, residual, weight, out, rows, dim, eps
 _NORM_ARGTYPES: list[type[ctypes.c_void_p] | type[ctypes.c_int64] | type[ctypes.c_float]] = [
     *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
@@ -74,6 +79,13 @@ class CPUKernels:
             function.restype = None
         for function in self._rope.values():
             function.argtypes = _ROPE_ARGTYPES
+            function.restype = ctypes.c_int
+        library.linear_supported.argtypes = [ctypes.c_int]
+        self._linear = {dtype: function for dtype, function, bf16 in
+                        [(torch.float32, library.linear_f32, 0), (torch.bfloat16, library.linear_bf16, 1)]
+                        if library.linear_supported(bf16)}
+        for function in self._linear.values():
+            function.argtypes = _LINEAR_ARGTYPES
             function.restype = ctypes.c_int
 
     def supports(self, dtype: torch.dtype) -> bool:
@@ -116,6 +128,32 @@ class CPUKernels:
                                      cos.data_ptr(), sin.data_ptr(), cos.shape[0])
         if status == _BAD_INPUT:
             raise ValueError(f"rope_: a position lies outside [0, {cos.shape[0]})")
+
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """``weight`` ([n, k]) in :meth:`linear`'s layout: tiles of 16 output columns, n padded
+        with zeros to a multiple of 32; bfloat16 keeps k's pairs together. None where this
+        build has no linear kernel for the dtype (or, in bfloat16, k is odd)."""
+        n, k = weight.shape
+        if weight.dtype not in self._linear or (weight.dtype == torch.bfloat16 and k % 2):
+            return None
+        padded = weight.new_zeros(-(-n // 32) * 32, k)
+        padded[:n] = weight
+        if weight.dtype == torch.bfloat16:
+            return padded.reshape(-1, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+        return padded.reshape(-1, 16, k).permute(0, 2, 1).contiguous()
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        """``x @ weight.T + bias`` for ``x`` [rows, k] contiguous, with the weight packed by
+        :meth:`pack_linear`; summed in float32, rounded once to x's dtype."""
+        rows, k = x.shape
+        if not x.is_contiguous() or x.dtype != packed.dtype or packed.numel() != -(-n // 32) * 32 * k:
+            raise ValueError(f"linear: x must be contiguous [rows, {k}] of the packed weight's dtype and size")
+        if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
+            raise ValueError(f"linear: bias must be a contiguous [{n}] tensor in {x.dtype}")
+        y = x.new_empty(rows, n)
+        self._linear[x.dtype](x.data_ptr(), rows, k, packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                              y.data_ptr(), n)
+        return y
 
     def paged_attention(
         self,

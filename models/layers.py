@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,59 +11,81 @@ from torch import nn
 
 from pagedkv.models.cpu_kernel import CPUKernels, kernels_for
 
-# The batch size the packed layouts are tuned for; any other row count still multiplies correctly.
+# The batch size oneDNN's packed layout is tuned for; any other row count still multiplies correctly.
 PACKING_ROWS = 64
+# Up to this many rows the CPU kernel multiplies, past it oneDNN (measured: docs/benchmarks.md).
+KERNEL_ROWS = 128
 
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that, on the CPU and without autograd, multiplies by a copy of its weight
-    prepacked into oneDNN's blocked layout, the path ``torch.compile``'s CPU backend takes for
-    frozen weights.
+@dataclass
+class PackedWeight:
+    """A weight's packed copies, valid for the version of it they were made from."""
 
-    Measured on this machine (one core, SmolLM2's four layer shapes): in bfloat16 a plain
-    ``F.linear`` re-lays the weight out on every call, and packing halves the time for 1-4 rows,
-    saves a third at 8-16 rows and 10% at 64. In float32 ``F.linear`` goes to MKL, which runs
-    at 100 GFLOP/s on this AMD CPU where oneDNN reaches 245 (2.4x at 64 rows and more; MKL's
-    unpacked kernel for a handful of rows was slower still). The packed copy is rebuilt whenever
+    key: tuple[int, int, torch.dtype, int]  # id, storage, dtype, version of the weight packed
+    tiles: torch.Tensor | None  # the CPU kernel's layout; None where it has no kernel for the weight
+    onednn: torch.Tensor | None = None  # oneDNN's blocked layout, made on first use
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that, on the CPU and without autograd, multiplies by a prepacked copy of
+    its weight: for up to :data:`KERNEL_ROWS` rows (decode steps) with the CPU kernel
+    (``csrc/linear.c``), for more with oneDNN's blocked layout (the path ``torch.compile``'s
+    CPU backend takes for frozen weights).
+
+    Measured on this machine (2 threads, SmolLM2's four layer shapes, all 30 layers' weights
+    streaming from memory as in a real step): the kernel is 1.5-1.9x faster than oneDNN's
+    prepacked matmul for 1-12 rows and 1.2-1.4x at 64, in both dtypes; oneDNN wins from a few
+    hundred rows (prefill chunks). Unpacked, bfloat16's ``F.linear`` re-lays the weight out on
+    every call (packing halved the time for 1-4 rows) and float32's goes to MKL, which runs at
+    100 GFLOP/s on this AMD CPU where oneDNN reaches 245. The packed copies are rebuilt whenever
     the weight changes (moved, cast, written in place through the parameter, or loaded from a
-    state dict), so the module behaves like ``nn.Linear``; it costs one more copy of the weight
-    in memory. A write through ``weight.data`` bypasses the version counter: call
+    state dict), so the module behaves like ``nn.Linear``; they cost up to two more copies of
+    the weight in memory. A write through ``weight.data`` bypasses the version counter: call
     :meth:`repack` after one.
     """
 
-    _packed: torch.Tensor | None = None
-    _packed_for: tuple[int, int, torch.dtype, int] | None = None
+    _packing: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if (x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != weight.dtype
-                or x.dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available()):
+        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != weight.dtype or x.dtype not in PACKED_DTYPES:
             return F.linear(x, weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self._packed_weight(), self.bias, "none", [], "")
+        packing = self._packed()
+        kernels = kernels_for(flat)
+        if kernels is not None and packing.tiles is not None and flat.shape[0] <= KERNEL_ROWS:
+            out = kernels.linear(flat.contiguous(), packing.tiles, self.bias, self.out_features)
+        elif torch.backends.mkldnn.is_available():
+            if packing.onednn is None:
+                with torch.no_grad():
+                    packing.onednn = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_ROWS)
+            out = torch.ops.mkldnn._linear_pointwise(flat, packing.onednn, self.bias, "none", [], "")
+        else:
+            return F.linear(x, weight, self.bias)
         return out.reshape(*x.shape[:-1], -1)
 
     def repack(self) -> None:
-        """Drop the packed copy; the next forward packs the weight as it is now."""
-        self._packed = None
+        """Drop the packed copies; the next forward packs the weight as it is now."""
+        self._packing = None
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._packed = None  # loading may copy through .data, which no version counter sees
+        self._packing = None  # loading may copy through .data, which no version counter sees
 
-    def _packed_weight(self) -> torch.Tensor:
+    def _packed(self) -> PackedWeight:
         weight = self.weight
         # Inference tensors keep no version counter; they cannot be written outside inference mode.
         version = 0 if weight.is_inference() else weight._version
         key = (id(weight), weight.data_ptr(), weight.dtype, version)
-        if self._packed is None or self._packed_for != key:
+        if self._packing is None or self._packing.key != key:
+            kernels = kernels_for(weight.detach())
             with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_ROWS)
-            self._packed_for = key
-        return self._packed
+                tiles = kernels.pack_linear(weight.detach()) if kernels is not None else None
+            self._packing = PackedWeight(key, tiles)
+        return self._packing
 
 
 class RMSNorm(nn.RMSNorm):

@@ -25,14 +25,57 @@ def tolerance(dtype: torch.dtype) -> dict[str, Any]:
 def test_linear_matches_f_linear_for_every_row_count(bias: bool, dtype: torch.dtype, grad: bool) -> None:
     torch.manual_seed(0)
     layer = Linear(48, 80, bias=bias).to(dtype)
-    for rows in (1, 2, 3, 8, 16, 17, 40, 64, 100):
+    for rows in (1, 2, 3, 8, 12, 13, 17, 40, 64, 100, 129, 300):  # kernel's row blocks, then oneDNN's
         x = torch.randn(rows, 48).to(dtype)
         with torch.set_grad_enabled(grad):
             out = layer(x)
         expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
         assert out.shape == (rows, 80) and out.is_contiguous()
         torch.testing.assert_close(out, expected, **tolerance(dtype))
-    assert (layer._packed is not None) == (not grad)  # the packed path ran without autograd only
+    assert (layer._packing is not None) == (not grad)  # the packed paths ran without autograd only
+    if not grad:
+        kernels = load_cpu_kernel()
+        assert (layer._packing.tiles is not None) == (kernels is not None and kernels.pack_linear(layer.weight)
+                                                      is not None)
+        assert layer._packing.onednn is not None  # past KERNEL_ROWS
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(1, 2), (16, 48), (33, 64), (80, 576), (40, 1536)])
+def test_linear_kernel_sums_in_float32_and_rounds_once(dtype: torch.dtype, n: int, k: int) -> None:
+    """The kernel's product is the exact one (float64) within the error bound of a float32 sum
+    of k + 1 terms (k * 2**-24 times the sum of the terms' magnitudes), plus, in bfloat16, one
+    rounding of the result (2**-8 relative). Row counts cross its 12-row blocks, column counts
+    its 16- and 32-column tiles (masked stores past n); with and without a bias."""
+    kernels = load_cpu_kernel()
+    assert kernels is not None
+    torch.manual_seed(n * k)
+    weight = torch.randn(n, k).to(dtype)
+    packed = kernels.pack_linear(weight)
+    if packed is None:
+        pytest.skip(f"this build has no linear kernel for {dtype}")
+    for rows in (1, 5, 12, 13, 25):
+        x = torch.randn(rows, k).to(dtype)
+        for bias in (None, torch.randn(n).to(dtype)):
+            extra = 0 if bias is None else bias.double()
+            exact = x.double() @ weight.double().T + extra
+            magnitudes = x.double().abs() @ weight.double().abs().T + abs(extra)
+            bound = (k + 1) * 2.0**-24 * magnitudes + (2.0**-8 * exact.abs() if dtype == torch.bfloat16 else 0)
+            got = kernels.linear(x, packed, bias, n)
+            assert got.shape == (rows, n) and got.dtype == dtype
+            assert ((got.double() - exact).abs() <= bound * 1.01).all()
+
+
+def test_linear_without_a_kernel_for_the_shape_takes_onednn() -> None:
+    """bfloat16 with an odd number of inputs has no kernel layout (pairs): oneDNN multiplies."""
+    torch.manual_seed(7)
+    layer = Linear(47, 20).to(torch.bfloat16)
+    x = torch.randn(3, 47).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = layer(x)
+    assert layer._packing is not None and layer._packing.tiles is None
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
