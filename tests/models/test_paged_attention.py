@@ -258,6 +258,44 @@ def test_kernel_matches_gather_path_in_each_dtype(build: str, dtype: torch.dtype
     assert torch.equal(out[-2:], torch.full_like(out[-2:], 7.0))
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("build", ["native", "no-avx512bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [5, 16, 32])
+def test_kernel_never_reads_past_the_context(build: str, dtype: torch.dtype, block_size: int) -> None:
+    """Cache slots past each sequence's context (the tail of its last block, and every block
+    it does not own) hold NaN: nothing of them reaches the output, though the kernel reads
+    whole 16-token chunks in place. Odd and even contexts, decodes and a short chunk."""
+    g = torch.Generator().manual_seed(block_size)
+    heads, kv_heads, head_dim = 9, 3, 64
+    new, context = [1, 1, 1, 3], [1, 33, 48, 21]
+    widths = [-(-c // block_size) for c in context]
+    num_blocks = sum(widths) + 3
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(new), max(widths), dtype=torch.int64)
+    for i, (c, w) in enumerate(zip(context, widths, strict=True)):
+        tables[i, :w] = torch.tensor(order[:w])
+        del order[:w]
+        for t in range(c):  # this sequence's own tokens, nothing else
+            block, offset = int(tables[i, t // block_size]), t % block_size
+            k_cache[block, offset] = torch.randn(kv_heads, head_dim, generator=g).to(dtype)
+            v_cache[block, offset] = torch.randn(kv_heads, head_dim, generator=g).to(dtype)
+    starts = torch.tensor([0, *new]).cumsum(0)[:-1]
+    q = torch.randn(sum(new), heads, head_dim, generator=g).to(dtype)
+    out = torch.empty_like(q)
+    kernel_build(build).paged_attention(q, k_cache, v_cache, out, tables, starts, torch.tensor(new),
+                                        torch.tensor(context))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (n, c) in enumerate(zip(new, context, strict=True)):
+        keys = gather(k_cache, tables[i, : widths[i]])[:c]
+        values = gather(v_cache, tables[i, : widths[i]])[:c]
+        rows = slice(int(starts[i]), int(starts[i]) + n)
+        expected = attend(q[rows].float(), keys.float(), values.float())
+        assert (out[rows].float() - expected).abs().max() <= tolerance, f"sequence {i}"
+
+
 def test_attention_backend_choices(tiny_model) -> None:
     """'auto' takes the kernel where it applies and the gather path elsewhere; 'kernel' where
     it cannot run and an unknown name are refused, naming the field."""
