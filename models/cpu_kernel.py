@@ -1,5 +1,5 @@
-"""The CPU kernels (``csrc/``): paged attention, RMSNorm and RoPE, built once, loaded with
-ctypes.
+"""The CPU kernels (``csrc/``): paged attention, linear layers, RMSNorm and RoPE, built once,
+loaded with ctypes.
 
 Why C and not PyTorch ops: decode attention over a paged cache is a memory-bound read of
 each sequence's own blocks; in PyTorch it takes a padded gather (a copy of every context,
@@ -7,8 +7,11 @@ padded to the longest) and matmuls a few rows tall, which measured several times
 than the read itself (docs/benchmarks.md has the profile). The kernel reads the cache in
 place. RMSNorm is about fifteen small PyTorch ops on the CPU, and a decode step runs 61 of
 them; the kernel is one pass per row, fused with the residual add before it. RoPE is eight ops
-and a copy of q and k; the kernel rotates them in place in one pass (3-5x faster). (SwiGLU's
-silu(gate) * up was tried as a kernel too: no faster than PyTorch's three ops, so not kept.)
+and a copy of q and k; the kernel rotates them in place in one pass (3-5x faster). A decode
+step's linear layers stream every weight once for a few rows: the linear kernel keeps that stream
+at memory speed where oneDNN's blocked kernels wait on it (1.3-1.9x faster for 1-12 rows; see
+``models.layers.Linear``). (SwiGLU's silu(gate) * up was tried as a kernel too: no faster than
+PyTorch's three ops, so not kept.)
 
 The sources are plain C with OpenMP, compiled by the system's C compiler on first use (about
 a second; no PyTorch headers) and cached under ``~/.cache/pagedkv/kernels`` by a hash of the
@@ -17,7 +20,7 @@ under the same soname), so its threads are PyTorch's threads.
 
 Without a compiler, or with ``PAGEDKV_CPU_KERNEL=0``, :func:`load_cpu_kernel` returns None:
 attention takes the gather path, which stays the reference the kernel is tested against,
-and RMSNorm and RoPE PyTorch's own.
+linear layers oneDNN's prepacked matmul, and RMSNorm and RoPE PyTorch's own.
 """
 
 from __future__ import annotations
