@@ -248,10 +248,9 @@ def run_real(
     wall clock. With ``timings``, every step's features and seconds are appended to it."""
     from pagedkv.loader import load_model
     from pagedkv.models.runner import ModelRunner
-    from pagedkv.sim.calibrate import TimedExecutor, warm_up
+    from pagedkv.sim.calibrate import TimedExecutor
 
     loaded = load_model(model, dtype=dtype, device="cpu")[0] if isinstance(model, str) else model
-    warm_up(loaded, engine.block_size, engine.max_num_batched_tokens)
     runner = ModelRunner(loaded)
     result = run_workload(
         generate(workload), _serving(engine, workload), runner if timings is None else TimedExecutor(runner, timings),
