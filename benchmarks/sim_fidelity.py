@@ -68,8 +68,9 @@ def main() -> None:
             reals[name].append(run_real(workload, engine, model, progress=True, timings=timings[name])[1])
     if args.calibrate:
         features, seconds = (np.concatenate(p) for p in zip(*parts, strict=True))
+        turns = np.concatenate([np.full(len(part_seconds), turn) for turn, (_, part_seconds) in enumerate(parts)])
         label = profile_name("smollm2-135m", torch.float32)
-        profile = fit_profile(model, label, features, seconds, engine.max_num_batched_tokens)
+        profile = fit_profile(model, label, features, seconds, engine.max_num_batched_tokens, turns)
     else:
         profile = CostModel.load(args.profile)
     if args.save_profile:

@@ -17,6 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from pagedkv.errors import InvalidRequestError
 from pagedkv.loader import load_model
 from pagedkv.models.base import PagedLM
 from pagedkv.models.runner import ModelRunner
@@ -84,19 +85,6 @@ def calibration_workloads(
     return bursts[part::parts] + streams
 
 
-def warm_up(model: PagedLM, block_size: int, budget: int) -> None:
-    """Pay torch's one-time costs (first calls, first touch of the largest activations)
-    before anything is timed: one request whose prompt fills a whole step's budget, then
-    a few decodes."""
-    prompt = min(budget, model.max_model_len - 4)
-    spec = generate(WorkloadConfig(num_requests=1, arrival="offline", preset=None, max_model_len=model.max_model_len,
-                                   prompt=LengthDist(kind="fixed", value=prompt),
-                                   output=LengthDist(kind="fixed", value=4)))
-    num_blocks = -(-(prompt + 4) // block_size)
-    config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, num_blocks=num_blocks)
-    run_workload(spec, config, ModelRunner(model), WallClock())
-
-
 def collect_samples(
     model: PagedLM, block_size: int = 16, budget: int = 1024, seed: int = 0, part: int = 0, parts: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +95,6 @@ def collect_samples(
     calibration in parts (``part=0, 1, 2`` of ``parts=3``, seed = part) taken in turns with
     the real runs, and fit on them all: both then see the same mix of fast and slow minutes.
     """
-    warm_up(model, block_size, budget)
     samples: list[tuple[Features, float]] = []
     for workload, concurrency in calibration_workloads(model.max_model_len, seed, part, parts):
         config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, seed=seed)
@@ -122,10 +109,13 @@ def as_arrays(samples: list[tuple[Features, float]]) -> tuple[np.ndarray, np.nda
     return np.array([f for f, _ in samples], dtype=float), np.array([s for _, s in samples])
 
 
-def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.ndarray, budget: int) -> CostModel:
-    """The cost-model profile of ``model`` fitted to timed steps of it (knots up to ``budget`` tokens)."""
+def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.ndarray, budget: int,
+                parts: np.ndarray | None = None) -> CostModel:
+    """The cost-model profile of ``model`` fitted to timed steps of it (knots up to ``budget``
+    tokens); ``parts`` labels the steps with the calibration part each was timed in, for the
+    run-level noise (:func:`pagedkv.sim.cost_model.fit`)."""
     knots = power_of_two_knots(budget)
-    result = fit(features, seconds, knots)
+    result = fit(features, seconds, knots, parts)
     return CostModel(
         name=name,
         token_knots=knots,
@@ -137,6 +127,7 @@ def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.nda
         max_model_len=model.max_model_len,
         fit_note=f"fitted on {len(seconds)} timed steps; median relative error {result.median_relative_error:.1%}",
         step_noise=result.step_noise,
+        run_noise=result.run_noise,
     )
 
 
@@ -146,8 +137,16 @@ def profile_name(model_name: str, dtype: torch.dtype) -> str:
 
 
 def calibrate(
-    model_name: str, dtype: str | torch.dtype = "float32", block_size: int = 16, budget: int = 1024, seed: int = 0
+    model_name: str, dtype: str | torch.dtype = "float32", block_size: int = 16, budget: int = 1024, seed: int = 0,
+    parts: int = 1,
 ) -> CostModel:
+    """Time the calibration workloads on the real model and fit a profile. With ``parts`` of 2
+    or more they run as that many slices one after another, and the fit records how the
+    machine's speed moved between them (``run_noise``)."""
+    if parts < 1:
+        raise InvalidRequestError(f"parts must be at least 1, got {parts}", "parts")
     model, _ = load_model(model_name, dtype=dtype, device="cpu")
-    features, seconds = collect_samples(model, block_size, budget, seed)
-    return fit_profile(model, profile_name(model_name, model.dtype), features, seconds, budget)
+    timed = [collect_samples(model, block_size, budget, seed + part, part, parts) for part in range(parts)]
+    features, seconds = (np.concatenate(arrays) for arrays in zip(*timed, strict=True))
+    labels = np.concatenate([np.full(len(part_seconds), part) for part, (_, part_seconds) in enumerate(timed)])
+    return fit_profile(model, profile_name(model_name, model.dtype), features, seconds, budget, labels)

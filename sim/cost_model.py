@@ -98,13 +98,19 @@ class CostModel(BaseModel):
     )
     fit_note: str = ""
     step_noise: list[float] = Field(default_factory=list, description=(
-        "quantiles (0% to 100%, evenly spaced) of log(measured / predicted) over the fitted steps: "
-        "what a simulation with noise draws each step's time from; empty: none recorded"))
+        "quantiles (0% to 100%, evenly spaced) of log(measured / predicted) over the fitted steps, "
+        "each taken relative to its calibration part's median when run_noise is recorded: what a "
+        "simulation with noise draws each step's time from; empty: none recorded"))
+    run_noise: list[float] = Field(default_factory=list, description=(
+        "quantiles (0% to 100%, evenly spaced) of the calibration parts' median log(measured / "
+        "predicted): how the machine's speed moved whole runs, drawn once per simulation with noise; "
+        "empty: none recorded (a calibration in one part)"))
 
     @model_validator(mode="after")
     def _check_curve(self) -> CostModel:
-        if len(self.step_noise) == 1 or any(b < a for a, b in pairwise(self.step_noise)):
-            raise ValueError("step_noise must be empty or at least two quantiles in increasing order")
+        for name, quantiles in (("step_noise", self.step_noise), ("run_noise", self.run_noise)):
+            if len(quantiles) == 1 or any(b < a for a, b in pairwise(quantiles)):
+                raise ValueError(f"{name} must be empty or at least two quantiles in increasing order")
         if len(self.token_knots) != len(self.token_costs_s):
             raise ValueError("token_knots and token_costs_s must have the same length")
         if self.token_knots[0] < 1 or any(b <= a for a, b in pairwise(self.token_knots)):
@@ -180,15 +186,23 @@ class Fit(NamedTuple):
     median_relative_error: float
     step_noise: list[float]
     """Quantiles 0%, 1%, ..., 100% of log(measured / predicted): the residuals, kept for
-    simulations with noise (:class:`StepNoise`)."""
+    simulations with noise (:class:`StepNoise`); with parts, each relative to its part's median."""
+    run_noise: list[float]
+    """Quantiles 0%, 1%, ..., 100% of the parts' median residuals; empty with fewer than two parts."""
 
 
-def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int]) -> Fit:
+def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.ndarray | None = None) -> Fit:
     """Non-negative fit of the curve's values at ``knots`` and the three other prices.
 
     ``features`` is [n, 4] rows of :func:`step_features`. Residuals are weighted by
     1/sqrt(seconds), between an absolute fit (which serves the long steps that decide
     throughput) and a relative one (which serves the short steps that decide latency).
+
+    ``parts`` labels each step with the calibration part it was timed in (parts taken minutes
+    apart). This machine's speed drifts by 10-20% over minutes and moves every step of a run
+    together, which independent per-step noise averages away over a run's hundreds of steps: so
+    the residuals are split into each part's median (the run-level factor, ``run_noise``) and
+    the scatter around it (``step_noise``).
     """
     features, seconds = np.asarray(features, dtype=float), np.asarray(seconds, dtype=float)
     design = np.column_stack([hat_basis(features[:, 0], knots), features[:, 1:]])
@@ -196,23 +210,36 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int]) -> Fit:
     coef = nnls(design * weight[:, None], seconds * weight)
     predicted = design @ coef
     error = float(np.median(np.abs(predicted - seconds) / seconds))
-    noise = np.quantile(np.log(seconds / np.maximum(predicted, 1e-12)), np.linspace(0, 1, 101))
+    residuals = np.log(seconds / np.maximum(predicted, 1e-12))
+    levels = np.linspace(0, 1, 101)
+    run_noise: list[float] = []
+    if parts is not None and len(labels := np.unique(parts)) >= 2:
+        medians = np.array([np.median(residuals[parts == label]) for label in labels])
+        residuals = residuals - medians[np.searchsorted(labels, parts)]
+        run_noise = [float(q) for q in np.quantile(medians, levels)]
     k = len(knots)
     return Fit([float(c) for c in coef[:k]], float(coef[k]), float(coef[k + 1]), float(coef[k + 2]), error,
-               [float(q) for q in noise])
+               [float(q) for q in np.quantile(residuals, levels)], run_noise)
 
 
 class StepNoise:
     """Multipliers for simulated step times, drawn from a profile's recorded residuals
     (``CostModel.step_noise``, inverse-transform sampling between its quantiles) with a seed
-    of its own, a few thousand at a time: a simulation with noise takes millions of steps."""
+    of its own, a few thousand at a time: a simulation with noise takes millions of steps.
+    With ``run_noise`` quantiles, every multiplier is also scaled by one factor drawn from
+    them for the whole run (``run_factor``): the machine's speed that run."""
 
-    def __init__(self, quantiles: list[float], seed: int) -> None:
+    def __init__(self, quantiles: list[float], seed: int, run_noise: list[float] | None = None) -> None:
         self._levels, self._quantiles = np.linspace(0, 1, len(quantiles)), np.asarray(quantiles)
         self._rng = np.random.default_rng(seed)
+        self.run_factor = 1.0
+        if run_noise:
+            draw = np.random.default_rng([seed, 1]).random()  # its own stream: step draws stay as they were
+            self.run_factor = float(np.exp(np.interp(draw, np.linspace(0, 1, len(run_noise)), run_noise)))
         self._batch: list[float] = []
 
     def __call__(self) -> float:
         if not self._batch:
-            self._batch = np.exp(np.interp(self._rng.random(4096), self._levels, self._quantiles)).tolist()
+            draws = np.interp(self._rng.random(4096), self._levels, self._quantiles)
+            self._batch = (np.exp(draws) * self.run_factor).tolist()
         return self._batch.pop()

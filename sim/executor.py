@@ -62,12 +62,13 @@ class SimulatedExecutor:
 
     def __init__(self, cost: CostModel, clock: VirtualClock, noise_seed: int | None = None) -> None:
         """With ``noise_seed``, every step's time is the cost model's times a multiplier drawn
-        from the profile's recorded residuals (:class:`~pagedkv.sim.cost_model.StepNoise`)."""
+        from the profile's recorded residuals, and the whole run's times one factor drawn from
+        its run-level noise where it records one (:class:`~pagedkv.sim.cost_model.StepNoise`)."""
         self.cost = cost
         self.clock = clock
         if noise_seed is not None and not cost.step_noise:
             raise InvalidRequestError(f"profile {cost.name!r} records no step noise (recalibrate it)", "noise_seed")
-        self._noise = StepNoise(cost.step_noise, noise_seed) if noise_seed is not None else None
+        self._noise = StepNoise(cost.step_noise, noise_seed, cost.run_noise) if noise_seed is not None else None
         self.max_model_len = cost.max_model_len
         self.busy_seconds = 0.0
         self._block_bytes = 0

@@ -89,6 +89,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     add_model_flags(calibrate, EngineConfig, "engine (EngineConfig)", include=("block_size", "max_num_batched_tokens"))
     calibrate.add_argument("--out", type=Path, required=True, help="where to write the profile JSON")
+    calibrate.add_argument("--parts", type=int, default=1,
+                           help="time the calibration workloads in this many parts, one after another (each a "
+                                "slice of every workload); 2 or more record how the machine's speed moves "
+                                "whole runs (run_noise), which `sim run --runs` draws from")
 
 
 def workload_from(args: argparse.Namespace) -> WorkloadConfig:
@@ -134,7 +138,8 @@ def main(args: argparse.Namespace) -> None:
         from pagedkv.sim.calibrate import calibrate
 
         config = EngineConfig(**given_fields(args, EngineConfig))
-        profile = calibrate(args.model, args.dtype, config.block_size, config.max_num_batched_tokens)
+        profile = calibrate(args.model, args.dtype, config.block_size, config.max_num_batched_tokens,
+                            parts=args.parts)
         profile.save(args.out)
         print(f"wrote {args.out}: {profile.fit_note}\n{profile.model_dump_json(indent=2)}")
         return

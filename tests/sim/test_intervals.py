@@ -42,6 +42,56 @@ def test_a_fit_records_the_residuals_it_leaves() -> None:
     assert noise[10] == pytest.approx(0.9, rel=0.03) and noise[90] == pytest.approx(1.1, rel=0.03)
 
 
+def test_a_fit_with_parts_splits_the_run_speed_from_the_step_scatter() -> None:
+    """Three parts timed at 0.9x, 1.0x and 1.15x the speed, each step scattered 5% (log-normal)
+    about its part's: with the parts labelled, run_noise spans the parts' speeds and step_noise
+    keeps only the scatter; unlabelled, the scatter absorbs the speeds and there is no run noise."""
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(1, 100, 900)
+    parts = np.repeat([0, 1, 2], 300)
+    speed = np.array([0.9, 1.0, 1.15])[parts]
+    seconds = (0.01 + 0.001 * tokens) * speed * np.exp(rng.normal(0.0, 0.05, 900))
+    features = np.column_stack([tokens, np.zeros((900, 3))])
+    labelled = fit(features, seconds, power_of_two_knots(100), parts)
+    assert labelled.run_noise[-1] - labelled.run_noise[0] == pytest.approx(math.log(1.15 / 0.9), rel=0.05)
+    scatter = np.exp(labelled.step_noise)  # 10% and 90% of a 5% log-normal: exp(-+1.28 * 0.05)
+    assert scatter[10] == pytest.approx(0.938, rel=0.015) and scatter[90] == pytest.approx(1.066, rel=0.015)
+    pooled = fit(features, seconds, power_of_two_knots(100))
+    assert pooled.run_noise == [] and pooled.step_noise[90] - pooled.step_noise[10] > 0.2
+
+
+def test_run_noise_slows_a_whole_run_by_one_factor() -> None:
+    """No step scatter and one run-level speed (1.25x slower): every time stretched by 1.25."""
+    burst = WorkloadConfig(num_requests=40, preset="alpaca", arrival="offline", seed=2)
+    slow = BASE.model_copy(update={"step_noise": [0.0, 0.0], "run_noise": [math.log(1.25)] * 2})
+    _, exact = simulate(burst, ENGINE, profile=BASE)
+    _, noisy = simulate(burst, ENGINE, profile=slow, noise_seed=4)
+    assert noisy.duration_s == pytest.approx(1.25 * exact.duration_s, rel=1e-9)
+    assert noisy.tpot_s.p50 == pytest.approx(1.25 * exact.tpot_s.p50, rel=1e-9)
+
+
+def test_intervals_cover_runs_whose_speed_moves_as_a_whole() -> None:
+    """The 'real' system: each run at one speed drawn between 0.85x and 1.15x, each step
+    scattered 10% about it, run 30 times. Predicted with the run-level noise, the 90% intervals
+    hold the real median and most of the real runs; with the step scatter alone (what a fit
+    without parts knows) they are too narrow and miss most of them: independent step noise
+    averages out over a run's hundreds of steps."""
+    speeds = [float(q) for q in np.linspace(math.log(0.85), math.log(1.15), 101)]
+    real_system = BASE.model_copy(update={"step_noise": lognormal_noise(0.1), "run_noise": speeds})
+    steps_only = real_system.model_copy(update={"run_noise": []})
+    workload = WORKLOAD.model_copy(update={"arrival": "offline", "prompt": LengthDist(kind="fixed", value=48),
+                                           "output": LengthDist(kind="fixed", value=24)})
+    real = [simulate(workload, ENGINE, profile=real_system, noise_seed=1000 + i)[1] for i in range(30)]
+    throughputs = [INTERVAL_METRICS["throughput (req/s)"](s) for s in real]
+    intervals = {name: simulate_intervals(workload, ENGINE, runs=30, profile=profile,
+                                          vary_workload=False).metrics["throughput (req/s)"]
+                 for name, profile in (("run and step noise", real_system), ("step noise only", steps_only))}
+    coverage = {name: sum(v in interval for v in throughputs) / len(throughputs)
+                for name, interval in intervals.items()}
+    assert float(np.median(throughputs)) in intervals["run and step noise"]
+    assert coverage["run and step noise"] >= 0.75 and coverage["step noise only"] <= 0.4, coverage
+
+
 def test_noise_multiplies_step_times_by_draws_from_the_quantiles() -> None:
     noise = StepNoise([0.0, math.log(2.0)], seed=3)
     draws = np.array([noise() for _ in range(20_000)])
