@@ -36,13 +36,18 @@ class VirtualClock:
 
 
 class WallClock:
-    """Real seconds since the run started; waiting really sleeps."""
+    """Real seconds since the run started, that is since its first reading; waiting really
+    sleeps. Not since it was made: a run's engine is built (and its model runner warms up, a
+    second or more) between the two, and requests arriving at 0 would wait for it."""
 
     def __init__(self) -> None:
-        self._start = time.monotonic()
+        self._start: float | None = None
 
     def __call__(self) -> float:
-        return time.monotonic() - self._start
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        return now - self._start
 
     def wait_until(self, t: float) -> None:
         delay = t - self()

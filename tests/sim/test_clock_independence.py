@@ -14,7 +14,7 @@ import pytest
 
 from pagedkv.scheduler import EngineConfig
 from pagedkv.sim import CostModel, WorkloadConfig, simulate
-from pagedkv.sim.executor import SimulatedExecutor
+from pagedkv.sim.executor import SimulatedExecutor, WallClock
 
 PROFILE = CostModel(
     name="test", token_knots=[1, 2, 1026], token_costs_s=[0.024, 0.03, 1.054],
@@ -54,3 +54,16 @@ def test_a_slow_host_and_a_fast_wall_clock_change_nothing(policy: str, monkeypat
     monkeypatch.setattr(SimulatedExecutor, "execute_decodes", slowed(SimulatedExecutor.execute_decodes, calls))
     assert run(policy) == idle
     assert {"execute", "execute_decodes"} <= set(calls), "both single steps and bulk decode runs were slowed"
+
+
+def test_a_real_run_s_clock_starts_at_its_first_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wall clock of a real run reads 0 when the run first asks, not when it was made: the
+    engine is built (its runner warms up) in between, and requests arriving at 0 must not wait
+    for that."""
+    now = [100.0]
+    monkeypatch.setattr("pagedkv.sim.executor.time.monotonic", lambda: now[0])
+    clock = WallClock()
+    now[0] += 5.0  # the engine builds and warms up
+    assert clock() == 0.0
+    now[0] += 0.25
+    assert clock() == 0.25
