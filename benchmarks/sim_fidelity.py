@@ -38,7 +38,7 @@ from pagedkv.loader import load_model
 from pagedkv.scheduler import EngineConfig
 from pagedkv.sim import WorkloadConfig, run_real, simulate, simulate_intervals
 from pagedkv.sim.api import INTERVAL_METRICS
-from pagedkv.sim.calibrate import as_arrays, collect_samples, fit_profile, profile_name
+from pagedkv.sim.calibrate import Timed, as_arrays, collect_samples, fit_profile, profile_name
 from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel
 
 WORKLOADS = {
@@ -59,7 +59,8 @@ def main() -> None:
     engine = EngineConfig(block_size=16, kv_cache_memory_bytes=256 * 2**20, max_num_batched_tokens=1024,
                           max_model_len=2048)
     model, _ = load_model("smollm2-135m", dtype=torch.float32, device="cpu")
-    parts, reals, timings = [], {name: [] for name in WORKLOADS}, {name: [] for name in WORKLOADS}
+    parts: list[Timed] = []
+    reals, timings = {name: [] for name in WORKLOADS}, {name: [] for name in WORKLOADS}
     for turn in range(args.repeats):
         if args.calibrate:
             parts.append(
@@ -67,10 +68,10 @@ def main() -> None:
         for name, workload in WORKLOADS.items():
             reals[name].append(run_real(workload, engine, model, progress=True, timings=timings[name])[1])
     if args.calibrate:
-        features, seconds = (np.concatenate(p) for p in zip(*parts, strict=True))
-        turns = np.concatenate([np.full(len(part_seconds), turn) for turn, (_, part_seconds) in enumerate(parts)])
+        features, seconds, workloads = (np.concatenate(p) for p in zip(*parts, strict=True))
+        turns = np.concatenate([np.full(len(part.seconds), turn) for turn, part in enumerate(parts)])
         label = profile_name("smollm2-135m", torch.float32)
-        profile = fit_profile(model, label, features, seconds, engine.max_num_batched_tokens, turns)
+        profile = fit_profile(model, label, features, seconds, engine.max_num_batched_tokens, turns, workloads)
     else:
         profile = CostModel.load(args.profile)
     if args.save_profile:

@@ -154,8 +154,10 @@ class CPUKernels:
         if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
             raise ValueError(f"linear: bias must be a contiguous [{n}] tensor in {x.dtype}")
         y = x.new_empty(rows, n)
-        self._linear[x.dtype](x.data_ptr(), rows, k, packed.data_ptr(), None if bias is None else bias.data_ptr(),
-                              y.data_ptr(), n)
+        status = self._linear[x.dtype](x.data_ptr(), rows, k, packed.data_ptr(),
+                                       None if bias is None else bias.data_ptr(), y.data_ptr(), n)
+        if status:
+            raise ValueError(f"linear: this build has no {x.dtype} kernel for {k} inputs (status {status})")
         return y
 
     def paged_attention(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -85,10 +86,19 @@ def calibration_workloads(
     return bursts[part::parts] + streams
 
 
+class Timed(NamedTuple):
+    """Timed steps: their features [n, k], seconds [n], and which calibration workload each
+    came from [n] (a label shared by that workload's slices in every part)."""
+
+    features: np.ndarray
+    seconds: np.ndarray
+    workloads: np.ndarray
+
+
 def collect_samples(
     model: PagedLM, block_size: int = 16, budget: int = 1024, seed: int = 0, part: int = 0, parts: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run the calibration workloads on ``model`` for real; return step features [n, k] and seconds [n].
+) -> Timed:
+    """Run the calibration workloads on ``model`` for real; return their timed steps.
 
     This machine's speed drifts by 10-20% over minutes, so a profile fitted at one time
     prices the steps of another. To compare a simulation with a real run, collect the
@@ -96,12 +106,15 @@ def collect_samples(
     the real runs, and fit on them all: both then see the same mix of fast and slow minutes.
     """
     samples: list[tuple[Features, float]] = []
+    labels: list[str] = []
     for workload, concurrency in calibration_workloads(model.max_model_len, seed, part, parts):
         config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, seed=seed)
         specs = generate(workload)
         logger.info("calibrating on %d requests (%s) ...", len(specs), workload.arrival)
         run_workload(specs, config, TimedExecutor(ModelRunner(model), samples), WallClock(), concurrency=concurrency)
-    return as_arrays(samples)
+        kind = f"{workload.arrival} {workload.rate} {concurrency} {workload.prompt} {workload.output}"
+        labels += [kind] * (len(samples) - len(labels))
+    return Timed(*as_arrays(samples), np.array(labels))
 
 
 def as_arrays(samples: list[tuple[Features, float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -110,12 +123,12 @@ def as_arrays(samples: list[tuple[Features, float]]) -> tuple[np.ndarray, np.nda
 
 
 def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.ndarray, budget: int,
-                parts: np.ndarray | None = None) -> CostModel:
+                parts: np.ndarray | None = None, workloads: np.ndarray | None = None) -> CostModel:
     """The cost-model profile of ``model`` fitted to timed steps of it (knots up to ``budget``
-    tokens); ``parts`` labels the steps with the calibration part each was timed in, for the
-    run-level noise (:func:`pagedkv.sim.cost_model.fit`)."""
+    tokens); ``parts`` and ``workloads`` label the steps with the calibration part and workload
+    each was timed in, for the run-level noise (:func:`pagedkv.sim.cost_model.fit`)."""
     knots = power_of_two_knots(budget)
-    result = fit(features, seconds, knots, parts)
+    result = fit(features, seconds, knots, parts, workloads)
     return CostModel(
         name=name,
         token_knots=knots,
@@ -147,6 +160,6 @@ def calibrate(
         raise InvalidRequestError(f"parts must be at least 1, got {parts}", "parts")
     model, _ = load_model(model_name, dtype=dtype, device="cpu")
     timed = [collect_samples(model, block_size, budget, seed + part, part, parts) for part in range(parts)]
-    features, seconds = (np.concatenate(arrays) for arrays in zip(*timed, strict=True))
-    labels = np.concatenate([np.full(len(part_seconds), part) for part, (_, part_seconds) in enumerate(timed)])
-    return fit_profile(model, profile_name(model_name, model.dtype), features, seconds, budget, labels)
+    features, seconds, workloads = (np.concatenate(arrays) for arrays in zip(*timed, strict=True))
+    labels = np.concatenate([np.full(len(t.seconds), part) for part, t in enumerate(timed)])
+    return fit_profile(model, profile_name(model_name, model.dtype), features, seconds, budget, labels, workloads)

@@ -191,7 +191,8 @@ class Fit(NamedTuple):
     """Quantiles 0%, 1%, ..., 100% of the parts' median residuals; empty with fewer than two parts."""
 
 
-def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.ndarray | None = None) -> Fit:
+def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.ndarray | None = None,
+        workloads: np.ndarray | None = None) -> Fit:
     """Non-negative fit of the curve's values at ``knots`` and the three other prices.
 
     ``features`` is [n, 4] rows of :func:`step_features`. Residuals are weighted by
@@ -201,8 +202,12 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     ``parts`` labels each step with the calibration part it was timed in (parts taken minutes
     apart). This machine's speed drifts by 10-20% over minutes and moves every step of a run
     together, which independent per-step noise averages away over a run's hundreds of steps: so
-    the residuals are split into each part's median (the run-level factor, ``run_noise``) and
-    the scatter around it (``step_noise``).
+    the residuals are split into each part's offset (the run-level factor, ``run_noise``) and
+    the scatter around it (``step_noise``). ``workloads`` labels each step's workload: a part's
+    offset is then the median of its steps' residuals relative to their workload's median over
+    all parts, from the workloads timed in two parts or more, so that a workload the curve
+    prices a little high or low (each calibration burst runs in one part only) does not pass for
+    the machine's speed.
     """
     features, seconds = np.asarray(features, dtype=float), np.asarray(seconds, dtype=float)
     design = np.column_stack([hat_basis(features[:, 0], knots), features[:, 1:]])
@@ -214,9 +219,17 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     levels = np.linspace(0, 1, 101)
     run_noise: list[float] = []
     if parts is not None and len(labels := np.unique(parts)) >= 2:
-        medians = np.array([np.median(residuals[parts == label]) for label in labels])
-        residuals = residuals - medians[np.searchsorted(labels, parts)]
-        run_noise = [float(q) for q in np.quantile(medians, levels)]
+        kinds = workloads if workloads is not None else np.zeros(len(parts))
+        centred, shared = residuals.copy(), np.zeros(len(parts), dtype=bool)
+        for kind in np.unique(kinds):
+            mine = kinds == kind
+            if len(np.unique(parts[mine])) >= 2:
+                centred[mine] -= np.median(residuals[mine])
+                shared |= mine
+        offsets = np.array([np.median(centred[shared & (parts == label)]) if (shared & (parts == label)).any()
+                            else 0.0 for label in labels])
+        residuals = residuals - offsets[np.searchsorted(labels, parts)]
+        run_noise = [float(q) for q in np.quantile(offsets, levels)]
     k = len(knots)
     return Fit([float(c) for c in coef[:k]], float(coef[k]), float(coef[k + 1]), float(coef[k + 2]), error,
                [float(q) for q in np.quantile(residuals, levels)], run_noise)

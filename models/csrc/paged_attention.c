@@ -239,7 +239,7 @@ static inline __attribute__((always_inline)) void dot_values(const uint16_t *w, 
 
 /* One row of dot_values' accumulators, [lo | hi] per 32 dims, back in the order of the dims. */
 static inline void unpacked_to_dims(float *row, int64_t head_dim) {
-    float ordered[128];
+    float ordered[head_dim];
     for (int64_t l = 0; l < head_dim / 32; l++)
         for (int lane = 0; lane < 4; lane++)
             for (int j = 0; j < 4; j++) {

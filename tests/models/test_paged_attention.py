@@ -220,7 +220,8 @@ def kernel_build(build: str) -> CPUKernels:
 @pytest.mark.parametrize("build", ["native", "no-avx512bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("block_size", "heads", "kv_heads", "head_dim"),
-                         [(1, 4, 4, 8), (16, 9, 3, 64), (5, 6, 2, 32), (3, 16, 2, 32), (16, 4, 4, 128), (32, 6, 2, 24)])
+                         [(1, 4, 4, 8), (16, 9, 3, 64), (5, 6, 2, 32), (3, 16, 2, 32), (16, 4, 4, 128), (32, 6, 2, 24),
+                          (16, 4, 2, 256)])  # the last: groups of 2, a head size past the vector paths' constants
 @pytest.mark.parametrize(("new", "context"), [
     ([1, 1, 3, 1, 7, 1], [1, 90, 40, 33, 7, 150]),
     ([40, 23, 16, 1, 17, 6], [40, 100, 17, 60, 17, 50]),  # tiles of 16+ rows per K/V head: rows in lanes

@@ -60,6 +60,23 @@ def test_a_fit_with_parts_splits_the_run_speed_from_the_step_scatter() -> None:
     assert pooled.run_noise == [] and pooled.step_noise[90] - pooled.step_noise[10] > 0.2
 
 
+def test_a_workload_timed_in_one_part_only_does_not_pass_for_the_machine_s_speed() -> None:
+    """Two parts at the same speed, each with a stream workload; part 0 also timed a burst whose
+    steps run 30% above what the curve fits (as calibration bursts run in one part each). With
+    the workloads labelled, the parts' offsets come from the shared stream: no run noise; without,
+    the burst passes for a slow part 0."""
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(1, 100, 800)
+    parts = np.repeat([0, 1], 400)
+    workloads = np.where((parts == 0) & (np.arange(800) < 250), "burst", "stream")
+    seconds = (0.01 + 0.001 * tokens) * np.where(workloads == "burst", 1.3, 1.0) * np.exp(rng.normal(0, 0.02, 800))
+    features = np.column_stack([tokens, np.zeros((800, 3))])
+    labelled = fit(features, seconds, power_of_two_knots(100), parts, workloads)
+    assert abs(labelled.run_noise[-1] - labelled.run_noise[0]) < 0.01
+    unlabelled = fit(features, seconds, power_of_two_knots(100), parts)
+    assert unlabelled.run_noise[-1] - unlabelled.run_noise[0] > 0.1
+
+
 def test_run_noise_slows_a_whole_run_by_one_factor() -> None:
     """No step scatter and one run-level speed (1.25x slower): every time stretched by 1.25."""
     burst = WorkloadConfig(num_requests=40, preset="alpaca", arrival="offline", seed=2)
