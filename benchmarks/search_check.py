@@ -49,7 +49,9 @@ def main() -> None:
     cheaper = [c for c in result.candidates if not c.meets and c.cost_bytes < chosen.cost_bytes]
     checked: list[tuple[str, Candidate]] = [("chosen (cheapest that meets)", chosen)]
     if cheaper:
-        checked.append(("the next cheaper (fails)", max(cheaper, key=lambda c: c.cost_bytes)))
+        same_others = chosen.engine.max_num_seqs  # among equally cheap ones, the chosen's other settings
+        checked.append(("the next cheaper (fails)",
+                        max(cheaper, key=lambda c: (c.cost_bytes, c.engine.max_num_seqs == same_others))))
     model, _ = load_model("smollm2-135m", dtype=torch.float32, device="cpu")
     print("\n| configuration | KV memory | max_num_seqs | bound | simulated | real | verdict: sim / real |")
     print("|---|---:|---:|---|---:|---:|---|")
