@@ -9,7 +9,7 @@ place. RMSNorm is about fifteen small PyTorch ops on the CPU, and a decode step 
 them; the kernel is one pass per row, fused with the residual add before it. RoPE is eight ops
 and a copy of q and k; the kernel rotates them in place in one pass (3-5x faster). A decode
 step's linear layers stream every weight once for a few rows: the linear kernel keeps that stream
-at memory speed where oneDNN's blocked kernels wait on it (1.3-1.9x faster for 1-12 rows; see
+closer to memory speed than oneDNN's blocked kernels (1.2-1.3x faster for 1-64 rows; see
 ``models.layers.Linear``). (SwiGLU's silu(gate) * up was tried as a kernel too: no faster than
 PyTorch's three ops, so not kept.)
 

@@ -36,11 +36,12 @@ class Linear(nn.Linear):
     CPU backend takes for frozen weights).
 
     Measured on this machine (2 threads, SmolLM2's four layer shapes, all 30 layers' weights
-    streaming from memory as in a real step): the kernel is 1.5-1.9x faster than oneDNN's
-    prepacked matmul for 1-12 rows and 1.2-1.4x at 64, in both dtypes; oneDNN wins from a few
-    hundred rows (prefill chunks). Unpacked, bfloat16's ``F.linear`` re-lays the weight out on
-    every call (packing halved the time for 1-4 rows) and float32's goes to MKL, which runs at
-    100 GFLOP/s on this AMD CPU where oneDNN reaches 245. The packed copies are rebuilt whenever
+    streaming from memory as in a real step; ``benchmarks/bench_kernels.py``): the kernel is
+    1.2-1.3x faster than oneDNN's prepacked matmul for 1-64 rows in both dtypes (up to 1.8x in
+    noisier sittings), even at 128-256, and oneDNN wins from a few hundred rows (prefill
+    chunks). Unpacked, bfloat16's ``F.linear`` re-lays the weight out on every call (packing
+    halved the time for 1-4 rows) and float32's goes to MKL, which runs at 100 GFLOP/s on this
+    AMD CPU where oneDNN reaches 245. The packed copies are rebuilt whenever
     the weight changes (moved, cast, written in place through the parameter, or loaded from a
     state dict), so the module behaves like ``nn.Linear``; they cost up to two more copies of
     the weight in memory. A write through ``weight.data`` bypasses the version counter: call
