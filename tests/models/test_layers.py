@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from pagedkv.models.cpu_kernel import load_cpu_kernel
-from pagedkv.models.layers import Linear, RMSNorm
+from pagedkv.models.cpu_kernel import CPUKernels, load_cpu_kernel
+from pagedkv.models.layers import KERNEL_ROWS, Linear, RMSNorm
 from pagedkv.models.llama import RotaryEmbedding, rotate
 from tests.helpers import needs_cpu_kernel
 
@@ -22,10 +22,22 @@ def tolerance(dtype: torch.dtype) -> dict[str, Any]:
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_matches_f_linear_for_every_row_count(bias: bool, dtype: torch.dtype, grad: bool) -> None:
+def test_linear_matches_f_linear_for_every_row_count(bias: bool, dtype: torch.dtype, grad: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row count, whichever way it takes: the CPU kernel up to KERNEL_ROWS (where this
+    build has one for the dtype), oneDNN past it, F.linear under autograd."""
     torch.manual_seed(0)
     layer = Linear(48, 80, bias=bias).to(dtype)
-    for rows in (1, 2, 3, 8, 12, 13, 17, 40, 64, 100, 129, 300):  # kernel's row blocks, then oneDNN's
+    kernel_rows: list[int] = []
+    multiply = CPUKernels.linear
+
+    def counted(self: CPUKernels, x: torch.Tensor, *rest: Any) -> torch.Tensor:
+        kernel_rows.append(len(x))
+        return multiply(self, x, *rest)
+
+    monkeypatch.setattr(CPUKernels, "linear", counted)
+    row_counts = (1, 2, 3, 8, 12, 13, 17, 40, 64, 100, 129, 300)  # kernel's row blocks, then oneDNN's
+    for rows in row_counts:
         x = torch.randn(rows, 48).to(dtype)
         with torch.set_grad_enabled(grad):
             out = layer(x)
@@ -35,9 +47,16 @@ def test_linear_matches_f_linear_for_every_row_count(bias: bool, dtype: torch.dt
     assert (layer._packing is not None) == (not grad)  # the packed paths ran without autograd only
     if layer._packing is not None:
         kernels = load_cpu_kernel()
-        assert (layer._packing.tiles is not None) == (kernels is not None and kernels.pack_linear(layer.weight)
-                                                      is not None)
+        has_kernel = kernels is not None and kernels.pack_linear(layer.weight) is not None
+        assert (layer._packing.tiles is not None) == has_kernel
+        if has_kernel:  # the small row counts through the kernel, the large ones (at least one of each) not
+            assert kernel_rows == [r for r in row_counts if r <= KERNEL_ROWS] and 1 in kernel_rows
+            assert 300 not in kernel_rows
+        else:
+            assert kernel_rows == []
         assert layer._packing.onednn is not None  # past KERNEL_ROWS
+    else:
+        assert kernel_rows == []
 
 
 @needs_cpu_kernel
