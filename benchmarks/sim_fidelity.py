@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import numpy as np
 import torch
 
 from pagedkv.loader import load_model
 from pagedkv.scheduler import EngineConfig
 from pagedkv.sim import WorkloadConfig, run_real, simulate, simulate_intervals
 from pagedkv.sim.api import INTERVAL_METRICS
-from pagedkv.sim.calibrate import Timed, as_arrays, collect_samples, fit_profile, profile_name
+from pagedkv.sim.calibrate import Timed, as_arrays, collect_samples, fit_parts, fit_profile, profile_name
 from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel
 
 WORKLOADS = {
@@ -68,10 +67,7 @@ def main() -> None:
         for name, workload in WORKLOADS.items():
             reals[name].append(run_real(workload, engine, model, progress=True, timings=timings[name])[1])
     if args.calibrate:
-        features, seconds, workloads = (np.concatenate(p) for p in zip(*parts, strict=True))
-        turns = np.concatenate([np.full(len(part.seconds), turn) for turn, part in enumerate(parts)])
-        label = profile_name("smollm2-135m", torch.float32)
-        profile = fit_profile(model, label, features, seconds, engine.max_num_batched_tokens, turns, workloads)
+        profile = fit_parts(model, profile_name("smollm2-135m", torch.float32), parts, engine.max_num_batched_tokens)
     else:
         profile = CostModel.load(args.profile)
     if args.save_profile:

@@ -144,6 +144,14 @@ def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.nda
     )
 
 
+def fit_parts(model: PagedLM, name: str, timed: list[Timed], budget: int) -> CostModel:
+    """The profile fitted to calibration parts timed one after another (``timed[i]`` is part
+    i), with the run-level noise they show."""
+    features, seconds, workloads = (np.concatenate(arrays) for arrays in zip(*timed, strict=True))
+    parts = np.concatenate([np.full(len(t.seconds), part) for part, t in enumerate(timed)])
+    return fit_profile(model, name, features, seconds, budget, parts, workloads)
+
+
 def profile_name(model_name: str, dtype: torch.dtype) -> str:
     """What a profile describes: the model, the threads and the precision it was timed with."""
     return f"{model_name} on {torch.get_num_threads()} CPU threads, {str(dtype).removeprefix('torch.')}"
@@ -160,6 +168,4 @@ def calibrate(
         raise InvalidRequestError(f"parts must be at least 1, got {parts}", "parts")
     model, _ = load_model(model_name, dtype=dtype, device="cpu")
     timed = [collect_samples(model, block_size, budget, seed + part, part, parts) for part in range(parts)]
-    features, seconds, workloads = (np.concatenate(arrays) for arrays in zip(*timed, strict=True))
-    labels = np.concatenate([np.full(len(t.seconds), part) for part, t in enumerate(timed)])
-    return fit_profile(model, profile_name(model_name, model.dtype), features, seconds, budget, labels, workloads)
+    return fit_parts(model, profile_name(model_name, model.dtype), timed, budget)
