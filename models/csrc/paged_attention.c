@@ -17,9 +17,10 @@
  *     with AVX512-BF16, bfloat16 scores are pair dot products of the keys as stored (dot_scores),
  *     and the weighted sum of the values pair dot products of two tokens' values with the
  *     weights rounded to bfloat16 (dot_values), as PyTorch's own bfloat16 attention rounds them.
- *     A 12-sequence step of 500-2100-token contexts reads its cache at 13 GB/s (2 threads, block
- *     size 16, blocks scattered), 18 GB/s with each prompt's blocks in order, against 42 GB/s for a
- *     plain sequential read: latency to memory, not arithmetic, bounds it.
+ *     A 12-sequence step of 500-2100-token contexts reads its cache at 27-29 GB/s (2 threads, block
+ *     size 16, blocks scattered; bfloat16 and float32 alike), 30-32 GB/s with each prompt's blocks
+ *     in order, against 42 GB/s for a plain sequential read: latency to memory, not arithmetic,
+ *     bounds it (the same step with its cache warm takes half the time).
  *   - 16 or more (prefill chunks): rows in vector lanes (attend_wide), where both products are
  *     register-tiled broadcast multiply-adds with no horizontal sums: bound by arithmetic.
  * GCC's vector extensions give the common head sizes (32, 64, 128) explicit 16-float vectors on
@@ -121,24 +122,25 @@ static inline int64_t load_chunk(const struct problem *p, const void *cache, con
 /* The next tokens [t, t + *n) of a sequence: in place (*bf16 telling the dtype) when CHUNK
  * tokens from t lie in one block (always, with block sizes that are multiples of CHUNK), else
  * converted or copied into chunk as float32. In place, the tokens past *n up to CHUNK are
- * readable (stale, maybe not even numbers); callers compute with them and drop the results. */
+ * readable (stale, maybe not even numbers); callers compute with them and drop the results.
+ *
+ * *ahead is the distance in bytes from this chunk to the next one in place (0 if there is none):
+ * each K/V head reads its slice of every token, in strides the hardware prefetchers follow badly
+ * (from memory, 30% slower than copying the chunk whole), so the loops ask for the line at the
+ * same place in the next chunk as they read each one. Asking for the whole next chunk at once
+ * instead stalled on the full miss queue for a sixth of the kernel's time (perf). */
 static inline const void *chunk_at(const struct problem *p, const void *cache, const int64_t *table, int64_t t,
-                                   int64_t context, float *chunk, const int64_t token_stride, int64_t *n, int *bf16) {
-    const int64_t offset = t % p->block_size;
+                                   int64_t context, float *chunk, const int64_t token_stride, int64_t *n, int *bf16,
+                                   int64_t *ahead) {
+    const int64_t offset = t % p->block_size, bytes = p->dtype == BF16 ? 2 : 4;
+    *ahead = 0;
     if (offset + CHUNK <= p->block_size) {
         *n = context - t < CHUNK ? context - t : CHUNK;
         *bf16 = p->dtype == BF16;
         const int64_t at = (table[t / p->block_size] * p->block_size + offset) * token_stride;
-        /* Each K/V head reads its slice of every token, so the chunk is read in strides the
-         * hardware prefetchers follow badly: from memory (a step's cache is far beyond L3) that
-         * was 30% slower than copying the chunk whole. Asking for the next chunk now makes it
-         * 1.2-1.5x faster than the copy instead. */
-        const int64_t next = t + CHUNK, bytes = p->dtype == BF16 ? 2 : 4;
-        if (next < context && next % p->block_size + CHUNK <= p->block_size) {
-            const int64_t block = table[next / p->block_size] * p->block_size;
-            const char *ahead = (const char *)cache + (block + next % p->block_size) * token_stride * bytes;
-            for (int64_t b = 0; b < CHUNK * token_stride * bytes; b += 64) __builtin_prefetch(ahead + b);
-        }
+        const int64_t next = t + CHUNK;
+        if (next < context && next % p->block_size + CHUNK <= p->block_size)
+            *ahead = ((table[next / p->block_size] * p->block_size + next % p->block_size) * token_stride - at) * bytes;
         return *bf16 ? (const void *)((const uint16_t *)cache + at) : (const void *)((const float *)cache + at);
     }
     *n = load_chunk(p, cache, table, t, context, chunk, token_stride);
@@ -146,11 +148,16 @@ static inline const void *chunk_at(const struct problem *p, const void *cache, c
     return chunk;
 }
 
+/* Asks for the line at the same place as element `at` of src (elements of `bytes` each) in the next chunk */
+static inline void prefetch_ahead(const void *src, int64_t at, int64_t bytes, int64_t ahead) {
+    __builtin_prefetch((const void *)((uintptr_t)src + (uintptr_t)(at * bytes + ahead)));
+}
+
 /* The scores of nv (<= 3) query rows that share a K/V head (q_step floats apart) against a
  * chunk's CHUNK keys: each key vector is loaded and converted once for all nv rows, 8 keys at a
  * time (24 accumulators), then each row's 16 dot products are summed across lanes at once. */
 static inline __attribute__((always_inline)) void group_scores(const float *q, int64_t q_step, const void *keys,
-                                                               int64_t k_at, int64_t token_stride, float *s,
+                                                               int64_t k_at, int64_t token_stride, int64_t ahead, float *s,
                                                                int64_t s_step, int64_t n, const int bf16,
                                                                const int nv, const int64_t head_dim) {
     v16 sums[3][CHUNK];
@@ -158,7 +165,9 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, i
         v16 acc[3][8] = {{{0}}};
         for (int64_t l = 0; l < head_dim / 16; l++)
             for (int64_t i = 0; i < 8; i++) {
-                const v16 k = load16(keys, bf16, k_at + (i0 + i) * token_stride + 16 * l);
+                const int64_t at = k_at + (i0 + i) * token_stride + 16 * l;
+                prefetch_ahead(keys, at, bf16 ? 2 : 4, ahead);
+                const v16 k = load16(keys, bf16, at);
                 for (int v = 0; v < nv; v++) {
                     v16 qv;
                     memcpy(&qv, q + v * q_step + 16 * l, sizeof qv);
@@ -181,7 +190,7 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, i
  * differs from converting first only in the order of the sums; it halves the instructions of a
  * decode's scores. (The bf16 argument is BY_GROUP's dtype flag, always 1 here.) */
 static inline __attribute__((always_inline)) void dot_scores(const uint16_t *q, int64_t q_step, const uint16_t *keys,
-                                                             int64_t k_at, int64_t token_stride, float *s,
+                                                             int64_t k_at, int64_t token_stride, int64_t ahead, float *s,
                                                              int64_t s_step, int64_t n, float scale, const int bf16,
                                                              const int nv, const int64_t head_dim) {
     (void)bf16;
@@ -195,7 +204,9 @@ static inline __attribute__((always_inline)) void dot_scores(const uint16_t *q, 
             for (int64_t i = 0; i < 8; i++) acc[v][i] = _mm512_setzero_ps();
         for (int64_t l = 0; l < head_dim / 32; l++)
             for (int64_t i = 0; i < 8; i++) {
-                const __m512bh k = (__m512bh)_mm512_loadu_si512(keys + k_at + (i0 + i) * token_stride + 32 * l);
+                const int64_t at = k_at + (i0 + i) * token_stride + 32 * l;
+                prefetch_ahead(keys, at, 2, ahead);
+                const __m512bh k = (__m512bh)_mm512_loadu_si512(keys + at);
                 for (int v = 0; v < nv; v++) acc[v][i] = _mm512_dpbf16_ps(acc[v][i], qv[v][l], k);
             }
         for (int v = 0; v < nv; v++) memcpy(&sums[v][i0], acc[v], sizeof acc[v]);
@@ -212,7 +223,7 @@ static inline __attribute__((always_inline)) void dot_scores(const uint16_t *q, 
  * 8L..8L+3 in the lo vector and 8L+4..8L+7 in the hi one: each 32 dims accumulate as [lo | hi]
  * and unpacked_to_dims puts them back in order once, at the end. */
 static inline __attribute__((always_inline)) void dot_values(const uint16_t *w, int64_t w_step, const uint16_t *values,
-                                                             int64_t v_at, int64_t token_stride, float *acc,
+                                                             int64_t v_at, int64_t token_stride, int64_t ahead, float *acc,
                                                              int64_t n, const int bf16, const int nv,
                                                              const int64_t head_dim) {
     (void)bf16; /* BY_GROUP's dtype flag, always 1 here */
@@ -221,7 +232,10 @@ static inline __attribute__((always_inline)) void dot_values(const uint16_t *w, 
         for (int64_t l = 0; l < head_dim / 16; l++) a[v][l] = _mm512_loadu_ps(acc + v * head_dim + 16 * l);
     for (int64_t i = 0; i < n; i += 2)
         for (int64_t l = 0; l < head_dim / 32; l++) {
-            const __m512i x = _mm512_loadu_si512(values + v_at + i * token_stride + 32 * l);
+            const int64_t at = v_at + i * token_stride + 32 * l;
+            prefetch_ahead(values, at, 2, ahead);
+            prefetch_ahead(values, at + token_stride, 2, ahead);
+            const __m512i x = _mm512_loadu_si512(values + at);
             const __m512i y = i + 1 < n ? _mm512_loadu_si512(values + v_at + (i + 1) * token_stride + 32 * l)
                                         : _mm512_setzero_si512(); /* past the context: stale, maybe not numbers */
             const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(x, y), hi = (__m512bh)_mm512_unpackhi_epi16(x, y);
@@ -269,14 +283,16 @@ static inline void weights_to_bf16(const float *scores, int64_t rows, int64_t co
 
 /* acc rows (head_dim apart) += the nv rows' weights (w_step apart) times the chunk's n values */
 static inline __attribute__((always_inline)) void group_values(const float *w, int64_t w_step, const void *values,
-                                                               int64_t v_at, int64_t token_stride, float *acc,
+                                                               int64_t v_at, int64_t token_stride, int64_t ahead, float *acc,
                                                                int64_t n, const int bf16, const int nv,
                                                                const int64_t head_dim) {
     v16 a[3][head_dim / 16];
     for (int v = 0; v < nv; v++) memcpy(a[v], acc + v * head_dim, sizeof a[v]);
     for (int64_t i = 0; i < n; i++)
         for (int64_t l = 0; l < head_dim / 16; l++) {
-            const v16 x = load16(values, bf16, v_at + i * token_stride + 16 * l);
+            const int64_t at = v_at + i * token_stride + 16 * l;
+            prefetch_ahead(values, at, bf16 ? 2 : 4, ahead);
+            const v16 x = load16(values, bf16, at);
             for (int v = 0; v < nv; v++) a[v][l] += w[v * w_step + i] * x;
         }
     for (int v = 0; v < nv; v++) memcpy(acc + v * head_dim, a[v], sizeof a[v]);
@@ -320,22 +336,22 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
     for (int64_t x = 0; x < rows * head_dim; x++) queries[x] *= p->scale;
 
     for (int64_t t = 0; t < context;) {
-        int64_t n;
+        int64_t n, ahead;
         int bf16;
-        const void *keys = chunk_at(p, p->k_cache, table, t, context, chunk, token_stride, &n, &bf16);
+        const void *keys = chunk_at(p, p->k_cache, table, t, context, chunk, token_stride, &n, &bf16, &ahead);
         /* causal: token j's rows see the chunk only if j >= t - (context - n_new) */
         for (int64_t j = t > context - n_new ? t - (context - n_new) : 0; j < n_new; j++) {
 #if DOT_SCORES
             if (bf16 && head_dim % 32 == 0) {
                 const uint16_t *qj = (const uint16_t *)p->q + (tile.first + j) * p->q_stride;
                 BY_GROUP(dot_scores, j * heads, 1, qj + h * head_dim, head_dim, (const uint16_t *)keys, g * head_dim,
-                         token_stride, scores + r * context + t, context, n, p->scale)
+                         token_stride, ahead, scores + r * context + t, context, n, p->scale)
                 continue;
             }
 #endif
             if (vectors) {
                 BY_GROUP(group_scores, j * heads, bf16, queries + r * head_dim, head_dim, keys, g * head_dim,
-                         token_stride, scores + r * context + t, context, n)
+                         token_stride, ahead, scores + r * context + t, context, n)
                 continue;
             }
             for (int64_t r = j * heads; r < (j + 1) * heads; r++)
@@ -382,12 +398,12 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
         const int64_t stride = context + (context & 1);
         weights_to_bf16(scores, rows, context, weights, stride);
         for (int64_t t = 0; t < context;) {
-            int64_t n;
+            int64_t n, ahead;
             int bf16;
-            const void *values = chunk_at(p, p->v_cache, table, t, context, chunk, token_stride, &n, &bf16);
+            const void *values = chunk_at(p, p->v_cache, table, t, context, chunk, token_stride, &n, &bf16, &ahead);
             for (int64_t j = t > context - n_new ? t - (context - n_new) : 0; j < n_new; j++)
                 BY_GROUP(dot_values, j * heads, 1, weights + r * stride + t, stride, (const uint16_t *)values,
-                         g * head_dim, token_stride, acc + r * head_dim, n)
+                         g * head_dim, token_stride, ahead, acc + r * head_dim, n)
             t += n;
         }
         for (int64_t r = 0; r < rows; r++) unpacked_to_dims(acc + r * head_dim, head_dim);
@@ -396,13 +412,13 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
     }
 #endif
     for (int64_t t = 0; t < context;) {
-        int64_t n;
+        int64_t n, ahead;
         int bf16;
-        const void *values = chunk_at(p, p->v_cache, table, t, context, chunk, token_stride, &n, &bf16);
+        const void *values = chunk_at(p, p->v_cache, table, t, context, chunk, token_stride, &n, &bf16, &ahead);
         for (int64_t j = t > context - n_new ? t - (context - n_new) : 0; j < n_new; j++) { /* as above */
             if (vectors) {
                 BY_GROUP(group_values, j * heads, bf16, scores + r * context + t, context, values, g * head_dim,
-                         token_stride, acc + r * head_dim, n)
+                         token_stride, ahead, acc + r * head_dim, n)
                 continue;
             }
             for (int64_t r = j * heads; r < (j + 1) * heads; r++)
