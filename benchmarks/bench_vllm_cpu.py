@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_smollm2 import TOPICS, gemm_rate, log, matmul_flops, workload
+from bench_smollm2 import TOPICS, attention_flops, gemm_rate, log, matmul_flops, workload
 
 from pagedkv.loader import load_model
 from pagedkv.models import ModelRunner
@@ -297,6 +297,8 @@ def main() -> None:
 
     results: dict[tuple[str, str, str, str], Runs] = {}
     floors: dict[tuple[str, str], float] = {}
+    rates: dict[str, float] = {}  # sustained GEMM GFLOP/s per dtype
+    shares: dict[str, float] = {}  # attention's part of each workload's matrix products
     for dtype_name in args.dtype:
         dtype = getattr(torch, dtype_name)
         model, _ = load_model("smollm2-135m", dtype=dtype, device="cpu")
@@ -310,9 +312,10 @@ def main() -> None:
             waited = settle([os.getpid(), server.proc.pid])
             log(f"  the machine settled after {waited:.0f} s")
         try:
-            rate = gemm_rate(dtype)  # alone, with vLLM idle
+            rates[dtype_name] = gemm_rate(dtype)  # alone, with vLLM idle
             for name in names:
-                floors[name, dtype_name] = matmul_flops(model, *workloads[name]) / (rate * 1e9)
+                floors[name, dtype_name] = matmul_flops(model, *workloads[name]) / (rates[dtype_name] * 1e9)
+                shares[name] = attention_flops(model, *workloads[name]) / matmul_flops(model, *workloads[name])
             for condition in conditions:
                 contender = (subprocess.Popen([sys.executable, "-c", CONTENDER]) if condition == "contended"
                              else None)
@@ -367,8 +370,8 @@ def main() -> None:
                     print(f"| {name} | {dtype_name} | {condition} | {system}{flag} | {runs.median:.2f} | {spread} "
                           f"| {sum(lengths) / runs.median:.1f} | {runs.median / floor:.2f}x | {ratio} | {slowdown} "
                           f"| {same} | {prefix} | {max(runs.others):.2f} |")
-            print(f"| {name} | {dtype_name} | | matmul floor | {floor:.2f} | | {sum(lengths) / floor:.1f} | 1x "
-                  "| | | | | |")
+            print(f"| {name} | {dtype_name} | | matmul floor ({shares[name]:.0%} of it attention's, "
+                  f"{rates[dtype_name]:.0f} GFLOP/s) | {floor:.2f} | | {sum(lengths) / floor:.1f} | 1x | | | | | |")
 
 
 if __name__ == "__main__":
