@@ -270,7 +270,7 @@ class KVCacheManager:
                 events[takes].append((table, tokens, True, False))
                 if caching:
                     events[fills].append((table, tokens, False, True))
-        used = []
+        used, in_use = [], pool.num_used  # an allocate(1) takes one free block; registering takes none
         for step in range(steps):
             for table, tokens, takes, fills in events[step % bs]:
                 n = table.num_tokens + step + 1
@@ -279,9 +279,10 @@ class KVCacheManager:
                     if granted is None:
                         raise BlockPoolError("decode_steps ran out of blocks: more steps than were affordable")
                     table.blocks = (*table.blocks, *granted)
+                    in_use += 1
                 if fills:
                     self._register_full_blocks(table, tokens, n)
-            used.append(pool.num_used)
+            used.append(in_use)
         for table in tables:
             table.num_tokens += steps
         self._stored += steps * len(tables)

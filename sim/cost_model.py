@@ -137,9 +137,12 @@ class CostModel(BaseModel):
         """The seconds of consecutive steps that each decode one token of ``num_seqs``
         sequences, the first attending ``context`` keys: each exactly :meth:`time_of`
         its features, with the curve looked up once."""
-        curve = self.tokens_time(num_seqs)
+        curve, per_key = self.tokens_time(num_seqs), self.per_decode_context_token_s
+        sampled = self.per_sampled_token_s * num_seqs
+        # _priced(curve, keys, 0, num_seqs) with its zero pairs term dropped: adding 0.0 to a
+        # non-negative sum changes no bit, so each step's price is the same float.
         for keys in range(context, context + steps * num_seqs, num_seqs):
-            yield self._priced(curve, keys, 0, num_seqs)
+            yield curve + per_key * keys + sampled
 
     def _priced(self, curve: float, context: int, pairs: int, samples: int) -> float:
         return (curve + self.per_decode_context_token_s * context + self.per_prefill_attended_pair_s * pairs

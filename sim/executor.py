@@ -118,12 +118,18 @@ class SimulatedExecutor:
         keys), stopping before the first that would start at or after ``until``; advance
         the clock by each, as :meth:`execute` of their plans would. Returns the clock at
         the end of each step taken."""
-        ends = []
-        for seconds in self.cost.decode_times(num_seqs, context, max_steps):
-            if self.clock.now >= until:
+        ends: list[float] = []
+        noise, now, busy = self._noise, self.clock.now, self.busy_seconds
+        for seconds in self.cost.decode_times(num_seqs, context, max_steps):  # _spend's sums, inline
+            if now >= until:
                 break
-            self._spend(seconds)
-            ends.append(self.clock.now)
+            if noise is not None:
+                seconds *= noise()
+            busy += seconds
+            now += seconds
+            ends.append(now)
+        self.busy_seconds = busy
+        self.clock.wait_until(now)
         return ends
 
     def _spend(self, seconds: float) -> None:
