@@ -16,8 +16,8 @@ median run; the spread between the real runs is printed beside it, as the yardst
 what "within 10%" can mean on this machine.
 
 The "in sample" columns price the simulation with a profile fitted on the real runs' own
-steps: what is left of the error there is the simulator's (scheduling, the form of the cost
-model), not the calibration's.
+steps, each run a part of its own (so the prices are the median run's): what is left of the
+error there is the simulator's (scheduling, the form of the cost model), not the calibration's.
 
 This VM's speed drifts: the same decode step takes 37 to 48 ms from one minute to the
 next, and a profile fitted minutes before a run can be 20% off for a whole run. So
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import numpy as np
 import torch
 
 from pagedkv.loader import load_model
@@ -60,12 +61,15 @@ def main() -> None:
     model, _ = load_model("smollm2-135m", dtype=torch.float32, device="cpu")
     parts: list[Timed] = []
     reals, timings = {name: [] for name in WORKLOADS}, {name: [] for name in WORKLOADS}
+    steps_per_run: dict[str, list[int]] = {name: [] for name in WORKLOADS}
     for turn in range(args.repeats):
         if args.calibrate:
             parts.append(
                 collect_samples(model, engine.block_size, engine.max_num_batched_tokens, turn, turn, args.repeats))
         for name, workload in WORKLOADS.items():
+            before = len(timings[name])
             reals[name].append(run_real(workload, engine, model, progress=True, timings=timings[name])[1])
+            steps_per_run[name].append(len(timings[name]) - before)
     if args.calibrate:
         profile = fit_parts(model, profile_name("smollm2-135m", torch.float32), parts, engine.max_num_batched_tokens)
     else:
@@ -75,7 +79,9 @@ def main() -> None:
     print(f"profile: {profile.name} ({profile.fit_note})\n")
     for name, workload in WORKLOADS.items():
         _, simulated = simulate(workload, engine, "paged", profile)
-        own = fit_profile(model, f"{name}, in sample", *as_arrays(timings[name]), engine.max_num_batched_tokens)
+        runs = np.repeat(np.arange(args.repeats), steps_per_run[name])
+        own = fit_profile(model, f"{name}, in sample", *as_arrays(timings[name]), engine.max_num_batched_tokens,
+                          parts=runs if args.repeats > 1 else None)
         _, in_sample = simulate(workload, engine, "paged", own)
         intervals = (simulate_intervals(workload, engine, args.intervals, profile=profile, vary_workload=False)
                      if args.intervals else None)

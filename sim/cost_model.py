@@ -206,36 +206,52 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     apart). This machine's speed drifts by 10-20% over minutes and moves every step of a run
     together, which independent per-step noise averages away over a run's hundreds of steps: so
     the residuals are split into each part's offset (the run-level factor, ``run_noise``) and
-    the scatter around it (``step_noise``). ``workloads`` labels each step's workload: a part's
-    offset is then the median of its steps' residuals relative to their workload's median over
-    all parts, from the workloads timed in two parts or more, so that a workload the curve
-    prices a little high or low (each calibration burst runs in one part only) does not pass for
-    the machine's speed.
+    the scatter around it (``step_noise``), and the prices are refitted to the median part's speed.
+    ``workloads`` labels each step's workload: a part's offset is then the median of its steps'
+    residuals relative to their workload's median part, from the workloads timed in two parts or
+    more, so that a workload the curve prices a little high or low (each calibration burst runs
+    in one part only) does not pass for the machine's speed.
     """
     features, seconds = np.asarray(features, dtype=float), np.asarray(seconds, dtype=float)
     design = np.column_stack([hat_basis(features[:, 0], knots), features[:, 1:]])
     weight = 1 / np.sqrt(seconds)
-    coef = nnls(design * weight[:, None], seconds * weight)
-    predicted = design @ coef
-    error = float(np.median(np.abs(predicted - seconds) / seconds))
-    residuals = np.log(seconds / np.maximum(predicted, 1e-12))
+
+    def solve(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        coef = nnls(design * weight[:, None], target * weight)
+        return coef, np.log(seconds / np.maximum(design @ coef, 1e-12))
+
+    coef, residuals = solve(seconds)
     levels = np.linspace(0, 1, 101)
     run_noise: list[float] = []
     if parts is not None and len(labels := np.unique(parts)) >= 2:
+        index = np.searchsorted(labels, parts)
         kinds = workloads if workloads is not None else np.zeros(len(parts))
-        centred, shared = residuals.copy(), np.zeros(len(parts), dtype=bool)
-        for kind in np.unique(kinds):
-            mine = kinds == kind
-            if len(np.unique(parts[mine])) >= 2:
-                centred[mine] -= np.median(residuals[mine])
-                shared |= mine
-        offsets = np.array([np.median(centred[shared & (parts == label)]) if (shared & (parts == label)).any()
-                            else 0.0 for label in labels])
-        residuals = residuals - offsets[np.searchsorted(labels, parts)]
+        # Fitted to every part as timed, the prices describe a machine of the parts' mean speed;
+        # refitted with each part's steps scaled by its offset, they describe the median part's,
+        # which is what a simulation's central value should predict: the median real run.
+        coef, residuals = solve(seconds * np.exp(-_part_offsets(residuals, parts, kinds, labels)[index]))
+        offsets = _part_offsets(residuals, parts, kinds, labels)
+        residuals = residuals - offsets[index]
         run_noise = [float(q) for q in np.quantile(offsets, levels)]
+    predicted = design @ coef
+    error = float(np.median(np.abs(predicted - seconds) / seconds))
     k = len(knots)
     return Fit([float(c) for c in coef[:k]], float(coef[k]), float(coef[k + 1]), float(coef[k + 2]), error,
                [float(q) for q in np.quantile(residuals, levels)], run_noise)
+
+
+def _part_offsets(residuals: np.ndarray, parts: np.ndarray, kinds: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each part's median residual, every step's taken relative to its workload's median part
+    (the median of its parts' medians), from the workloads timed in two parts or more (see
+    :func:`fit`)."""
+    centred, shared = residuals.copy(), np.zeros(len(parts), dtype=bool)
+    for kind in np.unique(kinds):
+        mine = kinds == kind
+        if len(timed_in := np.unique(parts[mine])) >= 2:
+            centred[mine] -= np.median([np.median(residuals[mine & (parts == part)]) for part in timed_in])
+            shared |= mine
+    return np.array([np.median(centred[shared & (parts == label)]) if (shared & (parts == label)).any()
+                     else 0.0 for label in labels])
 
 
 class StepNoise:

@@ -13,7 +13,7 @@ from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler import EngineConfig
 from pagedkv.sim import CostModel, LengthDist, WorkloadConfig, simulate, simulate_intervals
 from pagedkv.sim.api import INTERVAL_METRICS
-from pagedkv.sim.cost_model import StepNoise, fit, power_of_two_knots
+from pagedkv.sim.cost_model import Fit, StepNoise, fit, power_of_two_knots
 
 BASE = CostModel(
     name="test", token_knots=[1, 2, 1026], token_costs_s=[0.024, 0.03, 1.054],
@@ -58,6 +58,26 @@ def test_a_fit_with_parts_splits_the_run_speed_from_the_step_scatter() -> None:
     assert scatter[10] == pytest.approx(0.938, rel=0.015) and scatter[90] == pytest.approx(1.066, rel=0.015)
     pooled = fit(features, seconds, power_of_two_knots(100))
     assert pooled.run_noise == [] and pooled.step_noise[90] - pooled.step_noise[10] > 0.2
+
+
+def test_with_parts_the_prices_are_the_median_part_s_not_the_mean() -> None:
+    """Two parts at the usual speed and one a third slower (a busy minute): labelled, the fitted
+    prices are the usual machine's, what the median real run does; pooled, the slow part pulls
+    them about 10% up."""
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(1, 100, 900)
+    parts = np.repeat([0, 1, 2], 300)
+    truth = 0.01 + 0.001 * tokens
+    seconds = truth * np.array([1.0, 1.0, 1.33])[parts] * np.exp(rng.normal(0.0, 0.03, 900))
+    features = np.column_stack([tokens, np.zeros((900, 3))])
+    knots = power_of_two_knots(100)
+
+    def priced(result: Fit) -> np.ndarray:
+        model = BASE.model_copy(update={"token_knots": knots, "token_costs_s": result.token_costs_s})
+        return np.array([model.tokens_time(int(t)) for t in tokens])
+
+    assert np.median(priced(fit(features, seconds, knots, parts)) / truth) == pytest.approx(1.0, abs=0.015)
+    assert np.median(priced(fit(features, seconds, knots)) / truth) > 1.07
 
 
 def test_a_workload_timed_in_one_part_only_does_not_pass_for_the_machine_s_speed() -> None:
