@@ -153,6 +153,24 @@ def matmul_flops(model, prompts, lengths) -> float:
     return linear_flops(model, prompts, lengths) + attention_flops(model, prompts, lengths)
 
 
+def step_bound(model, prompts, lengths, gemm_gflops: float, read_gb_s: float) -> float:
+    """Seconds below which no engine can serve the workload on this machine, where the matmul floor
+    is too kind: decode steps read more than they compute. The prompts' products (linear layers and
+    attention) at the GEMM rate; then the decode steps at the slower of their products at that rate
+    and their reads at the sequential-read rate: every weight once a step, for as many steps as the
+    longest request decodes, and each decoded token's K/V context once."""
+    config, size = model.config, model.lm_head.weight.element_size()
+    layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
+    head = model.lm_head.weight.numel()
+    per_key = 4.0 * config.num_attention_heads * config.head_dim * config.num_hidden_layers
+    kv_bytes = 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * size
+    prefill = sum(2 * len(p) * layer_params + 2 * head + per_key * len(p) * (len(p) + 1) / 2 for p in prompts)
+    keys = sum((n - 1) * len(p) + n * (n - 1) / 2 for p, n in zip(prompts, lengths, strict=True))  # decode reads
+    decode = sum(n - 1 for n in lengths) * (2 * layer_params + 2 * head) + per_key * keys
+    reads = (max(lengths) - 1) * (layer_params + head) * size + keys * kv_bytes
+    return prefill / (gemm_gflops * 1e9) + max(decode / (gemm_gflops * 1e9), reads / (read_gb_s * 1e9))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=64)

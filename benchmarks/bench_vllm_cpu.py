@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_smollm2 import TOPICS, attention_flops, gemm_rate, log, matmul_flops, workload
+from bench_kernels import sequential_read_gb_s
+from bench_smollm2 import TOPICS, attention_flops, gemm_rate, log, matmul_flops, step_bound, workload
 
 from pagedkv.loader import load_model
 from pagedkv.models import ModelRunner
@@ -297,6 +298,7 @@ def main() -> None:
 
     results: dict[tuple[str, str, str, str], Runs] = {}
     floors: dict[tuple[str, str], float] = {}
+    bounds: dict[tuple[str, str], float] = {}  # prefill at the GEMM rate, decode at memory speed
     rates: dict[str, float] = {}  # sustained GEMM GFLOP/s per dtype
     shares: dict[str, float] = {}  # attention's part of each workload's matrix products
     for dtype_name in args.dtype:
@@ -312,9 +314,10 @@ def main() -> None:
             waited = settle([os.getpid(), server.proc.pid])
             log(f"  the machine settled after {waited:.0f} s")
         try:
-            rates[dtype_name] = gemm_rate(dtype)  # alone, with vLLM idle
+            rates[dtype_name], read = gemm_rate(dtype), sequential_read_gb_s()  # alone, with vLLM idle
             for name in names:
                 floors[name, dtype_name] = matmul_flops(model, *workloads[name]) / (rates[dtype_name] * 1e9)
+                bounds[name, dtype_name] = step_bound(model, *workloads[name], rates[dtype_name], read)
                 shares[name] = attention_flops(model, *workloads[name]) / matmul_flops(model, *workloads[name])
             for condition in conditions:
                 contender = (subprocess.Popen([sys.executable, "-c", CONTENDER]) if condition == "contended"
@@ -372,6 +375,9 @@ def main() -> None:
                           f"| {same} | {prefix} | {max(runs.others):.2f} |")
             print(f"| {name} | {dtype_name} | | matmul floor ({shares[name]:.0%} of it attention's, "
                   f"{rates[dtype_name]:.0f} GFLOP/s) | {floor:.2f} | | {sum(lengths) / floor:.1f} | 1x | | | | | |")
+            bound = bounds[name, dtype_name]
+            print(f"| {name} | {dtype_name} | | bound: prompts at that rate, decode at memory speed | {bound:.2f} "
+                  f"| | {sum(lengths) / bound:.1f} | {bound / floor:.2f}x | | | | | |")
 
 
 if __name__ == "__main__":
