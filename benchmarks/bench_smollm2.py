@@ -130,12 +130,22 @@ def gemm_rate(dtype: torch.dtype, seconds: float = 1.0) -> float:
     return best
 
 
+def layer_params(model) -> int:
+    """The weights of the decoder layers' linear layers (the vocabulary projection apart)."""
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
+
+
+def attention_flops_per_key(model) -> float:
+    """One query against one key and its value, in every head of every layer: 4 * heads * head_dim * layers."""
+    config = model.config
+    return 4.0 * config.num_attention_heads * config.head_dim * config.num_hidden_layers
+
+
 def linear_flops(model, prompts, lengths) -> float:
     """Linear-layer FLOPs of the workload: every computed token (a prompt's tokens, then each new
     token but the last) through every layer, plus the vocabulary projection for each generated token."""
-    layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
     computed = sum(len(p) + n - 1 for p, n in zip(prompts, lengths, strict=True))
-    return 2.0 * (computed * layer_params + sum(lengths) * model.lm_head.weight.numel())
+    return 2.0 * (computed * layer_params(model) + sum(lengths) * model.lm_head.weight.numel())
 
 
 def attention_flops(model, prompts, lengths) -> float:
@@ -143,9 +153,8 @@ def attention_flops(model, prompts, lengths) -> float:
     and its weights by as many values, 4 * heads * head_dim * (i + 1) FLOPs a layer; a request
     computes positions 0 .. prompt + new - 2. Small for short chats (3% of the mixed workload's),
     not for long prompts (18% of the long one's)."""
-    config = model.config
-    per_key = 4.0 * config.num_attention_heads * config.head_dim * config.num_hidden_layers
-    return per_key * sum((len(p) + n - 1) * (len(p) + n) / 2 for p, n in zip(prompts, lengths, strict=True))
+    keys = sum((len(p) + n - 1) * (len(p) + n) / 2 for p, n in zip(prompts, lengths, strict=True))
+    return attention_flops_per_key(model) * keys
 
 
 def matmul_flops(model, prompts, lengths) -> float:
@@ -160,14 +169,12 @@ def step_bound(model, prompts, lengths, gemm_gflops: float, read_gb_s: float) ->
     and their reads at the sequential-read rate: every weight once a step, for as many steps as the
     longest request decodes, and each decoded token's K/V context once."""
     config, size = model.config, model.lm_head.weight.element_size()
-    layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
-    head = model.lm_head.weight.numel()
-    per_key = 4.0 * config.num_attention_heads * config.head_dim * config.num_hidden_layers
+    params, head, per_key = layer_params(model), model.lm_head.weight.numel(), attention_flops_per_key(model)
     kv_bytes = 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * size
-    prefill = sum(2 * len(p) * layer_params + 2 * head + per_key * len(p) * (len(p) + 1) / 2 for p in prompts)
+    prefill = sum(2 * len(p) * params + 2 * head + per_key * len(p) * (len(p) + 1) / 2 for p in prompts)
     keys = sum((n - 1) * len(p) + n * (n - 1) / 2 for p, n in zip(prompts, lengths, strict=True))  # decode reads
-    decode = sum(n - 1 for n in lengths) * (2 * layer_params + 2 * head) + per_key * keys
-    reads = (max(lengths) - 1) * (layer_params + head) * size + keys * kv_bytes
+    decode = sum(n - 1 for n in lengths) * (2 * params + 2 * head) + per_key * keys
+    reads = (max(lengths) - 1) * (params + head) * size + keys * kv_bytes
     return prefill / (gemm_gflops * 1e9) + max(decode / (gemm_gflops * 1e9), reads / (read_gb_s * 1e9))
 
 

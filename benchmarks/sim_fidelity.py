@@ -83,9 +83,9 @@ def main() -> None:
     print(f"profile: {profile.name} ({profile.fit_note})\n")
     for name, workload in WORKLOADS.items():
         _, simulated = simulate(workload, engine, "paged", profile)
-        runs = np.repeat(np.arange(args.repeats), steps_per_run[name])
+        run_of_step = np.repeat(np.arange(args.repeats), steps_per_run[name])
         own = fit_profile(model, f"{name}, in sample", *as_arrays(timings[name]), engine.max_num_batched_tokens,
-                          parts=runs if args.repeats > 1 else None)
+                          parts=run_of_step if args.repeats > 1 else None)
         _, in_sample = simulate(workload, engine, "paged", own)
         intervals = (simulate_intervals(workload, engine, args.intervals, profile=profile, vary_workload=False)
                      if args.intervals else None)
