@@ -42,6 +42,12 @@
 #include "bf16.h"
 #include "vec16.h"
 
+/* Products and sums fused into FMAs in this file's code (ISO C mode, -std=c11, leaves them apart):
+ * prefill chunks are bound by arithmetic, and a 1024-token chunk over 1024 cached ones ran 1.3x
+ * faster fused. Each fused product is rounded once instead of twice, within the tolerances the
+ * reference is tested to. Other compilers ignore the pragma and keep the two operations. */
+#pragma GCC optimize("fp-contract=fast")
+
 #define CHUNK 16
 enum dtype { F32 = 0, BF16 = 1 };
 
@@ -498,11 +504,18 @@ static inline __attribute__((always_inline)) void wide_values(const float *st, i
         else CALL(__VA_ARGS__, 1, head_dim);                                        \
     }
 
-/* Zero-fills the chunk past the context, so that the register tiles always take CHUNK keys. */
-static inline void load_full_chunk(const struct problem *p, const void *cache, const int64_t *table, int64_t t,
-                                   int64_t context, float *chunk, int64_t token_stride) {
+/* CHUNK tokens from t as float32, zero past the context, so that the register tiles always take
+ * CHUNK keys: in place where they are float32 in one block and all within the context (every
+ * chunk but the last with block sizes that are multiples of CHUNK), else converted or copied
+ * into chunk. Copying every chunk for every tile took 9% of a long prefill's kernel time. */
+static inline const float *full_chunk(const struct problem *p, const void *cache, const int64_t *table, int64_t t,
+                                      int64_t context, float *chunk, int64_t token_stride) {
+    const int64_t offset = t % p->block_size;
+    if (p->dtype == F32 && offset + CHUNK <= p->block_size && t + CHUNK <= context)
+        return (const float *)cache + (table[t / p->block_size] * p->block_size + offset) * token_stride;
     const int64_t n = load_chunk(p, cache, table, t, context, chunk, token_stride);
     memset(chunk + n * token_stride, 0, sizeof(float) * (size_t)((CHUNK - n) * token_stride));
+    return chunk;
 }
 
 static inline __attribute__((always_inline)) void attend_wide(const struct problem *p, struct tile tile,
@@ -525,9 +538,9 @@ static inline __attribute__((always_inline)) void attend_wide(const struct probl
     }
 
     for (int64_t t = 0; t < context; t += CHUNK) {
-        load_full_chunk(p, p->k_cache, table, t, context, chunk, token_stride);
+        const float *tokens = full_chunk(p, p->k_cache, table, t, context, chunk, token_stride);
         for (int64_t g = 0; g < kv_heads; g++) {
-            const float *qg = qt + g * head_dim * rpad, *keys = chunk + g * head_dim;
+            const float *qg = qt + g * head_dim * rpad, *keys = tokens + g * head_dim;
             float *sg = st + (g * cpad + t) * rpad;
             BY_THREE(wide_scores, rvecs, qg + 16 * v0, rpad, keys, token_stride, sg + 16 * v0)
         }
@@ -556,9 +569,9 @@ static inline __attribute__((always_inline)) void attend_wide(const struct probl
         }
 
     for (int64_t t = 0; t < context; t += CHUNK) {
-        load_full_chunk(p, p->v_cache, table, t, context, chunk, token_stride);
+        const float *tokens = full_chunk(p, p->v_cache, table, t, context, chunk, token_stride);
         for (int64_t g = 0; g < kv_heads; g++) {
-            const float *sg = st + (g * cpad + t) * rpad, *values = chunk + g * head_dim;
+            const float *sg = st + (g * cpad + t) * rpad, *values = tokens + g * head_dim;
             float *ag = at + g * head_dim * rpad;
             BY_THREE(wide_values, rvecs, sg + 16 * v0, rpad, values, token_stride, ag + 16 * v0)
         }
