@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels.py [--dtype bfloat16|float32] [--rows 1,12,64,128,256,512]
 
-Two tables:
+Three tables:
   - linear: all 30 layers' four weight shapes (every weight distinct, so they stream from memory
     as in a real step) for each row count, through ``models.layers.Linear``'s CPU kernel and
     through oneDNN's prepacked matmul, alternated, best of 5; the weight bytes per second and the
@@ -10,7 +10,11 @@ Two tables:
   - decode attention: one decode step of 12 sequences of 500-2100 tokens over 30 layers' caches
     (block size 16), blocks scattered over the pool and in order, best of 15; the cache bytes
     per second against a plain sequential read measured in the same run.
+  - prefill attention: one prompt chunk (256 or 1024 new tokens, after 0 or 1024 cached ones) of
+    one layer, best of 10, in GFLOP/s of its causal products (QK and PV).
 A kernel microbenchmark must be cold: a cache that sits warm in L3 misleads (docs/benchmarks.md).
+The prefill table is the exception: a chunk is bound by arithmetic and reads each key and value
+once per 16-token tile, so in a real step too its layer's K/V (at most 3 MB here) sit in cache.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -107,6 +112,29 @@ def attention_table(dtype: torch.dtype) -> None:
         print(f"| {layout} | {seconds * 1e3:.2f} | {rate:.1f} | {rate / read:.0%} |")
 
 
+def prefill_table(dtype: torch.dtype) -> None:
+    kernels = load_cpu_kernel()
+    assert kernels is not None, "the CPU kernels did not build"
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    print(f"\nprefill attention, {dtype}: one sequence, one layer, {heads} query heads over {kv_heads} K/V heads "
+          f"of {head_dim}, blocks scattered")
+    print("| cached tokens | new tokens | ms | GFLOP/s |")
+    print("|---:|---:|---:|---:|")
+    for cached, new in ((0, 256), (0, 1024), (1024, 1024)):
+        context = cached + new
+        blocks = -(-context // block_size)
+        k, v = (torch.randn(blocks, block_size, kv_heads, head_dim).to(dtype) for _ in range(2))
+        table = torch.randperm(blocks).reshape(1, -1)
+        q = torch.randn(new, heads, head_dim).to(dtype)
+        out = torch.empty_like(q)
+        chunk = partial(kernels.paged_attention, q, k, v, out, table, torch.tensor([0]), torch.tensor([new]),
+                        torch.tensor([context]))
+        chunk()
+        seconds = best(chunk, 10)
+        pairs = new * cached + new * (new + 1) // 2  # each new token sees the cached ones and itself
+        print(f"| {cached} | {new} | {seconds * 1e3:.2f} | {4 * heads * head_dim * pairs / seconds / 1e9:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -118,6 +146,7 @@ def main() -> None:
     print(f"{args.threads} threads, torch {torch.__version__}")
     linear_table(dtype, [int(r) for r in args.rows.split(",")])
     attention_table(dtype)
+    prefill_table(dtype)
 
 
 if __name__ == "__main__":
