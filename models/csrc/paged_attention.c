@@ -35,6 +35,7 @@
  *   context_lens  [seqs]                                int64 tokens cached once this step's are written
  * Query j of a sequence with n new tokens sits at position context - n + j and sees keys 0..that.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -455,10 +456,16 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
  * rpad is the rows rounded up to 16: the padding lanes hold zero queries and are never stored. */
 #define KEYS 8 /* keys (scores) or dims (values) per register tile */
 
-/* st[t + i][v * 16 ..] = qt[.][v * 16 ..] . key(t + i) for the CHUNK keys of a chunk, NV row vectors */
+/* st[t + i][v * 16 ..] = qt[.][v * 16 ..] . key(t + i) for the CHUNK keys from t, NV row vectors;
+ * peak[v * 16 ..] becomes the larger of itself and each score its lane's row sees (key <= last[v]):
+ * the softmax's maximum, taken while the scores are in registers instead of in a pass of its own
+ * over st (which, at a few hundred KB per K/V head, sits in L2 or beyond). */
 static inline __attribute__((always_inline)) void wide_scores(const float *qt, int64_t rpad, const float *keys,
-                                                               int64_t token_stride, float *st, const int nv,
+                                                               int64_t token_stride, float *st, float *peak,
+                                                               const vi16 *last, int64_t t, const int nv,
                                                                const int64_t head_dim) {
+    v16 peaks[3];
+    for (int v = 0; v < nv; v++) memcpy(&peaks[v], peak + 16 * v, sizeof(v16));
     for (int64_t i0 = 0; i0 < CHUNK; i0 += KEYS) {
         v16 acc[3][KEYS] = {{{0}}};
         for (int64_t d = 0; d < head_dim; d++) {
@@ -470,8 +477,12 @@ static inline __attribute__((always_inline)) void wide_scores(const float *qt, i
             }
         }
         for (int64_t i = 0; i < KEYS; i++)
-            for (int v = 0; v < nv; v++) memcpy(st + (i0 + i) * rpad + 16 * v, &acc[v][i], sizeof(v16));
+            for (int v = 0; v < nv; v++) {
+                memcpy(st + (i0 + i) * rpad + 16 * v, &acc[v][i], sizeof(v16));
+                peaks[v] = select((acc[v][i] > peaks[v]) & ((int32_t)(t + i0 + i) <= last[v]), acc[v][i], peaks[v]);
+            }
     }
+    for (int v = 0; v < nv; v++) memcpy(peak + 16 * v, &peaks[v], sizeof(v16));
 }
 
 /* at[d][v * 16 ..] += sum over the chunk's keys of st[t + i][v * 16 ..] * value(t + i)[d] */
@@ -538,30 +549,30 @@ static inline __attribute__((always_inline)) void attend_wide(const struct probl
                 qt[((h / group) * head_dim + d) * rpad + j * group + h % group] = row[h * head_dim + d] * p->scale;
     }
 
+    vi16 last[rvecs]; /* the last key each lane's row sees: keys up to base are seen by all */
+    for (int64_t v = 0; v < rvecs; v++)
+        for (int l = 0; l < 16; l++) last[v][l] = (int32_t)(base + (16 * v + l) / group);
+    float *peak = inverse; /* each row's largest score, until the softmax makes it 1 / its total */
+    for (int64_t r = 0; r < kv_heads * rpad; r++) peak[r] = -INFINITY;
     for (int64_t t = 0; t < context; t += CHUNK) {
         const float *tokens = full_chunk(p, p->k_cache, table, t, context, chunk, token_stride);
         for (int64_t g = 0; g < kv_heads; g++) {
             const float *qg = qt + g * head_dim * rpad, *keys = tokens + g * head_dim;
             float *sg = st + (g * cpad + t) * rpad;
-            BY_THREE(wide_scores, rvecs, qg + 16 * v0, rpad, keys, token_stride, sg + 16 * v0)
+            BY_THREE(wide_scores, rvecs, qg + 16 * v0, rpad, keys, token_stride, sg + 16 * v0,
+                     peak + g * rpad + 16 * v0, last + v0, t)
         }
     }
 
     for (int64_t g = 0; g < kv_heads; g++) /* causal softmax down the keys, one row per lane */
         for (int64_t v = 0; v < rvecs; v++) {
             float *s = st + g * cpad * rpad + 16 * v;
-            vi16 last; /* the last key each lane's row sees: keys up to base are seen by all */
-            for (int l = 0; l < 16; l++) last[l] = (int32_t)(base + (16 * v + l) / group);
-            v16 peak, total = {0}, x;
-            memcpy(&peak, s, sizeof peak);
-            for (int64_t t = 1; t < context; t++) {
-                memcpy(&x, s + t * rpad, sizeof x);
-                peak = select((x > peak) & ((int32_t)t <= last), x, peak);
-            }
+            v16 top, total = {0}, x;
+            memcpy(&top, peak + g * rpad + 16 * v, sizeof top);
             for (int64_t t = 0; t < cpad; t++) {
                 memcpy(&x, s + t * rpad, sizeof x);
-                x = exp16(x - peak);
-                if (t > base) x = select((int32_t)t <= last, x, (v16){0});
+                x = exp16(x - top);
+                if (t > base) x = select((int32_t)t <= last[v], x, (v16){0});
                 total += x;
                 memcpy(s + t * rpad, &x, sizeof x);
             }
