@@ -452,7 +452,7 @@ static inline __attribute__((always_inline)) void attend(const struct problem *p
  *   qt[g]  [head_dim][rpad]      scaled queries, row r = j * group + i (token j, head g * group + i)
  *   st[g]  [cpad][rpad]          scores, then probabilities, for keys 0..cpad (context rounded up to CHUNK)
  *   at[g]  [head_dim][rpad]      the weighted sums of the values, transposed back into out at the end
- *   inverse[g] [rpad]            each row's 1 / (sum of its exponentials)
+ *   inverse[g] [rpad]            each row's largest score (kept by the QK pass), then 1 / (sum of its exponentials)
  * rpad is the rows rounded up to 16: the padding lanes hold zero queries and are never stored. */
 #define KEYS 8 /* keys (scores) or dims (values) per register tile */
 
