@@ -10,7 +10,10 @@
  *   - float32: packed [tiles][k][16]; acc[row][tile] += x[row][k] (broadcast) * the 16 weights.
  *   - bfloat16 (AVX512-BF16): packed [tiles][k / 2][16][2]; one pair dot product takes two k
  *     at once from x's pair (broadcast) and the 16 columns' pairs, accumulated in float32.
- * Two tiles (32 columns) and 12 rows make 24 accumulators in registers. The packed weight is
+ * Two tiles (32 columns) and 12 rows make 24 accumulators in registers. Past 12 rows, each tile
+ * pair is used by several blocks of rows in turn, bound by arithmetic once its first block has
+ * brought it in; the thread's next pair is prefetched into L2 meanwhile (2026-12-02, all 30
+ * layers' weights cold: 1.1-1.25x faster at 24-64 rows in both dtypes). The packed weight is
  * padded to a multiple of 32 columns with zeros; stores are masked to the n real columns. Each
  * output is its k products summed in order in float32 (plus the bias), rounded once to the
  * dtype. Threads split the column tiles (OpenMP, PyTorch's runtime).
@@ -41,14 +44,18 @@ static inline __mmask16 columns(int64_t n, int64_t c0) {
 }
 
 static inline __attribute__((always_inline)) void tile_f32(const float *x, int64_t k, const float *w, const float *bias,
-                                                           float *y, int64_t n, int64_t c0, const int rows) {
+                                                           float *y, int64_t n, int64_t c0, const int rows,
+                                                           const float *ahead, int near) {
     __m512 acc[ROWS][2];
     for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const float *w0 = w + c0 * k, *w1 = w0 + 16 * k; /* tile c0 / 16 and the next */
     for (int64_t i = 0; i < k; i++) {
         const __m512 a = _mm512_loadu_ps(w0 + 16 * i), b = _mm512_loadu_ps(w1 + 16 * i);
-        __builtin_prefetch(w0 + 16 * (i + PREFETCH_LINES));
-        __builtin_prefetch(w1 + 16 * (i + PREFETCH_LINES));
+        if (near) {
+            __builtin_prefetch(w0 + 16 * (i + PREFETCH_LINES));
+            __builtin_prefetch(w1 + 16 * (i + PREFETCH_LINES));
+        }
+        if (ahead) __builtin_prefetch(ahead + 16 * i, 0, 2);
         for (int r = 0; r < rows; r++) {
             const __m512 xr = _mm512_set1_ps(x[r * k + i]);
             acc[r][0] = _mm512_fmadd_ps(xr, a, acc[r][0]);
@@ -63,28 +70,34 @@ static inline __attribute__((always_inline)) void tile_f32(const float *x, int64
 }
 
 /* Calls TILE(..., rows) over x's rows in blocks of ROWS, with rows a constant in each call so
- * that the accumulators stay in registers. */
-#define BY_ROWS(TILE, x, y, ...)                                                                          \
-    for (int64_t r0 = 0; r0 < m; r0 += ROWS) {                                                            \
+ * that the accumulators stay in registers. Only the first block streams this tile pair from
+ * memory (`near`: it prefetches its next lines); the later blocks find it in L2. With more than
+ * one block, the first two also prefetch the thread's next tile pair into L2 (`ahead`, one line
+ * a step: its first tile in block 0, its second in block 1), so that the next pair's memory
+ * traffic overlaps this pair's arithmetic instead of stalling the next pair's first block. */
+#define BY_ROWS(TILE, x, y, w, ...)                                                                       \
+    for (int64_t r0 = 0, b = 0; r0 < m; r0 += ROWS, b++) {                                                \
+        const int near = b == 0;                                                                          \
+        const __typeof__(w) ahead = m > ROWS && b < 2 && c0 + 32 < n ? w + (c0 + 32 + 16 * b) * k : 0;    \
         switch (m - r0 < ROWS ? m - r0 : ROWS) {                                                          \
-        case 1: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 1); break;                               \
-        case 2: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 2); break;                               \
-        case 3: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 3); break;                               \
-        case 4: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 4); break;                               \
-        case 5: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 5); break;                               \
-        case 6: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 6); break;                               \
-        case 7: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 7); break;                               \
-        case 8: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 8); break;                               \
-        case 9: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 9); break;                               \
-        case 10: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 10); break;                             \
-        case 11: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, 11); break;                             \
-        default: TILE(x + r0 * k, __VA_ARGS__, y + r0 * n, n, c0, ROWS);                                  \
+        case 1: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 1, ahead, near); break;            \
+        case 2: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 2, ahead, near); break;            \
+        case 3: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 3, ahead, near); break;            \
+        case 4: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 4, ahead, near); break;            \
+        case 5: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 5, ahead, near); break;            \
+        case 6: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 6, ahead, near); break;            \
+        case 7: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 7, ahead, near); break;            \
+        case 8: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 8, ahead, near); break;            \
+        case 9: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 9, ahead, near); break;            \
+        case 10: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 10, ahead, near); break;          \
+        case 11: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, 11, ahead, near); break;          \
+        default: TILE(x + r0 * k, k, w, __VA_ARGS__, y + r0 * n, n, c0, ROWS, ahead, near);               \
         }                                                                                                 \
     }
 
 int linear_f32(const float *x, int64_t m, int64_t k, const float *packed, const float *bias, float *y, int64_t n) {
 #pragma omp parallel for schedule(static)
-    for (int64_t c0 = 0; c0 < n; c0 += 32) BY_ROWS(tile_f32, x, y, k, packed, bias)
+    for (int64_t c0 = 0; c0 < n; c0 += 32) BY_ROWS(tile_f32, x, y, packed, bias)
     return 0;
 }
 #else
@@ -105,14 +118,17 @@ static inline void store_bf16(uint16_t *y, const uint16_t *bias, __m512 acc, __m
 
 static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *x, int64_t k, const uint16_t *w,
                                                             const uint16_t *bias, uint16_t *y, int64_t n, int64_t c0,
-                                                            const int rows) {
+                                                            const int rows, const uint16_t *ahead, int near) {
     __m512 acc[ROWS][2];
     for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const uint16_t *w0 = w + c0 * k, *w1 = w0 + 16 * k;
     for (int64_t i = 0; i < k / 2; i++) {
         const __m512bh a = (__m512bh)_mm512_loadu_si512(w0 + 32 * i), b = (__m512bh)_mm512_loadu_si512(w1 + 32 * i);
-        __builtin_prefetch(w0 + 32 * (i + PREFETCH_LINES));
-        __builtin_prefetch(w1 + 32 * (i + PREFETCH_LINES));
+        if (near) {
+            __builtin_prefetch(w0 + 32 * (i + PREFETCH_LINES));
+            __builtin_prefetch(w1 + 32 * (i + PREFETCH_LINES));
+        }
+        if (ahead) __builtin_prefetch(ahead + 32 * i, 0, 2);
         for (int r = 0; r < rows; r++) {
             int32_t pair;
             memcpy(&pair, x + r * k + 2 * i, sizeof pair);
@@ -132,7 +148,7 @@ int linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *packed,
                 int64_t n) {
     if (k % 2) return UNSUPPORTED;
 #pragma omp parallel for schedule(static)
-    for (int64_t c0 = 0; c0 < n; c0 += 32) BY_ROWS(tile_bf16, x, y, k, packed, bias)
+    for (int64_t c0 = 0; c0 < n; c0 += 32) BY_ROWS(tile_bf16, x, y, packed, bias)
     return 0;
 }
 #else
