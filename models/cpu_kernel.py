@@ -102,7 +102,7 @@ class CPUKernels:
         place, then the sum is normalized. Tensors contiguous, on the CPU, of one dtype."""
         dim = x.shape[-1]
         operands = (x, weight) if residual is None else (x, weight, residual)
-        if any(not t.is_contiguous() or t.device.type != "cpu" or t.dtype != x.dtype for t in operands):
+        if not _cpu_contiguous(x.dtype, *operands):
             raise ValueError("rms_norm takes contiguous CPU tensors of one dtype")
         if weight.shape != (dim,) or (residual is not None and residual.shape != x.shape):
             raise ValueError(f"rms_norm: weight must be [{dim}] and residual shaped like x {tuple(x.shape)}")
@@ -122,10 +122,9 @@ class CPUKernels:
         tokens, _, dim = x.shape
         if not 0 < heads <= x.shape[1] or dim % 2:
             raise ValueError(f"rope_: heads must be in [1, {x.shape[1]}] and the head size ({dim}) even")
-        tables = (cos, sin)
-        if any(t.shape != (cos.shape[0], dim // 2) or t.dtype != x.dtype or not t.is_contiguous() for t in tables):
+        if cos.shape != (cos.shape[0], dim // 2) or sin.shape != cos.shape or not _cpu_contiguous(x.dtype, cos, sin):
             raise ValueError(f"rope_: cos and sin must be contiguous [max_positions, {dim // 2}] in {x.dtype}")
-        if positions.shape != (tokens,) or positions.dtype != torch.int64 or not positions.is_contiguous():
+        if positions.shape != (tokens,) or not _cpu_contiguous(torch.int64, positions):
             raise ValueError(f"rope_: positions must be a contiguous int64 tensor of {tokens} elements")
         status = self._rope[x.dtype](x.data_ptr(), tokens, x.stride(0), heads, dim, positions.data_ptr(),
                                      cos.data_ptr(), sin.data_ptr(), cos.shape[0])
@@ -177,16 +176,15 @@ class CPUKernels:
         sequence names are left as they are. Index tensors are int64, all tensors on the CPU and
         contiguous, except that ``q``'s tokens may lie apart (a slice of the fused QKV output,
         its heads and dims contiguous); the caller's metadata guarantees every index is in range."""
-        indices = (block_tables, query_starts, query_lens, context_lens)
-        for t in (q[0], k_cache, v_cache, out, *indices):
-            if not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError("paged_attention takes contiguous CPU tensors (q: each token's heads)")
-        if any(t.dtype != torch.int64 for t in indices):
-            raise ValueError("paged_attention: block tables, starts and lengths must be int64")
+        if not _cpu_contiguous(torch.int64, block_tables, query_starts, query_lens, context_lens):
+            raise ValueError("paged_attention: block tables, starts and lengths must be contiguous int64 CPU tensors")
         if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or out.shape != q.shape:
             raise ValueError("paged_attention: q and out [T, H, D], k_cache and v_cache [blocks, block_size, Hkv, D]")
-        if len({q.dtype, k_cache.dtype, v_cache.dtype, out.dtype}) != 1 or q.shape[2] != k_cache.shape[3]:
-            raise ValueError("paged_attention: q, caches and out must share one dtype and head size")
+        if not _cpu_contiguous(q.dtype, k_cache, v_cache, out) or q.device.type != "cpu" or not q[0].is_contiguous():
+            raise ValueError("paged_attention: q, caches and out must be contiguous CPU tensors of one dtype "
+                             "(q: each token's heads)")
+        if q.shape[2] != k_cache.shape[3]:
+            raise ValueError("paged_attention: q and the caches must share one head size")
         tokens, heads, dim = q.shape
         num_blocks, block_size, kv_heads, _ = k_cache.shape
         if heads % kv_heads:
@@ -201,6 +199,15 @@ class CPUKernels:
                              "or its context is shorter than its new tokens")
         if status == _OUT_OF_MEMORY:
             raise MemoryError("paged_attention could not allocate its score buffer")
+
+
+def _cpu_contiguous(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Whether every tensor is a contiguous CPU tensor of ``dtype``. A plain loop rather than
+    ``any`` over a generator: a decode step checks hundreds of tensors."""
+    for t in tensors:
+        if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+            return False
+    return True
 
 
 def _cache_dir() -> Path:

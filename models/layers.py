@@ -25,6 +25,7 @@ class PackedWeight:
     """A weight's packed copies, valid for the version of it they were made from."""
 
     key: tuple[int, int, torch.dtype, int]  # id, storage, dtype, version of the weight packed
+    kernels: CPUKernels | None  # the kernels that packed ``tiles``
     tiles: torch.Tensor | None  # the CPU kernel's layout; None where it has no kernel for the weight
     onednn: torch.Tensor | None = None  # oneDNN's blocked layout, made on first use
 
@@ -46,6 +47,10 @@ class Linear(nn.Linear):
     state dict), so the module behaves like ``nn.Linear``; they cost up to two more copies of
     the weight in memory. A write through ``weight.data`` bypasses the version counter: call
     :meth:`repack` after one.
+
+    A decode step makes 121 of these calls, so the path to the kernel is kept short: the
+    kernels are looked up when the weight is packed, not on every call, and 2-D inputs (the
+    flat batches models pass) are not reshaped.
     """
 
     _packing: PackedWeight | None = None
@@ -54,11 +59,10 @@ class Linear(nn.Linear):
         weight = self.weight
         if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != weight.dtype or x.dtype not in PACKED_DTYPES:
             return F.linear(x, weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1])
-        packing = self._packed()
-        kernels = kernels_for(flat)
-        if kernels is not None and packing.tiles is not None and flat.shape[0] <= KERNEL_ROWS:
-            out = kernels.linear(flat.contiguous(), packing.tiles, self.bias, self.out_features)
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        packing = self._packed(weight)
+        if packing.kernels is not None and packing.tiles is not None and flat.shape[0] <= KERNEL_ROWS:
+            out = packing.kernels.linear(flat.contiguous(), packing.tiles, self.bias, self.out_features)
         elif torch.backends.mkldnn.is_available():
             if packing.onednn is None:
                 with torch.no_grad():
@@ -66,7 +70,7 @@ class Linear(nn.Linear):
             out = torch.ops.mkldnn._linear_pointwise(flat, packing.onednn, self.bias, "none", [], "")
         else:
             return F.linear(x, weight, self.bias)
-        return out.reshape(*x.shape[:-1], -1)
+        return out if flat is x else out.reshape(*x.shape[:-1], -1)
 
     def repack(self) -> None:
         """Drop the packed copies; the next forward packs the weight as it is now."""
@@ -76,8 +80,7 @@ class Linear(nn.Linear):
         super()._load_from_state_dict(*args, **kwargs)
         self._packing = None  # loading may copy through .data, which no version counter sees
 
-    def _packed(self) -> PackedWeight:
-        weight = self.weight
+    def _packed(self, weight: torch.Tensor) -> PackedWeight:
         # Inference tensors keep no version counter; they cannot be written outside inference mode.
         version = 0 if weight.is_inference() else weight._version
         key = (id(weight), weight.data_ptr(), weight.dtype, version)
@@ -85,7 +88,7 @@ class Linear(nn.Linear):
             kernels = kernels_for(weight.detach())
             with torch.no_grad():
                 tiles = kernels.pack_linear(weight.detach()) if kernels is not None else None
-            self._packing = PackedWeight(key, tiles)
+            self._packing = PackedWeight(key, kernels, tiles)
         return self._packing
 
 
