@@ -9,6 +9,10 @@ so wall time around a call is that call's time.
     python benchmarks/profile_smollm2.py --dtype bfloat16
     python benchmarks/profile_smollm2.py --dtype float32 --requests 32
     python benchmarks/profile_smollm2.py --workload long     # bench_vllm_cpu's long prompts
+    python benchmarks/profile_smollm2.py --modules           # every layer through its modules: by op
+
+Decode steps run each layer as one C call (models.llama.FusedLayers), so without --modules their
+linear layers, norms, RoPE, K/V writes and attention show as one category.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from bench_smollm2 import workload
 from bench_vllm_cpu import long_workload
 
 import pagedkv.models.attention as attention_module
+import pagedkv.models.llama as llama
 import pagedkv.models.runner as runner_module
 from pagedkv.loader import load_model
 from pagedkv.models import ModelRunner
@@ -68,7 +73,6 @@ def instrument(model: torch.nn.Module, runner: ModelRunner, timers: Timers) -> N
         else:
             continue
         module.forward = timers.wrap(category, module.forward)  # type: ignore[method-assign]
-    llama = __import__("pagedkv.models.llama", fromlist=["Rotation"])
     llama.Rotation.__call__ = timers.wrap("rope", llama.Rotation.__call__)  # the kernel's or rotate()
     attention_module.gather = timers.wrap("attention: gather", attention_module.gather)
     attention_module.attend = timers.wrap("attention: softmax(QK)V", attention_module.attend)
@@ -78,6 +82,10 @@ def instrument(model: torch.nn.Module, runner: ModelRunner, timers: Timers) -> N
     if kernels is not None:  # the CPU kernel runs inside PagedAttention.__call__; time it apart
         type(kernels).paged_attention = timers.wrap(  # type: ignore[method-assign]
             "attention: CPU kernel", type(kernels).paged_attention)
+        type(kernels).llama_layer = timers.wrap(  # type: ignore[method-assign]
+            "fused layers: C (all but silu(gate) * up)", type(kernels).llama_layer)
+    llama.FusedLayers.of = staticmethod(timers.wrap("fused layers: setup", llama.FusedLayers.of))
+    llama.FusedLayers.run = timers.wrap("activations, views, residuals", llama.FusedLayers.run)
     for module in model.modules():
         if isinstance(module, RMSNorm):  # its fused residual add + norm is a method of its own
             module.add_and_norm = timers.wrap("rmsnorm", module.add_and_norm)  # type: ignore[method-assign]
@@ -96,7 +104,11 @@ def main() -> None:
                         help="bench_smollm2's 64 mixed requests, or bench_vllm_cpu's 12 long ones")
     parser.add_argument("--requests", type=int, help="how many requests (default: 64 mixed, 12 long)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modules", action="store_true",
+                        help="run every layer through its modules, not as one C call (FusedLayers): a breakdown by op")
     args = parser.parse_args()
+    if args.modules:
+        llama.FusedLayers.of = staticmethod(lambda *args: None)  # type: ignore[method-assign]
 
     model, tok = load_model("smollm2-135m", dtype=getattr(torch, args.dtype), device="cpu")
     if args.workload == "mixed":

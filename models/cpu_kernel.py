@@ -11,7 +11,9 @@ and a copy of q and k; the kernel rotates them in place in one pass (3-5x faster
 step's linear layers stream every weight once for a few rows: the linear kernel keeps that stream
 closer to memory speed than oneDNN's blocked kernels (1.2-1.3x faster for 1-64 rows; see
 ``models.layers.Linear``). (SwiGLU's silu(gate) * up was tried as a kernel too: no faster than
-PyTorch's three ops, so not kept.)
+PyTorch's three ops, so not kept.) And a Llama layer's kernels run as one call
+(``csrc/llama_layer.c``, driven by ``models.llama.FusedLayers``): a decode step was otherwise about
+300 Python calls around them, 5-15 us apiece.
 
 The sources are plain C with OpenMP, compiled by the system's C compiler on first use (about
 a second; no PyTorch headers) and cached under ``~/.cache/pagedkv/kernels`` by a hash of the
@@ -66,6 +68,27 @@ _NORM_ARGTYPES: list[type[ctypes.c_void_p] | type[ctypes.c_int64] | type[ctypes.
     *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
 ]
 
+_LAYER_STATUS = {1: MemoryError, 2: ValueError, 3: ValueError}
+
+
+class LlamaStep(ctypes.Structure):
+    """One forward's shapes, metadata and buffers for ``csrc/llama_layer.c`` (its struct
+    llama_step, field for field). Addresses are plain integers: whoever fills one keeps the
+    tensors alive for as long as it is used."""
+
+    _fields_ = [
+        *[(name, ctypes.c_int64) for name in (
+            "bf16", "tokens", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "layers",
+            "seqs", "block_size", "num_blocks", "table_width", "max_positions",
+        )],
+        *[(name, ctypes.c_void_p) for name in (
+            "positions", "slots", "block_tables", "query_starts", "query_lens", "context_lens", "cos", "sin",
+            "layer_table", "x", "residual", "normed", "qkv", "attn", "gate_up",
+        )],
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
 
 class CPUKernels:
     """The compiled kernels, for float32 and bfloat16 CPU tensors."""
@@ -90,9 +113,16 @@ class CPUKernels:
         for function in self._linear.values():
             function.argtypes = _LINEAR_ARGTYPES
             function.restype = ctypes.c_int
+        self._llama_layer = library.llama_layer
+        self._llama_layer.argtypes = [ctypes.POINTER(LlamaStep), ctypes.c_int64, ctypes.c_void_p]
+        self._llama_layer.restype = ctypes.c_int
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self._attention
+
+    def supports_linear(self, dtype: torch.dtype) -> bool:
+        """Whether this build has the linear kernel for ``dtype`` (bfloat16's needs AVX512-BF16)."""
+        return dtype in self._linear
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -102,7 +132,7 @@ class CPUKernels:
         place, then the sum is normalized. Tensors contiguous, on the CPU, of one dtype."""
         dim = x.shape[-1]
         operands = (x, weight) if residual is None else (x, weight, residual)
-        if not _cpu_contiguous(x.dtype, *operands):
+        if not all_cpu_contiguous(x.dtype, *operands):
             raise ValueError("rms_norm takes contiguous CPU tensors of one dtype")
         if weight.shape != (dim,) or (residual is not None and residual.shape != x.shape):
             raise ValueError(f"rms_norm: weight must be [{dim}] and residual shaped like x {tuple(x.shape)}")
@@ -122,9 +152,9 @@ class CPUKernels:
         tokens, _, dim = x.shape
         if not 0 < heads <= x.shape[1] or dim % 2:
             raise ValueError(f"rope_: heads must be in [1, {x.shape[1]}] and the head size ({dim}) even")
-        if cos.shape != (cos.shape[0], dim // 2) or sin.shape != cos.shape or not _cpu_contiguous(x.dtype, cos, sin):
+        if cos.shape != (cos.shape[0], dim // 2) or sin.shape != cos.shape or not all_cpu_contiguous(x.dtype, cos, sin):
             raise ValueError(f"rope_: cos and sin must be contiguous [max_positions, {dim // 2}] in {x.dtype}")
-        if positions.shape != (tokens,) or not _cpu_contiguous(torch.int64, positions):
+        if positions.shape != (tokens,) or not all_cpu_contiguous(torch.int64, positions):
             raise ValueError(f"rope_: positions must be a contiguous int64 tensor of {tokens} elements")
         status = self._rope[x.dtype](x.data_ptr(), tokens, x.stride(0), heads, dim, positions.data_ptr(),
                                      cos.data_ptr(), sin.data_ptr(), cos.shape[0])
@@ -159,6 +189,16 @@ class CPUKernels:
             raise ValueError(f"linear: this build has no {x.dtype} kernel for {k} inputs (status {status})")
         return y
 
+    def llama_layer(self, step: LlamaStep, layer: int, act: torch.Tensor | None) -> None:
+        """Layer ``layer`` of a Llama model as one call (``csrc/llama_layer.c``), ``act`` the
+        previous layer's MLP activation (None for layer 0). The caller built ``step`` from
+        tensors it checked, and keeps them alive."""
+        status = self._llama_layer(ctypes.byref(step), layer, None if act is None else act.data_ptr())
+        if status:
+            raise _LAYER_STATUS.get(status, RuntimeError)(
+                f"llama_layer: layer {layer} failed (status {status}: 1 out of memory, 2 an index out of range)"
+            )
+
     def paged_attention(
         self,
         q: torch.Tensor,
@@ -176,11 +216,11 @@ class CPUKernels:
         sequence names are left as they are. Index tensors are int64, all tensors on the CPU and
         contiguous, except that ``q``'s tokens may lie apart (a slice of the fused QKV output,
         its heads and dims contiguous); the caller's metadata guarantees every index is in range."""
-        if not _cpu_contiguous(torch.int64, block_tables, query_starts, query_lens, context_lens):
+        if not all_cpu_contiguous(torch.int64, block_tables, query_starts, query_lens, context_lens):
             raise ValueError("paged_attention: block tables, starts and lengths must be contiguous int64 CPU tensors")
         if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or out.shape != q.shape:
             raise ValueError("paged_attention: q and out [T, H, D], k_cache and v_cache [blocks, block_size, Hkv, D]")
-        if not _cpu_contiguous(q.dtype, k_cache, v_cache, out) or q.device.type != "cpu" or not q[0].is_contiguous():
+        if not all_cpu_contiguous(q.dtype, k_cache, v_cache, out) or q.device.type != "cpu" or not q[0].is_contiguous():
             raise ValueError("paged_attention: q, caches and out must be contiguous CPU tensors of one dtype "
                              "(q: each token's heads)")
         if q.shape[2] != k_cache.shape[3]:
@@ -201,7 +241,7 @@ class CPUKernels:
             raise MemoryError("paged_attention could not allocate its score buffer")
 
 
-def _cpu_contiguous(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+def all_cpu_contiguous(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
     """Whether every tensor is a contiguous CPU tensor of ``dtype``. A plain loop rather than
     ``any`` over a generator: a decode step checks hundreds of tensors."""
     for t in tensors:

@@ -72,6 +72,14 @@ class Linear(nn.Linear):
             return F.linear(x, weight, self.bias)
         return out if flat is x else out.reshape(*x.shape[:-1], -1)
 
+    def kernel_tiles(self) -> torch.Tensor | None:
+        """The weight in the CPU kernel's layout, packed now if it changed; None where the
+        kernel does not take this layer (another device or dtype, a bias, autograd on)."""
+        weight = self.weight
+        if weight.device.type != "cpu" or torch.is_grad_enabled() or self.bias is not None:
+            return None
+        return self._packed(weight).tiles
+
     def repack(self) -> None:
         """Drop the packed copies; the next forward packs the weight as it is now."""
         self._packing = None

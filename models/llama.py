@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from pagedkv.models.attention import Attention
+from pagedkv.models.attention import Attention, PagedAttention
 from pagedkv.models.base import PagedLM
-from pagedkv.models.cpu_kernel import kernels_for
-from pagedkv.models.layers import Linear, RMSNorm
+from pagedkv.models.cpu_kernel import CPUKernels, LlamaStep, all_cpu_contiguous, kernels_for
+from pagedkv.models.layers import KERNEL_ROWS, Linear, RMSNorm
+from pagedkv.paged.kv_cache import KVCache
 
 
 class LlamaConfig(BaseModel):
@@ -172,6 +173,84 @@ class Llama(PagedLM):
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rope(positions)
-        for layer, block in enumerate(self.layers):
-            x, residual = block(x, residual, rope, attention, layer)
+        fused = FusedLayers.of(self, x, rope, attention)
+        if fused is not None:
+            x, residual = fused.run()
+        else:
+            for layer, block in enumerate(self.layers):
+                x, residual = block(x, residual, rope, attention, layer)
         return self.norm.add_and_norm(x, residual)[0] if residual is not None else self.norm(x)
+
+
+class FusedLayers:
+    """The decoder layers of one forward as one C call each (``csrc/llama_layer.c``), for the
+    steps the CPU kernels take whole: decode-sized batches (at most :data:`KERNEL_ROWS` rows)
+    over a paged cache, float32 or bfloat16 weights without biases. The same kernels run in the
+    same order as through the modules, so the outputs are equal bit for bit; what goes is the
+    Python between them, about 100 us a layer (docs/benchmarks.md). The MLP's activation stays
+    PyTorch's ``silu(gate) * up``."""
+
+    def __init__(self, kernels: CPUKernels, step: LlamaStep, buffers: dict[str, torch.Tensor], layers: int) -> None:
+        self.kernels, self.step, self.buffers, self.layers = kernels, step, buffers, layers
+
+    @staticmethod
+    def of(model: Llama, x: torch.Tensor, rope: Rotation, attention: Attention) -> FusedLayers | None:
+        """The fused layers for this forward of ``x`` (the embeddings), or None where the modules
+        must run it."""
+        kernels = kernels_for(x)
+        if kernels is None or rope.kernels is None or x.shape[0] > KERNEL_ROWS:
+            return None
+        if not isinstance(attention, PagedAttention) or attention.kernel is None:
+            return None
+        meta, cache, config = attention.meta, attention.cache, model.config
+        indices = {"positions": rope.positions, "slots": meta.slot_mapping, "block_tables": meta.block_tables,
+                   "query_starts": meta.query_starts_t, "query_lens": meta.query_lens_t,
+                   "context_lens": meta.context_lens_t}
+        table = _layer_pointers(model, cache, x.dtype)
+        if table is None or not all_cpu_contiguous(torch.int64, *indices.values()):
+            return None
+        if not all_cpu_contiguous(x.dtype, x, rope.cos, rope.sin):
+            return None
+        heads, kv_heads, dim, tokens = config.num_attention_heads, config.num_key_value_heads, config.head_dim, len(x)
+        widths = {"residual": config.hidden_size, "normed": config.hidden_size, "qkv": (heads + 2 * kv_heads) * dim,
+                  "attn": heads * dim, "gate_up": 2 * config.intermediate_size}
+        buffers = {"x": x, "table": table, **{name: x.new_empty(tokens, width) for name, width in widths.items()}}
+        step = LlamaStep(
+            bf16=int(x.dtype == torch.bfloat16), tokens=tokens, hidden=config.hidden_size, heads=heads,
+            kv_heads=kv_heads, head_dim=dim, intermediate=config.intermediate_size, layers=len(model.layers),
+            seqs=len(meta.query_starts_t), block_size=cache.block_size, num_blocks=cache.keys[0].shape[0],
+            table_width=meta.block_tables.shape[1], max_positions=rope.cos.shape[0], cos=rope.cos.data_ptr(),
+            sin=rope.sin.data_ptr(), layer_table=table.data_ptr(), eps=config.rms_norm_eps, scale=dim**-0.5,
+            **{name: t.data_ptr() for name, t in indices.items()},
+            **{name: buffers[name].data_ptr() for name in ("x", *widths)},
+        )
+        return FusedLayers(kernels, step, buffers, len(model.layers))
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's MLP output and the residual stream before it, as the modules return them."""
+        gate_up, act = self.buffers["gate_up"], None
+        for layer in range(self.layers):
+            self.kernels.llama_layer(self.step, layer, act)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        self.kernels.llama_layer(self.step, self.layers, act)
+        return self.buffers["x"], self.buffers["residual"]
+
+
+def _layer_pointers(model: Llama, cache: KVCache, dtype: torch.dtype) -> torch.Tensor | None:
+    """Each layer's weights (packed where the linear kernel takes them) and caches, as
+    ``csrc/llama_layer.c`` reads them: [layers, 8] addresses; None if any is not the kernels'."""
+    table: list[int] = []
+    for layer, block in enumerate(model.layers):
+        assert isinstance(block, LlamaDecoderLayer)  # what ModuleList holds here, for the type checker
+        attn, mlp = block.self_attn, block.mlp
+        tiles = [linear.kernel_tiles() for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        norms = [block.input_layernorm.weight, block.post_attention_layernorm.weight]
+        caches = [cache.keys[layer], cache.values[layer]]
+        if any(t is None for t in tiles) or any(n is None for n in norms):
+            return None
+        qkv, o, gate_up, down = [t.data_ptr() for t in tiles if t is not None]
+        if not all_cpu_contiguous(dtype, *norms, *caches):
+            return None
+        table += [norms[0].data_ptr(), qkv, o, norms[1].data_ptr(), gate_up, down, *(c.data_ptr() for c in caches)]
+    return torch.tensor(table, dtype=torch.int64)
