@@ -155,6 +155,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class Llama(PagedLM):
+    """``fused_cpu_layers``: whether CPU steps the kernels take whole run each layer as one C
+    call (:class:`FusedLayers`); those steps call no module of a layer, so its hooks and any
+    forward a subclass or wrapper puts there do not run. Set it False to run every layer through
+    its modules."""
+
+    fused_cpu_layers: bool = True
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(
             vocab_size=config.vocab_size, max_model_len=config.max_position_embeddings,
@@ -198,7 +205,7 @@ class FusedLayers:
         """The fused layers for this forward of ``x`` (the embeddings), or None where the modules
         must run it."""
         kernels = kernels_for(x)
-        if kernels is None or rope.kernels is None or x.shape[0] > KERNEL_ROWS:
+        if not model.fused_cpu_layers or kernels is None or rope.kernels is None or x.shape[0] > KERNEL_ROWS:
             return None
         if not isinstance(attention, PagedAttention) or attention.kernel is None:
             return None
@@ -242,10 +249,15 @@ def _layer_pointers(model: Llama, cache: KVCache, dtype: torch.dtype) -> torch.T
     ``csrc/llama_layer.c`` reads them: [layers, 8] addresses; None if any is not the kernels'."""
     table: list[int] = []
     for layer, block in enumerate(model.layers):
-        assert isinstance(block, LlamaDecoderLayer)  # what ModuleList holds here, for the type checker
+        if not isinstance(block, LlamaDecoderLayer):
+            return None
         attn, mlp = block.self_attn, block.mlp
-        tiles = [linear.kernel_tiles() for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        norms = [block.input_layernorm.weight, block.post_attention_layernorm.weight]
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        layer_norms = (block.input_layernorm, block.post_attention_layernorm)
+        if not all(isinstance(m, Linear) for m in linears) or not all(isinstance(n, RMSNorm) for n in layer_norms):
+            return None  # a module swapped for another kind (an adapter, say): the modules run it
+        tiles = [linear.kernel_tiles() for linear in linears]
+        norms = [n.weight for n in layer_norms]
         caches = [cache.keys[layer], cache.values[layer]]
         if any(t is None for t in tiles) or any(n is None for n in norms):
             return None

@@ -13,7 +13,7 @@ import torch
 from pagedkv.models.attention import PagedAttention
 from pagedkv.models.cpu_kernel import load_cpu_kernel
 from pagedkv.models.layers import KERNEL_ROWS
-from pagedkv.models.llama import FusedLayers, Llama, LlamaConfig
+from pagedkv.models.llama import FusedLayers, Llama, LlamaConfig, LlamaDecoderLayer
 from pagedkv.models.runner import prepare_inputs
 from pagedkv.paged import blocks_for
 from pagedkv.paged.kv_cache import KVCache
@@ -105,3 +105,38 @@ def test_fused_layers_stand_aside_for_steps_the_kernels_do_not_take_whole() -> N
         x = model.embed_tokens(inputs.input_ids)  # autograd on: the kernels have no backward
         assert FusedLayers.of(model, x, model.rope(inputs.positions),
                               PagedAttention(cache, inputs.attention, load_cpu_kernel())) is None
+
+
+@needs_cpu_kernel
+def test_fused_layers_stand_aside_when_switched_off_or_a_module_is_swapped() -> None:
+    """``fused_cpu_layers = False``, or a layer's Linear replaced by another kind of module (an
+    adapter, say, whose forward the C call would skip): every layer runs through its modules."""
+    model = Llama(CONFIG).eval()
+    plan, num_blocks = step(random.Random(1), 4, [(5, 1), (9, 1)])
+    cache = KVCache(model.kv_cache_spec(), num_blocks, 4, "cpu")
+    inputs = prepare_inputs(plan, 4, torch.device("cpu"))
+    attention = PagedAttention(cache, inputs.attention, load_cpu_kernel())
+
+    def fused() -> FusedLayers | None:
+        with torch.inference_mode():
+            return FusedLayers.of(model, model.embed_tokens(inputs.input_ids), model.rope(inputs.positions), attention)
+
+    assert fused() is not None
+    model.fused_cpu_layers = False
+    assert fused() is None
+    model.fused_cpu_layers = True
+    calls: list[int] = []
+    block = model.layers[1]
+    assert isinstance(block, LlamaDecoderLayer)
+    original = block.mlp.down_proj
+
+    class Adapter(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(len(x))
+            return original(x)
+
+    block.mlp.down_proj = Adapter()  # type: ignore[assignment]
+    assert fused() is None
+    with torch.inference_mode():
+        model(inputs.input_ids, inputs.positions, attention)
+    assert calls == [2]  # the adapter ran, once, on the step's two rows
