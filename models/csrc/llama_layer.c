@@ -90,9 +90,10 @@ int llama_layer(const struct llama_step *s, int64_t layer, const void *act) {
     if (status) return status;
     char *k_cache = (char *)w[K_CACHE], *v_cache = (char *)w[V_CACHE];
     const char *qkv = s->qkv;
+    for (int64_t t = 0; t < s->tokens; t++) /* every slot checked before any is written */
+        if (s->slots[t] < 0 || s->slots[t] >= s->num_blocks * s->block_size) return 2;
     for (int64_t t = 0; t < s->tokens; t++) {
         const int64_t slot = s->slots[t];
-        if (slot < 0 || slot >= s->num_blocks * s->block_size) return 2;
         memcpy(k_cache + slot * kv_row * size, qkv + (t * row + s->heads * s->head_dim) * size, (size_t)(kv_row * size));
         memcpy(v_cache + slot * kv_row * size, qkv + (t * row + s->heads * s->head_dim + kv_row) * size,
                (size_t)(kv_row * size));

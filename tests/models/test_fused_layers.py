@@ -5,6 +5,7 @@ whole step."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -140,3 +141,19 @@ def test_fused_layers_stand_aside_when_switched_off_or_a_module_is_swapped() -> 
     with torch.inference_mode():
         model(inputs.input_ids, inputs.positions, attention)
     assert calls == [2]  # the adapter ran, once, on the step's two rows
+
+
+@needs_cpu_kernel
+def test_a_slot_outside_the_cache_is_refused_before_anything_is_written() -> None:
+    model = Llama(CONFIG).eval()
+    plan, num_blocks = step(random.Random(2), 4, [(5, 1), (9, 1)])
+    cache = KVCache(model.kv_cache_spec(), num_blocks, 4, "cpu")
+    inputs = prepare_inputs(plan, 4, torch.device("cpu"))
+    bad = dataclasses.replace(inputs.attention, slot_mapping=torch.tensor([3, num_blocks * 4]))
+    before = [t.clone() for t in (*cache.keys, *cache.values)]
+    attention = PagedAttention(cache, bad, load_cpu_kernel())
+    with torch.inference_mode():
+        assert FusedLayers.of(model, model.embed_tokens(inputs.input_ids), model.rope(inputs.positions), attention)
+        with pytest.raises(ValueError, match="index out of range"):
+            model(inputs.input_ids, inputs.positions, attention)
+    assert all(torch.equal(a, b) for a, b in zip(before, (*cache.keys, *cache.values), strict=True))
