@@ -48,9 +48,10 @@ class Linear(nn.Linear):
     the weight in memory. A write through ``weight.data`` bypasses the version counter: call
     :meth:`repack` after one.
 
-    A decode step makes 121 of these calls, so the path to the kernel is kept short: the
-    kernels are looked up when the weight is packed, not on every call, and 2-D inputs (the
-    flat batches models pass) are not reshaped.
+    A step through the modules makes 121 of these calls (one of them, the vocabulary projection,
+    where :class:`~pagedkv.models.llama.FusedLayers` runs the layers), so the path to the kernel
+    is kept short: the kernels are looked up when the weight is packed, not on every call, and
+    2-D inputs (the flat batches models pass) are not reshaped.
     """
 
     _packing: PackedWeight | None = None

@@ -13,8 +13,8 @@
  * Two tiles (32 columns) and 12 rows make 24 accumulators in registers. Past 12 rows, each tile
  * pair is used by several blocks of rows in turn, bound by arithmetic once its first block has
  * brought it in; the thread's next pair is prefetched into L2 meanwhile (2026-12-02, all 30
- * layers' weights cold: 1.1-1.25x faster at 24-64 rows in both dtypes). The packed weight is
- * padded to a multiple of 32 columns with zeros; stores are masked to the n real columns. Each
+ * layers' weights cold: 1.02-1.25x faster at 24-64 rows, most at 24-36, in both dtypes). The
+ * packed weight is padded to a multiple of 32 columns with zeros; stores are masked to the n real columns. Each
  * output is its k products summed in order in float32 (plus the bias), rounded once to the
  * dtype. Threads split the column tiles (OpenMP, PyTorch's runtime).
  *
