@@ -15,7 +15,6 @@ import torch
 from bench_smollm2 import workload
 from bench_vllm_cpu import long_workload, run_pagedkv
 
-import pagedkv.models.llama as llama
 from pagedkv.loader import load_model
 
 
@@ -28,17 +27,15 @@ def main() -> None:
 
     model, tok = load_model("smollm2-135m", dtype=getattr(torch, args.dtype), device="cpu")
     prompts, lengths = workload(tok, 64, 0) if args.workload == "mixed" else long_workload(tok, 12, 0)
-    fused_of = llama.FusedLayers.of
-    variants = {"fused layers": fused_of, "modules": staticmethod(lambda *args: None)}
+    variants = {"fused layers": True, "modules": False}  # model.fused_cpu_layers
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     tokens: dict[str, list[list[int]]] = {}
     for repeat in range(args.repeats):
         for name in list(variants)[:: 1 if repeat % 2 else -1]:  # modules first, then the other way round
-            llama.FusedLayers.of = variants[name]  # type: ignore[method-assign]
+            model.fused_cpu_layers = variants[name]
             elapsed, tokens[name] = run_pagedkv(model, prompts, lengths)
             seconds[name].append(elapsed)
             print(f"  {name}: {elapsed:.2f} s", flush=True)
-    llama.FusedLayers.of = fused_of  # type: ignore[method-assign]
 
     print(f"\nSmolLM2-135M {args.dtype}, {args.workload} workload ({len(prompts)} requests, {sum(lengths)} new "
           f"tokens), {args.repeats} alternating runs each")

@@ -107,10 +107,9 @@ def main() -> None:
     parser.add_argument("--modules", action="store_true",
                         help="run every layer through its modules, not as one C call (FusedLayers): a breakdown by op")
     args = parser.parse_args()
-    if args.modules:
-        llama.FusedLayers.of = staticmethod(lambda *args: None)  # type: ignore[method-assign]
 
     model, tok = load_model("smollm2-135m", dtype=getattr(torch, args.dtype), device="cpu")
+    model.fused_cpu_layers = not args.modules
     if args.workload == "mixed":
         prompts, lengths = workload(tok, args.requests or 64, args.seed)
     else:

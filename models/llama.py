@@ -197,8 +197,8 @@ class FusedLayers:
     Python between them, about 100 us a layer (docs/benchmarks.md). The MLP's activation stays
     PyTorch's ``silu(gate) * up``."""
 
-    def __init__(self, kernels: CPUKernels, step: LlamaStep, buffers: dict[str, torch.Tensor], layers: int) -> None:
-        self.kernels, self.step, self.buffers, self.layers = kernels, step, buffers, layers
+    def __init__(self, kernels: CPUKernels, step: LlamaStep, buffers: dict[str, torch.Tensor]) -> None:
+        self.kernels, self.step, self.buffers = kernels, step, buffers
 
     @staticmethod
     def of(model: Llama, x: torch.Tensor, rope: Rotation, attention: Attention) -> FusedLayers | None:
@@ -231,16 +231,16 @@ class FusedLayers:
             **{name: t.data_ptr() for name, t in indices.items()},
             **{name: buffers[name].data_ptr() for name in ("x", *widths)},
         )
-        return FusedLayers(kernels, step, buffers, len(model.layers))
+        return FusedLayers(kernels, step, buffers)
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's MLP output and the residual stream before it, as the modules return them."""
-        gate_up, act = self.buffers["gate_up"], None
-        for layer in range(self.layers):
+        gate_up, act, layers = self.buffers["gate_up"], None, self.step.layers
+        for layer in range(layers):
             self.kernels.llama_layer(self.step, layer, act)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
-        self.kernels.llama_layer(self.step, self.layers, act)
+        self.kernels.llama_layer(self.step, layers, act)
         return self.buffers["x"], self.buffers["residual"]
 
 
