@@ -49,6 +49,20 @@ WORKLOADS = {
     "offline burst": WorkloadConfig(num_requests=48, arrival="offline", preset="alpaca", seed=21),
     "poisson 1 req/s": WorkloadConfig(num_requests=64, arrival="poisson", rate=1.0, preset="alpaca", seed=22),
 }
+def save_steps(path: str, parts: list[Timed], timings: dict[str, list], steps_per_run: dict[str, list[int]]) -> None:
+    """The sitting's timed steps as arrays: ``part{i}_features/seconds/workloads`` for each
+    calibration part and ``real{j}_features/seconds/run`` for each workload (in WORKLOADS' order)."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, part in enumerate(parts):
+        arrays.update({f"part{i}_features": part.features, f"part{i}_seconds": part.seconds,
+                       f"part{i}_workloads": part.workloads})
+    for j, name in enumerate(WORKLOADS):
+        features, seconds = as_arrays(timings[name])
+        arrays.update({f"real{j}_features": features, f"real{j}_seconds": seconds,
+                       f"real{j}_run": np.repeat(np.arange(len(steps_per_run[name])), steps_per_run[name])})
+    np.savez_compressed(path, **arrays)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=str(DEFAULT_PROFILE))
@@ -56,6 +70,8 @@ def main() -> None:
                         help="fit a fresh profile in turns with the real runs (and use it)")
     parser.add_argument("--save-profile", help="where to write the fresh profile")
     parser.add_argument("--repeats", type=int, default=3, help="real runs per workload; the median is compared")
+    parser.add_argument("--save-steps", help="write every timed step (calibration parts and real runs) to this .npz, "
+                                             "to refit offline")
     parser.add_argument("--intervals", type=int, default=20,
                         help="simulations with step noise per workload for the 90%% intervals (0: none; the "
                              "profile must record step noise, as a --calibrate one does)")
@@ -80,7 +96,11 @@ def main() -> None:
         profile = CostModel.load(args.profile)
     if args.save_profile:
         profile.save(args.save_profile)
-    print(f"profile: {profile.name} ({profile.fit_note})\n")
+    if args.save_steps:
+        save_steps(args.save_steps, parts, timings, steps_per_run)
+    wake = ", ".join(f"{c * 1e3:.2f} ms after {k:g} s" for k, c in zip(profile.wake_knots_s, profile.wake_costs_s,
+                                                                        strict=True))
+    print(f"profile: {profile.name} ({profile.fit_note}); wake-up: {wake or 'none'}\n")
     for name, workload in WORKLOADS.items():
         _, simulated = simulate(workload, engine, "paged", profile)
         run_of_step = np.repeat(np.arange(args.repeats), steps_per_run[name])

@@ -25,7 +25,7 @@ from pagedkv.models.runner import ModelRunner
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.executor import CacheLayout, StepResult
 from pagedkv.scheduler.plan import SchedulerOutput
-from pagedkv.sim.cost_model import CostModel, Features, fit, power_of_two_knots, step_features
+from pagedkv.sim.cost_model import WAKE_KNOTS_S, CostModel, Features, fit, power_of_two_knots, step_features
 from pagedkv.sim.driver import run_workload
 from pagedkv.sim.executor import WallClock
 from pagedkv.sim.workload import LengthDist, WorkloadConfig, generate
@@ -34,12 +34,15 @@ logger = logging.getLogger(__name__)
 
 
 class TimedExecutor:
-    """Wraps a real executor; appends each step's features and how long it took to ``samples``."""
+    """Wraps a real executor; appends each step's features and how long it took to ``samples``.
+    A step's idle time is the wall time since the previous step ended (the first step's is 0):
+    the engine's bookkeeping between two steps, or the wait for a request when it had none."""
 
     def __init__(self, inner: ModelRunner, samples: list[tuple[Features, float]] | None = None) -> None:
         self.inner = inner
         self.vocab_size, self.max_model_len, self.eos_token_id = inner.vocab_size, inner.max_model_len, None
         self.samples = [] if samples is None else samples
+        self._last_end: float | None = None
 
     def initialize_cache(self, config: EngineConfig) -> CacheLayout:
         return self.inner.initialize_cache(config)
@@ -47,7 +50,10 @@ class TimedExecutor:
     def execute(self, plan: SchedulerOutput) -> StepResult:
         start = time.perf_counter()
         tokens = self.inner.execute(plan)
-        self.samples.append((step_features(plan), time.perf_counter() - start))
+        end = time.perf_counter()
+        idle = start - self._last_end if self._last_end is not None else 0.0
+        self.samples.append((step_features(plan, idle), end - start))
+        self._last_end = end
         return tokens
 
 
@@ -136,6 +142,8 @@ def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.nda
         per_decode_context_token_s=result.per_decode_context_token_s,
         per_prefill_attended_pair_s=result.per_prefill_attended_pair_s,
         per_sampled_token_s=result.per_sampled_token_s,
+        wake_knots_s=list(WAKE_KNOTS_S),
+        wake_costs_s=result.wake_costs_s,
         kv_bytes_per_token=model.kv_cache_spec().bytes_per_block(1),
         max_model_len=model.max_model_len,
         fit_note=f"fitted on {len(seconds)} timed steps; median relative error {result.median_relative_error:.1%}",

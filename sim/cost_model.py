@@ -1,7 +1,7 @@
 """How long one engine step takes, as a function of what the step computes.
 
     seconds = tokens_curve(batched_tokens) + c * decode_context_tokens + d * prefill_attended_pairs
-              + e * sampled_tokens
+              + e * sampled_tokens + wake(idle_seconds)
 
 - ``tokens_curve``: the time to push a batch of that many tokens (prefill chunk tokens plus
   one per decoding sequence) through every weight matrix, the vocabulary projection and
@@ -20,8 +20,15 @@
   row here) and the sampler run only for them, so a prefill token costs less than a
   decode. Without this term the curve, fitted mostly on decode batches, priced a 20-token
   prompt joining three decodes 25% too high.
+- ``wake(idle_seconds)``: the extra time of the first step after the engine sat idle (no
+  request to serve) for that long, zero after a step that followed another. On this VM a
+  one-sequence decode step took 15.8 ms straight after another step, 16.9 ms after 50 ms
+  idle and 17.8 ms after 0.3 s (40 of each, interleaved): caches and the cores' clocks have
+  gone cold. Under light load that step is the prefill of the request that just arrived,
+  so it is TTFT. Linear in log(idle) between knots (:data:`WAKE_KNOTS_S`), zero below the
+  first, flat beyond the last.
 
-The knots' values and the two attention prices are fitted (:func:`fit`) to steps of the
+The knots' values, the three other prices and the wake-up costs are fitted (:func:`fit`) to steps of the
 real engine timed by ``pagedkv sim calibrate`` and saved as a small JSON profile, with the
 model's K/V size so that the simulator sizes the pool exactly as the engine would.
 Torch-free, and a step costs one bisection: the simulator prices millions of steps.
@@ -31,7 +38,8 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import NamedTuple
@@ -45,17 +53,25 @@ PROFILES = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = PROFILES / "smollm2-135m-cpu-float32.json"
 
 
+WAKE_KNOTS_S = (0.003, 0.03, 0.3)
+"""Idle times (seconds) at which the wake-up cost is fitted; the first is pinned at zero: the
+gap between two steps that follow each other (the engine's own bookkeeping) is well below it."""
+
+
 class Features(NamedTuple):
-    """What a step's cost depends on, from the totals the scheduler keeps (O(1))."""
+    """What a step's cost depends on, from the totals the scheduler keeps (O(1)), and how long
+    the engine sat idle before it."""
 
     tokens: int
     decode_context: int
     prefill_pairs: int
     samples: int
+    idle_s: float = 0.0
 
 
-def step_features(plan: SchedulerOutput) -> Features:
-    return Features(plan.num_batched_tokens, plan.num_single_token_context, plan.num_chunk_attended, plan.num_samples)
+def step_features(plan: SchedulerOutput, idle_s: float = 0.0) -> Features:
+    return Features(plan.num_batched_tokens, plan.num_single_token_context, plan.num_chunk_attended, plan.num_samples,
+                    idle_s)
 
 
 def power_of_two_knots(max_tokens: int) -> list[int]:
@@ -80,6 +96,14 @@ def hat_basis(tokens: np.ndarray, knots: list[int]) -> np.ndarray:
     return basis
 
 
+def wake_basis(idle_s: np.ndarray, knots: Sequence[float]) -> np.ndarray:
+    """[n, len(knots) - 1] weights such that ``basis @ costs[1:]`` is the wake-up cost at
+    ``idle_s`` (costs given at ``knots``, the first pinned at zero): linear in log(idle)
+    between knots, zero below the first, flat beyond the last."""
+    x = np.log(np.clip(np.asarray(idle_s, dtype=float), knots[0], knots[-1]))
+    return hat_basis(x, list(np.log(knots)))[:, 1:]
+
+
 class CostModel(BaseModel):
     """A fitted step-time model plus the facts about the model the simulator needs."""
 
@@ -96,6 +120,10 @@ class CostModel(BaseModel):
     swap_bytes_per_s: float = Field(
         10e9, gt=0, description="copy rate between the pool and the swap space (assumed, not fitted: memcpy or PCIe)"
     )
+    wake_knots_s: list[float] = Field(default_factory=list, description=(
+        "idle seconds, increasing, at which wake_costs_s are given; empty: no wake-up cost"))
+    wake_costs_s: list[float] = Field(default_factory=list, description=(
+        "extra seconds of the first step after the engine idled that long (the first is 0)"))
     fit_note: str = ""
     step_noise: list[float] = Field(default_factory=list, description=(
         "quantiles (0% to 100%, evenly spaced) of log(measured / predicted) over the fitted steps, "
@@ -111,6 +139,12 @@ class CostModel(BaseModel):
         for name, quantiles in (("step_noise", self.step_noise), ("run_noise", self.run_noise)):
             if len(quantiles) == 1 or any(b < a for a, b in pairwise(quantiles)):
                 raise ValueError(f"{name} must be empty or at least two quantiles in increasing order")
+        if len(self.wake_knots_s) != len(self.wake_costs_s) or len(self.wake_knots_s) == 1:
+            raise ValueError("wake_knots_s and wake_costs_s must have the same length, 0 or at least 2")
+        if self.wake_knots_s and (self.wake_knots_s[0] <= 0 or any(b <= a for a, b in pairwise(self.wake_knots_s))):
+            raise ValueError("wake_knots_s must be positive and strictly increasing")
+        if self.wake_costs_s and (self.wake_costs_s[0] != 0 or min(self.wake_costs_s) < 0):
+            raise ValueError("wake_costs_s must be >= 0, the first 0")
         if len(self.token_knots) != len(self.token_costs_s):
             raise ValueError("token_knots and token_costs_s must have the same length")
         if self.token_knots[0] < 1 or any(b <= a for a, b in pairwise(self.token_knots)):
@@ -126,12 +160,24 @@ class CostModel(BaseModel):
         t = (tokens - knots[i]) / (knots[i + 1] - knots[i])
         return max(costs[i] + t * (costs[i + 1] - costs[i]), 0.0)
 
-    def step_time(self, plan: SchedulerOutput) -> float:
-        return self.time_of(*step_features(plan))
+    def wake_time(self, idle_s: float) -> float:
+        """The extra seconds of a step after ``idle_s`` of the engine idle (0.0 below the first knot)."""
+        knots = self.wake_knots_s
+        if not knots or idle_s <= knots[0]:
+            return 0.0
+        if idle_s >= knots[-1]:
+            return self.wake_costs_s[-1]
+        i = bisect.bisect_right(knots, idle_s) - 1
+        t = math.log(idle_s / knots[i]) / math.log(knots[i + 1] / knots[i])
+        return self.wake_costs_s[i] + t * (self.wake_costs_s[i + 1] - self.wake_costs_s[i])
 
-    def time_of(self, tokens: int, context: int, pairs: int, samples: int) -> float:
+    def step_time(self, plan: SchedulerOutput, idle_s: float = 0.0) -> float:
+        """The seconds of ``plan``'s step, taken after ``idle_s`` of the engine idle."""
+        return self.time_of(*step_features(plan, idle_s))
+
+    def time_of(self, tokens: int, context: int, pairs: int, samples: int, idle_s: float = 0.0) -> float:
         """A step's seconds from its :func:`step_features`."""
-        return self._priced(self.tokens_time(tokens), context, pairs, samples)
+        return self._priced(self.tokens_time(tokens), context, pairs, samples) + self.wake_time(idle_s)
 
     def decode_times(self, num_seqs: int, context: int, steps: int) -> Iterator[float]:
         """The seconds of consecutive steps that each decode one token of ``num_seqs``
@@ -192,15 +238,24 @@ class Fit(NamedTuple):
     simulations with noise (:class:`StepNoise`); with parts, each relative to its part's median."""
     run_noise: list[float]
     """Quantiles 0%, 1%, ..., 100% of the parts' median residuals; empty with fewer than two parts."""
+    wake_costs_s: list[float]
+    """The wake-up cost at each of the ``wake_knots`` (the first 0)."""
 
 
 def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.ndarray | None = None,
-        workloads: np.ndarray | None = None) -> Fit:
-    """Non-negative fit of the curve's values at ``knots`` and the three other prices.
+        workloads: np.ndarray | None = None, wake_knots: Sequence[float] = WAKE_KNOTS_S) -> Fit:
+    """Non-negative fit of the curve's values at ``knots``, the three other prices and the
+    wake-up costs at ``wake_knots``.
 
-    ``features`` is [n, 4] rows of :func:`step_features`. Residuals are weighted by
-    1/sqrt(seconds), between an absolute fit (which serves the long steps that decide
-    throughput) and a relative one (which serves the short steps that decide latency).
+    ``features`` is [n, 5] rows of :class:`Features`. Residuals are weighted by
+    1/sqrt(predicted seconds), between an absolute fit (which serves the long steps that decide
+    throughput) and a relative one (which serves the short steps that decide latency). The
+    weights come from the prediction, not the measurement (a first fit weighted by the measured
+    seconds, then reweighted twice by its own predictions): step times here are skewed (a few
+    steps run 1.3-2x slow), and weights from the measured seconds favour the steps that happened
+    to run fast, so that fit priced the steps of a calibration 1.6% below what they measured in
+    all (2.2% on average per step). Weighted by the prediction, the fit is unbiased for the mean
+    step, which is what a run's duration and TPOT add up.
 
     ``parts`` labels each step with the calibration part it was timed in (parts taken minutes
     apart). This machine's speed drifts by 10-20% over minutes and moves every step of a run
@@ -213,11 +268,16 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     in one part only) does not pass for the machine's speed.
     """
     features, seconds = np.asarray(features, dtype=float), np.asarray(seconds, dtype=float)
-    design = np.column_stack([hat_basis(features[:, 0], knots), features[:, 1:]])
-    weight = 1 / np.sqrt(seconds)
+    if features.ndim != 2 or features.shape[1] != len(Features._fields):
+        raise ValueError(f"features must be [n, {len(Features._fields)}] rows of Features, got {features.shape}")
+    design = np.column_stack([hat_basis(features[:, 0], knots), features[:, 1:4],
+                              wake_basis(features[:, 4], wake_knots)])
 
     def solve(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        coef = nnls(design * weight[:, None], target * weight)
+        weight, floor = 1 / np.sqrt(target), 0.01 * np.median(target)
+        for _ in range(3):
+            coef = nnls(design * weight[:, None], target * weight)
+            weight = 1 / np.sqrt(np.maximum(design @ coef, floor))
         return coef, np.log(seconds / np.maximum(design @ coef, 1e-12))
 
     coef, residuals = solve(seconds)
@@ -237,7 +297,7 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     error = float(np.median(np.abs(predicted - seconds) / seconds))
     k = len(knots)
     return Fit([float(c) for c in coef[:k]], float(coef[k]), float(coef[k + 1]), float(coef[k + 2]), error,
-               [float(q) for q in np.quantile(residuals, levels)], run_noise)
+               [float(q) for q in np.quantile(residuals, levels)], run_noise, [0.0, *map(float, coef[k + 3:])])
 
 
 def _part_offsets(residuals: np.ndarray, parts: np.ndarray, kinds: np.ndarray, labels: np.ndarray) -> np.ndarray:

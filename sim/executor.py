@@ -77,6 +77,7 @@ class SimulatedExecutor:
         self.max_model_len = cost.max_model_len
         self.busy_seconds = 0.0
         self._block_bytes = 0
+        self._last_end: float | None = None  # when the previous step ended: what came after it was idle
 
     def initialize_cache(self, config: EngineConfig) -> CacheLayout:
         """As many blocks as the engine would get for this config on the profiled model."""
@@ -103,7 +104,7 @@ class SimulatedExecutor:
         swapped = len(plan.swap_out) + len(plan.swap_in)
         if plan.is_empty and not swapped:
             return StepResult([])
-        seconds = self.cost.step_time(plan) if not plan.is_empty else 0.0
+        seconds = self.cost.step_time(plan, self._idle()) if not plan.is_empty else 0.0
         if swapped:
             seconds += swapped * self._block_bytes / self.cost.swap_bytes_per_s
         self._spend(seconds)
@@ -120,9 +121,12 @@ class SimulatedExecutor:
         the end of each step taken."""
         ends: list[float] = []
         noise, now, busy = self._noise, self.clock.now, self.busy_seconds
+        wake = self.cost.wake_time(self._idle())  # the first step's, as execute would price it
         for seconds in self.cost.decode_times(num_seqs, context, max_steps):  # _spend's sums, inline
             if now >= until:
                 break
+            seconds += wake
+            wake = 0.0
             if noise is not None:
                 seconds *= noise()
             busy += seconds
@@ -130,10 +134,18 @@ class SimulatedExecutor:
             ends.append(now)
         self.busy_seconds = busy
         self.clock.wait_until(now)
+        if ends:
+            self._last_end = now
         return ends
+
+    def _idle(self) -> float:
+        """How long the clock moved since the previous step ended: the engine waited for a
+        request (the driver jumps the clock only then). 0.0 before the first step."""
+        return self.clock.now - self._last_end if self._last_end is not None else 0.0
 
     def _spend(self, seconds: float) -> None:
         if self._noise is not None:
             seconds *= self._noise()
         self.busy_seconds += seconds
         self.clock.advance(seconds)
+        self._last_end = self.clock.now

@@ -37,7 +37,7 @@ def test_a_fit_records_the_residuals_it_leaves() -> None:
     tokens = rng.integers(1, 100, 400)
     truth = 0.01 + 0.001 * tokens
     seconds = truth * np.where(rng.random(400) < 0.5, 1.1, 0.9)
-    result = fit(np.column_stack([tokens, np.zeros((400, 3))]), seconds, power_of_two_knots(100))
+    result = fit(np.column_stack([tokens, np.zeros((400, 4))]), seconds, power_of_two_knots(100))
     noise = np.exp(result.step_noise)
     assert noise[10] == pytest.approx(0.9, rel=0.03) and noise[90] == pytest.approx(1.1, rel=0.03)
 
@@ -51,7 +51,7 @@ def test_a_fit_with_parts_splits_the_run_speed_from_the_step_scatter() -> None:
     parts = np.repeat([0, 1, 2], 300)
     speed = np.array([0.9, 1.0, 1.15])[parts]
     seconds = (0.01 + 0.001 * tokens) * speed * np.exp(rng.normal(0.0, 0.05, 900))
-    features = np.column_stack([tokens, np.zeros((900, 3))])
+    features = np.column_stack([tokens, np.zeros((900, 4))])
     labelled = fit(features, seconds, power_of_two_knots(100), parts)
     assert labelled.run_noise[-1] - labelled.run_noise[0] == pytest.approx(math.log(1.15 / 0.9), rel=0.05)
     scatter = np.exp(labelled.step_noise)  # 10% and 90% of a 5% log-normal: exp(-+1.28 * 0.05)
@@ -69,7 +69,7 @@ def test_with_parts_the_prices_are_the_median_part_s_not_the_mean() -> None:
     parts = np.repeat([0, 1, 2], 300)
     truth = 0.01 + 0.001 * tokens
     seconds = truth * np.array([1.0, 1.0, 1.33])[parts] * np.exp(rng.normal(0.0, 0.03, 900))
-    features = np.column_stack([tokens, np.zeros((900, 3))])
+    features = np.column_stack([tokens, np.zeros((900, 4))])
     knots = power_of_two_knots(100)
 
     def priced(result: Fit) -> np.ndarray:
@@ -90,7 +90,7 @@ def test_a_workload_timed_in_one_part_only_does_not_pass_for_the_machine_s_speed
     parts = np.repeat([0, 1], 400)
     workloads = np.where((parts == 0) & (np.arange(800) < 250), "burst", "stream")
     seconds = (0.01 + 0.001 * tokens) * np.where(workloads == "burst", 1.3, 1.0) * np.exp(rng.normal(0, 0.02, 800))
-    features = np.column_stack([tokens, np.zeros((800, 3))])
+    features = np.column_stack([tokens, np.zeros((800, 4))])
     labelled = fit(features, seconds, power_of_two_knots(100), parts, workloads)
     assert abs(labelled.run_noise[-1] - labelled.run_noise[0]) < 0.01
     unlabelled = fit(features, seconds, power_of_two_knots(100), parts)

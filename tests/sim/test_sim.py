@@ -113,7 +113,7 @@ def test_fit_recovers_a_known_curve_and_attention_and_sampling_prices():
     samples = np.minimum(tokens, rng.integers(1, 64, n))
     exact = hat_basis(tokens, knots) @ curve + 2e-5 * context + 2e-6 * pairs + 1e-3 * samples
     seconds = exact * rng.normal(1.0, 0.01, n)
-    result = fit(np.column_stack([tokens, context, pairs, samples]), seconds, knots)  # 1% noise above
+    result = fit(np.column_stack([tokens, context, pairs, samples, np.zeros(n)]), seconds, knots)  # 1% noise above
     assert result.token_costs_s == pytest.approx(curve, rel=0.05)
     assert result[1:4] == pytest.approx((2e-5, 2e-6, 1e-3), rel=0.05)
     assert result.median_relative_error < 0.02
@@ -121,7 +121,7 @@ def test_fit_recovers_a_known_curve_and_attention_and_sampling_prices():
 
 def test_fit_never_returns_negative_prices():
     rng = np.random.default_rng(1)
-    features = rng.integers(1, 100, (200, 4))
+    features = np.column_stack([rng.integers(1, 100, (200, 4)), np.zeros(200)])
     seconds = (0.05 + 0.001 * features[:, 0] - 0.0001 * features[:, 1] - 0.0002 * features[:, 3]
                + rng.normal(0, 1e-4, 200))
     result = fit(features, seconds, power_of_two_knots(100))
