@@ -44,14 +44,17 @@ from pagedkv.sim import WorkloadConfig, run_real, simulate, simulate_intervals
 from pagedkv.sim.api import INTERVAL_METRICS
 from pagedkv.sim.calibrate import Timed, as_arrays, collect_samples, fit_parts, fit_profile, profile_name
 from pagedkv.sim.cost_model import DEFAULT_PROFILE, CostModel
+from pagedkv.sim.metrics import Summary
 
 WORKLOADS = {
     "offline burst": WorkloadConfig(num_requests=48, arrival="offline", preset="alpaca", seed=21),
     "poisson 1 req/s": WorkloadConfig(num_requests=64, arrival="poisson", rate=1.0, preset="alpaca", seed=22),
 }
-def save_steps(path: str, parts: list[Timed], timings: dict[str, list], steps_per_run: dict[str, list[int]]) -> None:
+def save_steps(path: str, parts: list[Timed], timings: dict[str, list], steps_per_run: dict[str, list[int]],
+               reals: dict[str, list[Summary]]) -> None:
     """The sitting's timed steps as arrays: ``part{i}_features/seconds/workloads`` for each
-    calibration part and ``real{j}_features/seconds/run`` for each workload (in WORKLOADS' order)."""
+    calibration part, ``real{j}_features/seconds/run`` for each workload (in WORKLOADS' order) and
+    ``real{j}_metrics``, each run's INTERVAL_METRICS in their order."""
     arrays: dict[str, np.ndarray] = {}
     for i, part in enumerate(parts):
         arrays.update({f"part{i}_features": part.features, f"part{i}_seconds": part.seconds,
@@ -59,7 +62,9 @@ def save_steps(path: str, parts: list[Timed], timings: dict[str, list], steps_pe
     for j, name in enumerate(WORKLOADS):
         features, seconds = as_arrays(timings[name])
         arrays.update({f"real{j}_features": features, f"real{j}_seconds": seconds,
-                       f"real{j}_run": np.repeat(np.arange(len(steps_per_run[name])), steps_per_run[name])})
+                       f"real{j}_run": np.repeat(np.arange(len(steps_per_run[name])), steps_per_run[name]),
+                       f"real{j}_metrics": np.array([[get(r) for get in INTERVAL_METRICS.values()]
+                                                     for r in reals[name]])})
     np.savez_compressed(path, **arrays)
 
 
@@ -97,7 +102,7 @@ def main() -> None:
     if args.save_profile:
         profile.save(args.save_profile)
     if args.save_steps:
-        save_steps(args.save_steps, parts, timings, steps_per_run)
+        save_steps(args.save_steps, parts, timings, steps_per_run, reals)
     wake = ", ".join(f"{c * 1e3:.2f} ms after {k:g} s" for k, c in zip(profile.wake_knots_s, profile.wake_costs_s,
                                                                         strict=True))
     print(f"profile: {profile.name} ({profile.fit_note}); wake-up: {wake or 'none'}\n")

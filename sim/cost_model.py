@@ -260,12 +260,14 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     ``parts`` labels each step with the calibration part it was timed in (parts taken minutes
     apart). This machine's speed drifts by 10-20% over minutes and moves every step of a run
     together, which independent per-step noise averages away over a run's hundreds of steps: so
-    the residuals are split into each part's offset (the run-level factor, ``run_noise``) and
-    the scatter around it (``step_noise``), and the prices are refitted to the median part's speed.
-    ``workloads`` labels each step's workload: a part's offset is then the median of its steps'
-    residuals relative to their workload's median part, from the workloads timed in two parts or
-    more, so that a workload the curve prices a little high or low (each calibration burst runs
-    in one part only) does not pass for the machine's speed.
+    the residuals are split into each run's offset (the run-level factor, ``run_noise``) and the
+    scatter around it (``step_noise``), and the prices are refitted to each workload's median
+    run's speed. A run is one workload (``workloads`` labels each step's) in one part: its offset
+    is the median of its steps' residuals less the median of that workload's runs' medians, from
+    the workloads timed in two parts or more (0 for the others, whose speed cannot be told from
+    the price of their shapes). So a workload the curve prices a little high or low does not pass
+    for the machine's speed, and one run in a slow minute (a burst's steps 18% slower than its
+    part's streams, in one sitting) does not price its batch shapes.
     """
     features, seconds = np.asarray(features, dtype=float), np.asarray(seconds, dtype=float)
     if features.ndim != 2 or features.shape[1] != len(Features._fields):
@@ -283,14 +285,15 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     coef, residuals = solve(seconds)
     levels = np.linspace(0, 1, 101)
     run_noise: list[float] = []
-    if parts is not None and len(labels := np.unique(parts)) >= 2:
-        index = np.searchsorted(labels, parts)
+    if parts is not None and len(np.unique(parts)) >= 2:
         kinds = workloads if workloads is not None else np.zeros(len(parts))
-        # Fitted to every part as timed, the prices describe a machine of the parts' mean speed;
-        # refitted with each part's steps scaled by its offset, they describe the median part's,
+        runs, index = np.unique(np.column_stack([parts.astype(str), kinds.astype(str)]), axis=0, return_inverse=True)
+        index = index.ravel()
+        # Fitted to every run as timed, the prices describe a machine of the runs' mean speed;
+        # refitted with each run's steps scaled by its offset, they describe the median run's,
         # which is what a simulation's central value should predict: the median real run.
-        coef, residuals = solve(seconds * np.exp(-_part_offsets(residuals, parts, kinds, labels)[index]))
-        offsets = _part_offsets(residuals, parts, kinds, labels)
+        coef, residuals = solve(seconds * np.exp(-_run_offsets(residuals, runs[:, 1], index)[index]))
+        offsets = _run_offsets(residuals, runs[:, 1], index)
         residuals = residuals - offsets[index]
         run_noise = [float(q) for q in np.quantile(offsets, levels)]
     predicted = design @ coef
@@ -300,18 +303,16 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
                [float(q) for q in np.quantile(residuals, levels)], run_noise, [0.0, *map(float, coef[k + 3:])])
 
 
-def _part_offsets(residuals: np.ndarray, parts: np.ndarray, kinds: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Each part's median residual, every step's taken relative to its workload's median part
-    (the median of its parts' medians), from the workloads timed in two parts or more (see
-    :func:`fit`)."""
-    centred, shared = residuals.copy(), np.zeros(len(parts), dtype=bool)
-    for kind in np.unique(kinds):
-        mine = kinds == kind
-        if len(timed_in := np.unique(parts[mine])) >= 2:
-            centred[mine] -= np.median([np.median(residuals[mine & (parts == part)]) for part in timed_in])
-            shared |= mine
-    return np.array([np.median(centred[shared & (parts == label)]) if (shared & (parts == label)).any()
-                     else 0.0 for label in labels])
+def _run_offsets(residuals: np.ndarray, kind_of_run: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Each run's median residual less the median of its workload's runs' medians; 0 for a
+    workload timed in one run (see :func:`fit`). ``index`` maps each step to its run."""
+    medians = np.array([np.median(residuals[index == run]) for run in range(len(kind_of_run))])
+    offsets = np.zeros(len(kind_of_run))
+    for kind in np.unique(kind_of_run):
+        mine = kind_of_run == kind
+        if mine.sum() >= 2:
+            offsets[mine] = medians[mine] - np.median(medians[mine])
+    return offsets
 
 
 class StepNoise:

@@ -13,7 +13,7 @@ from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler import EngineConfig
 from pagedkv.sim import CostModel, LengthDist, WorkloadConfig, simulate, simulate_intervals
 from pagedkv.sim.api import INTERVAL_METRICS
-from pagedkv.sim.cost_model import Fit, StepNoise, fit, power_of_two_knots
+from pagedkv.sim.cost_model import Fit, StepNoise, fit, hat_basis, power_of_two_knots
 
 BASE = CostModel(
     name="test", token_knots=[1, 2, 1026], token_costs_s=[0.024, 0.03, 1.054],
@@ -95,6 +95,25 @@ def test_a_workload_timed_in_one_part_only_does_not_pass_for_the_machine_s_speed
     assert abs(labelled.run_noise[-1] - labelled.run_noise[0]) < 0.01
     unlabelled = fit(features, seconds, power_of_two_knots(100), parts)
     assert unlabelled.run_noise[-1] - unlabelled.run_noise[0] > 0.1
+
+
+def test_one_run_of_a_workload_in_a_slow_minute_does_not_price_its_batch_shapes() -> None:
+    """Three parts, each timing a stream of small steps and a burst of big ones at the usual
+    speed, except part 0's burst, which ran 25% slow while its stream did not: the run is a
+    workload in a part, so that burst's offset is its own and the big steps are priced at the
+    median burst's speed."""
+    rng = np.random.default_rng(8)
+    n = 1800
+    parts = np.repeat([0, 1, 2], n // 3)
+    burst = np.tile(np.arange(n // 3) < 200, 3)
+    tokens = np.where(burst, rng.integers(33, 100, n), rng.integers(1, 32, n))
+    truth = 0.01 + 0.001 * tokens
+    seconds = truth * np.where(burst & (parts == 0), 1.25, 1.0) * np.exp(rng.normal(0.0, 0.02, n))
+    knots = power_of_two_knots(100)
+    result = fit(np.column_stack([tokens, np.zeros((n, 4))]), seconds, knots, parts, np.where(burst, "burst", "stream"))
+    priced = hat_basis(tokens, knots) @ result.token_costs_s
+    assert np.median(priced[burst] / truth[burst]) == pytest.approx(1.0, abs=0.015)
+    assert max(result.run_noise) == pytest.approx(math.log(1.25), abs=0.02)
 
 
 def test_run_noise_slows_a_whole_run_by_one_factor() -> None:

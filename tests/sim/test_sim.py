@@ -321,7 +321,7 @@ def test_a_real_run_on_a_loaded_model_times_every_step_it_takes(tiny_model):
     assert (seconds > 0).all() and (seconds <= np.array(result.steps.duration)).all()
 
 
-def test_the_calibration_in_parts_runs_every_workload_once_streams_thinned_bursts_whole():
+def test_the_calibration_in_parts_runs_every_burst_in_every_part_and_shares_out_the_streams():
     from pagedkv.sim.calibrate import calibration_workloads
 
     whole = calibration_workloads(2048, seed=0)
@@ -329,7 +329,7 @@ def test_the_calibration_in_parts_runs_every_workload_once_streams_thinned_burst
     for w, _ in whole:
         taken = [t for part in parts for t, _ in part if t.model_copy(update={"num_requests": w.num_requests}) == w]
         if w.arrival == "offline":
-            assert [t.num_requests for t in taken] == [w.num_requests]  # one part runs it whole
+            assert [t.num_requests for t in taken] == [w.num_requests] * 3  # every part runs it whole
         else:
             assert [t.num_requests for t in taken] == [round(w.num_requests / 3)] * 3
     assert {w.arrival for w, _ in whole} >= {"offline", "poisson", "closed"}
