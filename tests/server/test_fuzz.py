@@ -192,9 +192,10 @@ def cases(spec: dict[str, Any]) -> st.SearchStrategy[tuple[str, str, bytes, dict
         encoded = bodies.map(lambda b: json.dumps(b).encode())
         raw = st.binary(max_size=64) | st.text(max_size=64).map(str.encode)
         per_route.append(st.tuples(st.just("POST"), st.just(path), encoded | raw, st.just(json_header)))
+    # A path may not start with "//": a client reads that as a host (httpx refuses to send it).
+    unknown_paths = st.from_regex(r"/([a-z0-9_.-][a-z0-9/_.-]{0,15})?", fullmatch=True)
     stray = st.tuples(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
-                      st.sampled_from(["/health", "/v1/models", *ROUTES]) | st.from_regex(r"/[a-z0-9/_.-]{0,16}",
-                                                                                           fullmatch=True),
+                      st.sampled_from(["/health", "/v1/models", *ROUTES]) | unknown_paths,
                       st.binary(max_size=16), st.just(json_header))
     return st.one_of(*per_route, *per_route, *per_route, stray)
 
