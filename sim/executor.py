@@ -7,6 +7,7 @@ running a model it advances a virtual clock by the cost model's estimate of the 
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from pagedkv.errors import InvalidRequestError
@@ -121,12 +122,12 @@ class SimulatedExecutor:
         the end of each step taken."""
         ends: list[float] = []
         noise, now, busy = self._noise, self.clock.now, self.busy_seconds
-        wake = self.cost.wake_time(self._idle())  # the first step's, as execute would price it
-        for seconds in self.cost.decode_times(num_seqs, context, max_steps):  # _spend's sums, inline
+        times = self.cost.decode_times(num_seqs, context, max_steps)
+        if wake := self.cost.wake_time(self._idle()):  # a run follows a step, so 0.0 from the driver
+            times = itertools.chain([next(times) + wake], times)  # the first step's, as execute prices it
+        for seconds in times:  # _spend's sums, inline
             if now >= until:
                 break
-            seconds += wake
-            wake = 0.0
             if noise is not None:
                 seconds *= noise()
             busy += seconds
