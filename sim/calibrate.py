@@ -155,6 +155,8 @@ def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.nda
         fit_note=f"fitted on {len(seconds)} timed steps; median relative error {result.median_relative_error:.1%}",
         step_noise=result.step_noise,
         run_noise=result.run_noise,
+        noise_slow_share=result.slow_share,
+        noise_corr_s=result.corr_s,
     )
 
 

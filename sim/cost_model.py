@@ -48,6 +48,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pagedkv.scheduler.plan import SchedulerOutput
+from pagedkv.sim.noise import slow_noise
 
 PROFILES = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = PROFILES / "smollm2-135m-cpu-float32.json"
@@ -133,6 +134,10 @@ class CostModel(BaseModel):
         "quantiles (0% to 100%, evenly spaced) of the calibration parts' median log(measured / "
         "predicted): how the machine's speed moved whole runs, drawn once per simulation with noise; "
         "empty: none recorded (a calibration in one part)"))
+    noise_slow_share: float = Field(0.0, ge=0, le=1, description=(
+        "how much of the step noise (its normal scores' variance) wanders with the machine's speed over "
+        "seconds instead of each step's own: steps noise_corr_s apart correlate noise_slow_share / e"))
+    noise_corr_s: float = Field(1.0, gt=0, description="the correlation time of that slow part, seconds")
 
     @model_validator(mode="after")
     def _check_curve(self) -> CostModel:
@@ -235,11 +240,16 @@ class Fit(NamedTuple):
     median_relative_error: float
     step_noise: list[float]
     """Quantiles 0%, 1%, ..., 100% of log(measured / predicted): the residuals, kept for
-    simulations with noise (:class:`StepNoise`); with parts, each relative to its part's median."""
+    simulations with noise (:class:`pagedkv.sim.noise.StepNoise`); with parts, each relative to its
+    run's median."""
     run_noise: list[float]
     """Quantiles 0%, 1%, ..., 100% of the parts' median residuals; empty with fewer than two parts."""
     wake_costs_s: list[float]
     """The wake-up cost at each of the ``wake_knots`` (the first 0)."""
+    slow_share: float
+    """How much of the residuals' normal-score variance wanders slowly (:func:`pagedkv.sim.noise.slow_noise`)."""
+    corr_s: float
+    """The correlation time of that slow part, seconds."""
 
 
 def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.ndarray | None = None,
@@ -285,6 +295,8 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     coef, residuals = solve(seconds)
     levels = np.linspace(0, 1, 101)
     run_noise: list[float] = []
+    run_of_step = (np.unique(workloads, return_inverse=True)[1].ravel() if workloads is not None
+                   else np.zeros(len(seconds), dtype=int))
     if parts is not None and len(np.unique(parts)) >= 2:
         kinds = workloads if workloads is not None else np.zeros(len(parts))
         runs, index = np.unique(np.column_stack([parts.astype(str), kinds.astype(str)]), axis=0, return_inverse=True)
@@ -295,12 +307,26 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
         coef, residuals = solve(seconds * np.exp(-_run_offsets(residuals, runs[:, 1], index)[index]))
         offsets = _run_offsets(residuals, runs[:, 1], index)
         residuals = residuals - offsets[index]
+        run_of_step = index
         run_noise = [float(q) for q in np.quantile(offsets, levels)]
     predicted = design @ coef
     error = float(np.median(np.abs(predicted - seconds) / seconds))
+    slow_share, corr_s = slow_noise(residuals, _step_starts(seconds, features[:, 4], run_of_step), run_of_step)
     k = len(knots)
     return Fit([float(c) for c in coef[:k]], float(coef[k]), float(coef[k + 1]), float(coef[k + 2]), error,
-               [float(q) for q in np.quantile(residuals, levels)], run_noise, [0.0, *map(float, coef[k + 3:])])
+               [float(q) for q in np.quantile(residuals, levels)], run_noise, [0.0, *map(float, coef[k + 3:])],
+               slow_share, corr_s)
+
+
+def _step_starts(seconds: np.ndarray, idle: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """When each step started, in seconds since its run's first step (steps in time order within
+    each run): the steps and idle waits before it, the engine's bookkeeping between steps aside."""
+    starts = np.zeros(len(seconds))
+    for run in np.unique(runs):
+        mine = np.flatnonzero(runs == run)
+        elapsed = np.cumsum(seconds[mine] + idle[mine])
+        starts[mine] = elapsed - seconds[mine] - elapsed[0] + seconds[mine][0]
+    return starts
 
 
 def _run_offsets(residuals: np.ndarray, kind_of_run: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -313,26 +339,3 @@ def _run_offsets(residuals: np.ndarray, kind_of_run: np.ndarray, index: np.ndarr
         if mine.sum() >= 2:
             offsets[mine] = medians[mine] - np.median(medians[mine])
     return offsets
-
-
-class StepNoise:
-    """Multipliers for simulated step times, drawn from a profile's recorded residuals
-    (``CostModel.step_noise``, inverse-transform sampling between its quantiles) with a seed
-    of its own, a few thousand at a time: a simulation with noise takes millions of steps.
-    With ``run_noise`` quantiles, every multiplier is also scaled by one factor drawn from
-    them for the whole run (``run_factor``): the machine's speed that run."""
-
-    def __init__(self, quantiles: list[float], seed: int, run_noise: list[float] | None = None) -> None:
-        self._levels, self._quantiles = np.linspace(0, 1, len(quantiles)), np.asarray(quantiles)
-        self._rng = np.random.default_rng(seed)
-        self.run_factor = 1.0
-        if run_noise:
-            draw = np.random.default_rng([seed, 1]).random()  # its own stream: step draws stay as they were
-            self.run_factor = float(np.exp(np.interp(draw, np.linspace(0, 1, len(run_noise)), run_noise)))
-        self._batch: list[float] = []
-
-    def __call__(self) -> float:
-        if not self._batch:
-            draws = np.interp(self._rng.random(4096), self._levels, self._quantiles)
-            self._batch = (np.exp(draws) * self.run_factor).tolist()
-        return self._batch.pop()

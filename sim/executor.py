@@ -14,7 +14,8 @@ from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.executor import CacheLayout, StepResult
 from pagedkv.scheduler.plan import SchedulerOutput
-from pagedkv.sim.cost_model import CostModel, StepNoise
+from pagedkv.sim.cost_model import CostModel
+from pagedkv.sim.noise import StepNoise
 
 DUMMY_TOKEN = 0
 _ONE = (DUMMY_TOKEN,)  # one row's sample; `_ONE * k` is k of them (and `_ONE * 1` is _ONE itself)
@@ -69,12 +70,13 @@ class SimulatedExecutor:
     def __init__(self, cost: CostModel, clock: VirtualClock, noise_seed: int | None = None) -> None:
         """With ``noise_seed``, every step's time is the cost model's times a multiplier drawn
         from the profile's recorded residuals, and the whole run's times one factor drawn from
-        its run-level noise where it records one (:class:`~pagedkv.sim.cost_model.StepNoise`)."""
+        its run-level noise where it records one (:class:`~pagedkv.sim.noise.StepNoise`)."""
         self.cost = cost
         self.clock = clock
         if noise_seed is not None and not cost.step_noise:
             raise InvalidRequestError(f"profile {cost.name!r} records no step noise (recalibrate it)", "noise_seed")
-        self._noise = StepNoise(cost.step_noise, noise_seed, cost.run_noise) if noise_seed is not None else None
+        self._noise = (StepNoise(cost.step_noise, noise_seed, cost.run_noise, cost.noise_slow_share, cost.noise_corr_s)
+                       if noise_seed is not None else None)
         self.max_model_len = cost.max_model_len
         self.busy_seconds = 0.0
         self._block_bytes = 0
@@ -129,7 +131,7 @@ class SimulatedExecutor:
             if now >= until:
                 break
             if noise is not None:
-                seconds *= noise()
+                seconds *= noise(now)
             busy += seconds
             now += seconds
             ends.append(now)
@@ -146,7 +148,7 @@ class SimulatedExecutor:
 
     def _spend(self, seconds: float) -> None:
         if self._noise is not None:
-            seconds *= self._noise()
+            seconds *= self._noise(self.clock.now)
         self.busy_seconds += seconds
         self.clock.advance(seconds)
         self._last_end = self.clock.now
