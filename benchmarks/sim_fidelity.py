@@ -105,7 +105,8 @@ def main() -> None:
         save_steps(args.save_steps, parts, timings, steps_per_run, reals)
     wake = ", ".join(f"{c * 1e3:.2f} ms after {k:g} s" for k, c in zip(profile.wake_knots_s, profile.wake_costs_s,
                                                                         strict=True))
-    print(f"profile: {profile.name} ({profile.fit_note}); wake-up: {wake or 'none'}\n")
+    print(f"profile: {profile.name} ({profile.fit_note}); wake-up: {wake or 'none'}; step noise "
+          f"{profile.noise_slow_share:.0%} slow (correlation time {profile.noise_corr_s:.2f} s)\n")
     for name, workload in WORKLOADS.items():
         _, simulated = simulate(workload, engine, "paged", profile)
         run_of_step = np.repeat(np.arange(args.repeats), steps_per_run[name])

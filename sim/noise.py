@@ -58,7 +58,7 @@ class StepNoise:
         if self._state is None:
             self._state = self._normals.pop()
         else:
-            keep = math.exp(-(now - self._last) / self._corr_s)
+            keep = math.exp(-max(now - self._last, 0.0) / self._corr_s)
             self._state = keep * self._state + math.sqrt(1.0 - keep * keep) * self._normals.pop()
         self._last = now
         score = self._slow * self._state + self._fast * self._normals.pop()
