@@ -10,14 +10,18 @@ the simulator's error.
 
     python benchmarks/sim_fidelity.py [--profile sim/profiles/...json]     # about 5 minutes
     python benchmarks/sim_fidelity.py --calibrate [--save-profile P]      # about 8 minutes
+    python benchmarks/sim_fidelity.py --calibrate --repeats 5             # about 12 minutes
 
 Each real workload runs ``--repeats`` times (3) and the simulator is compared with the
-median run; the spread between the real runs is printed beside it, as the yardstick of
-what "within 10%" can mean on this machine.
+median run (with five, the real median and the calibration both span more of the machine's
+minutes); the spread between the real runs is printed beside it, as the yardstick of what
+"within 10%" can mean on this machine.
 
-The "noisy median" columns are the intervals' own central value, the median of the simulations
-with noise, beside the noiseless one ("simulated"). On 2026-12-02 (03:46) it was no closer: the noise
-draws lengthen the steps on average (TPOT +14% against +6% noiseless in a noisy sitting).
+The "noisy median" column is the intervals' own central value, the median of the simulations with
+noise: the central value a prediction interval reports, scored against the real median. Beside it,
+"simulated" is the one noiseless simulation. Real steps vary in length and their speed wanders over
+seconds; the noiseless run's steps do neither, so a request arriving mid-step waits less in it and
+requests' paces spread less (docs/simulator.md, "Prediction intervals").
 
 The "in sample" columns price the simulation with a profile fitted on the real runs' own
 steps, each run a part of its own (so the prices are the median run's): what is left of the
