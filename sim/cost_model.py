@@ -128,11 +128,12 @@ class CostModel(BaseModel):
     fit_note: str = ""
     step_noise: list[float] = Field(default_factory=list, description=(
         "quantiles (0% to 100%, evenly spaced) of log(measured / predicted) over the fitted steps, "
-        "each taken relative to its calibration part's median when run_noise is recorded: what a "
+        "each taken relative to its calibration run's median when run_noise is recorded: what a "
         "simulation with noise draws each step's time from; empty: none recorded"))
     run_noise: list[float] = Field(default_factory=list, description=(
-        "quantiles (0% to 100%, evenly spaced) of the calibration parts' median log(measured / "
-        "predicted): how the machine's speed moved whole runs, drawn once per simulation with noise; "
+        "quantiles (0% to 100%, evenly spaced) of the calibration runs' offsets (a run: one workload in "
+        "one part; its median log(measured / predicted) less its workload's median run's): how the "
+        "machine's speed moved whole runs, drawn once per simulation with noise; "
         "empty: none recorded (a calibration in one part)"))
     noise_slow_share: float = Field(0.0, ge=0, le=1, description=(
         "how much of the step noise (its normal scores' variance) wanders with the machine's speed over "
@@ -243,7 +244,7 @@ class Fit(NamedTuple):
     simulations with noise (:class:`pagedkv.sim.noise.StepNoise`); with parts, each relative to its
     run's median."""
     run_noise: list[float]
-    """Quantiles 0%, 1%, ..., 100% of the parts' median residuals; empty with fewer than two parts."""
+    """Quantiles 0%, 1%, ..., 100% of the runs' offsets (see :func:`fit`); empty with fewer than two parts."""
     wake_costs_s: list[float]
     """The wake-up cost at each of the ``wake_knots`` (the first 0)."""
     slow_share: float
