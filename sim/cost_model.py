@@ -274,11 +274,14 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     the residuals are split into each run's offset (the run-level factor, ``run_noise``) and the
     scatter around it (``step_noise``), and the prices are refitted to each workload's median
     run's speed. A run is one workload (``workloads`` labels each step's) in one part: its offset
-    is the median of its steps' residuals less the median of that workload's runs' medians, from
-    the workloads timed in two parts or more (0 for the others, whose speed cannot be told from
-    the price of their shapes). So a workload the curve prices a little high or low does not pass
-    for the machine's speed, and one run in a slow minute (a burst's steps 18% slower than its
-    part's streams, in one sitting) does not price its batch shapes.
+    is log(its steps' measured total / their priced total) less the median of that workload's
+    runs', from the workloads timed in two parts or more (0 for the others, whose speed cannot be
+    told from the price of their shapes). A run's speed is its total, as the prices are the mean
+    step's: taken as its median residual, a run with a few slow stretches passed for a typical
+    one, and on the 10:51 sitting's saved steps the bursts were priced 3.3% under their median
+    run. So a workload the curve prices a little high or low does not pass for the machine's
+    speed, and one run in a slow minute (a burst's steps 18% slower than its part's streams, in
+    one sitting) does not price its batch shapes.
     """
     features, seconds = np.asarray(features, dtype=float), np.asarray(seconds, dtype=float)
     if features.ndim != 2 or features.shape[1] != len(Features._fields):
@@ -305,8 +308,8 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
         # Fitted to every run as timed, the prices describe a machine of the runs' mean speed;
         # refitted with each run's steps scaled by its offset, they describe the median run's,
         # which is what a simulation's central value should predict: the median real run.
-        coef, residuals = solve(seconds * np.exp(-_run_offsets(residuals, runs[:, 1], index)[index]))
-        offsets = _run_offsets(residuals, runs[:, 1], index)
+        coef, residuals = solve(seconds * np.exp(-_run_offsets(seconds, residuals, runs[:, 1], index)[index]))
+        offsets = _run_offsets(seconds, residuals, runs[:, 1], index)
         residuals = residuals - offsets[index]
         run_of_step = index
         run_noise = [float(q) for q in np.quantile(offsets, levels)]
@@ -330,13 +333,15 @@ def _step_starts(seconds: np.ndarray, idle: np.ndarray, runs: np.ndarray) -> np.
     return starts
 
 
-def _run_offsets(residuals: np.ndarray, kind_of_run: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Each run's median residual less the median of its workload's runs' medians; 0 for a
-    workload timed in one run (see :func:`fit`). ``index`` maps each step to its run."""
-    medians = np.array([np.median(residuals[index == run]) for run in range(len(kind_of_run))])
+def _run_offsets(seconds: np.ndarray, residuals: np.ndarray, kind_of_run: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Each run's log(measured total / priced total) less the median of its workload's runs'; 0
+    for a workload timed in one run (see :func:`fit`). ``index`` maps each step to its run."""
+    priced = seconds * np.exp(-residuals)
+    speeds = np.array([np.log(seconds[index == run].sum() / priced[index == run].sum())
+                       for run in range(len(kind_of_run))])
     offsets = np.zeros(len(kind_of_run))
     for kind in np.unique(kind_of_run):
         mine = kind_of_run == kind
         if mine.sum() >= 2:
-            offsets[mine] = medians[mine] - np.median(medians[mine])
+            offsets[mine] = speeds[mine] - np.median(speeds[mine])
     return offsets

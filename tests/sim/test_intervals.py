@@ -117,6 +117,24 @@ def test_one_run_of_a_workload_in_a_slow_minute_does_not_price_its_batch_shapes(
     assert max(result.run_noise) == pytest.approx(math.log(1.25), abs=0.02)
 
 
+def test_a_run_s_speed_is_its_total_time_not_its_typical_step() -> None:
+    """Three parts: one at the usual speed, one where a fifth of the steps ran 1.5x slow (10% more
+    in total, its typical step as usual), one 20% slow throughout. By total time the median run is
+    the one with slow stretches, and the prices add up to its total; by the median step it would
+    pass for a usual run, and the prices would be 10% short of it."""
+    rng = np.random.default_rng(9)
+    n = 1500
+    parts = np.repeat([0, 1, 2], n // 3)
+    tokens = rng.integers(1, 100, n)
+    truth = 0.01 + 0.001 * tokens
+    stretches = (parts == 1) & (rng.random(n) < 0.2)
+    seconds = truth * np.where(parts == 2, 1.2, 1.0) * np.where(stretches, 1.5, 1.0) * np.exp(rng.normal(0, 0.01, n))
+    knots = power_of_two_knots(100)
+    result = fit(np.column_stack([tokens, np.zeros((n, 4))]), seconds, knots, parts)
+    priced = hat_basis(tokens, knots) @ result.token_costs_s
+    assert priced[parts == 1].sum() == pytest.approx(seconds[parts == 1].sum(), rel=0.02)
+
+
 def test_run_noise_slows_a_whole_run_by_one_factor() -> None:
     """No step scatter and one run-level speed (1.25x slower): every time stretched by 1.25."""
     burst = WorkloadConfig(num_requests=40, preset="alpaca", arrival="offline", seed=2)
