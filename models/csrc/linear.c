@@ -14,9 +14,9 @@
  * pair is used by several blocks of rows in turn, bound by arithmetic once its first block has
  * brought it in; the thread's next pair is prefetched into L2 meanwhile (2026-12-02, all 30
  * layers' weights cold: 1.02-1.25x faster at 24-64 rows, most at 24-36, in both dtypes). The
- * packed weight is padded to a multiple of 32 columns with zeros; stores are masked to the n real columns. Each
- * output is its k products summed in order in float32 (plus the bias), rounded once to the
- * dtype. Threads split the column tiles (OpenMP, PyTorch's runtime).
+ * packed weight is padded to a multiple of 32 columns with zeros; stores are masked to the n
+ * real columns. Each output is its k products summed in order in float32 (plus the bias),
+ * rounded once to the dtype. Threads split the column tiles (OpenMP, PyTorch's runtime).
  *
  *   x [rows, k] and y [rows, n] contiguous; bias [n] or NULL; k even for bfloat16.
  * Built without AVX-512 (or, for bfloat16, AVX512-BF16) the functions return UNSUPPORTED and
