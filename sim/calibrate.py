@@ -5,7 +5,7 @@ prefills mixed with large decode batches that shrink as requests finish) of shor
 long requests, a small closed loop (batches of a few sequences), light Poisson loads
 (single short prefills joining running decodes) and a sparse one (steps after the engine
 idled). Every model step is timed with a wall clock and paired with its features;
-:func:`pagedkv.sim.cost_model.fit` turns the pairs into a profile.
+:func:`pagedkv.sim.fit.fit` turns the pairs into a profile.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from pagedkv.models.runner import ModelRunner
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.executor import CacheLayout, StepResult
 from pagedkv.scheduler.plan import SchedulerOutput
-from pagedkv.sim.cost_model import WAKE_KNOTS_S, CostModel, Features, fit, power_of_two_knots, step_features
+from pagedkv.sim.cost_model import WAKE_KNOTS_S, CostModel, Features, power_of_two_knots, step_features
 from pagedkv.sim.driver import run_workload
 from pagedkv.sim.executor import WallClock
+from pagedkv.sim.fit import fit
 from pagedkv.sim.workload import LengthDist, WorkloadConfig, generate
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def calibration_workloads(
     batch: in one sitting (2026-12-02 09:48) a burst's steps ran 18% slower than the fit while
     the streams of its part ran 4-9% faster, and the real bursts ran at 0.72-0.86 of that fit.
     Timed in every part, a burst's speed in each is measured against its own median part
-    (:func:`pagedkv.sim.cost_model.fit`)."""
+    (:func:`pagedkv.sim.fit.fit`)."""
 
     def uniform(low: int, high: int) -> LengthDist:
         return LengthDist(kind="uniform", low=low, high=high)
@@ -138,7 +139,7 @@ def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.nda
                 parts: np.ndarray | None = None, workloads: np.ndarray | None = None) -> CostModel:
     """The cost-model profile of ``model`` fitted to timed steps of it (knots up to ``budget``
     tokens); ``parts`` and ``workloads`` label the steps with the calibration part and workload
-    each was timed in, for the run-level noise (:func:`pagedkv.sim.cost_model.fit`)."""
+    each was timed in, for the run-level noise (:func:`pagedkv.sim.fit.fit`)."""
     knots = power_of_two_knots(budget)
     result = fit(features, seconds, knots, parts, workloads)
     return CostModel(

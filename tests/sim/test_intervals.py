@@ -13,7 +13,8 @@ from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler import EngineConfig
 from pagedkv.sim import CostModel, LengthDist, WorkloadConfig, simulate, simulate_intervals
 from pagedkv.sim.api import INTERVAL_METRICS
-from pagedkv.sim.cost_model import Fit, fit, hat_basis, power_of_two_knots
+from pagedkv.sim.cost_model import hat_basis, power_of_two_knots
+from pagedkv.sim.fit import Fit, fit
 from pagedkv.sim.noise import StepNoise
 
 BASE = CostModel(

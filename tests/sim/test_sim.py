@@ -12,9 +12,10 @@ import pytest
 from pagedkv.models import ModelRunner
 from pagedkv.scheduler import EngineConfig
 from pagedkv.sim import CostModel, LengthDist, WorkloadConfig, generate, load_trace, save_trace, simulate, sweep
-from pagedkv.sim.cost_model import Features, fit, hat_basis, power_of_two_knots
+from pagedkv.sim.cost_model import Features, hat_basis, power_of_two_knots
 from pagedkv.sim.driver import run_workload
 from pagedkv.sim.executor import SimulatedExecutor, VirtualClock
+from pagedkv.sim.fit import fit
 from pagedkv.sim.metrics import summarize
 from pagedkv.sim.policies import POLICIES
 from pagedkv.sim.workload import TRACES

@@ -14,7 +14,8 @@ from pagedkv.models import ModelRunner
 from pagedkv.scheduler import EngineConfig
 from pagedkv.sim import CostModel, LengthDist, WorkloadConfig, simulate
 from pagedkv.sim.calibrate import TimedExecutor, as_arrays
-from pagedkv.sim.cost_model import WAKE_KNOTS_S, fit, hat_basis, power_of_two_knots, wake_basis
+from pagedkv.sim.cost_model import WAKE_KNOTS_S, hat_basis, power_of_two_knots, wake_basis
+from pagedkv.sim.fit import fit
 from pagedkv.sim.metrics import request_columns
 
 BASE = CostModel(name="test", token_knots=[1, 2, 1026], token_costs_s=[0.02, 0.021, 1.05],
