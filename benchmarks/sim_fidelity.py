@@ -109,7 +109,8 @@ def main() -> None:
         save_steps(args.save_steps, parts, timings, steps_per_run, reals)
     wake = ", ".join(f"{c * 1e3:.2f} ms after {k:g} s" for k, c in zip(profile.wake_knots_s, profile.wake_costs_s,
                                                                         strict=True))
-    print(f"profile: {profile.name} ({profile.fit_note}); wake-up: {wake or 'none'}; step noise "
+    print(f"profile: {profile.name} ({profile.fit_note}); wake-up: {wake or 'none'}; light load: "
+          f"{profile.light_load_slowdown:+.1%} within {profile.light_load_window_s:g} s of an idle wait; step noise "
           f"{profile.noise_slow_share:.0%} slow (correlation time {profile.noise_corr_s:.2f} s)\n")
     for name, workload in WORKLOADS.items():
         _, simulated = simulate(workload, engine, "paged", profile)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
@@ -25,7 +26,15 @@ from pagedkv.models.runner import ModelRunner
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.executor import CacheLayout, StepResult
 from pagedkv.scheduler.plan import SchedulerOutput
-from pagedkv.sim.cost_model import WAKE_KNOTS_S, CostModel, Features, power_of_two_knots, step_features
+from pagedkv.sim.cost_model import (
+    IDLE_WAIT_S,
+    LIGHT_LOAD_WINDOW_S,
+    WAKE_KNOTS_S,
+    CostModel,
+    Features,
+    power_of_two_knots,
+    step_features,
+)
 from pagedkv.sim.driver import run_workload
 from pagedkv.sim.executor import WallClock
 from pagedkv.sim.fit import fit
@@ -36,11 +45,16 @@ logger = logging.getLogger(__name__)
 
 class TimedExecutor:
     """Wraps a real executor; appends each step's features and how long it took to ``samples``.
-    A step's idle time is the wall time since the previous step ended (the first step's is 0):
-    the engine's bookkeeping between two steps, or the wait for a request when it had none."""
 
-    def __init__(self, inner: ModelRunner, samples: list[tuple[Features, float]] | None = None) -> None:
-        self.inner = inner
+    The wall time since the previous step ended is either the engine's bookkeeping between two
+    steps (scheduling, handling outputs: 0.1-0.4 ms here, about 1% of a step) or, over
+    IDLE_WAIT_S, the wait for a request when it had none. Bookkeeping is counted in the step
+    after it, as the simulator's clock moves only by steps: left out, a simulation ran 1% fast.
+    A wait is the step's idle time (0 otherwise, and for the first step)."""
+
+    def __init__(self, inner: ModelRunner, samples: list[tuple[Features, float]] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.inner, self.clock = inner, clock
         self.vocab_size, self.max_model_len, self.eos_token_id = inner.vocab_size, inner.max_model_len, None
         self.samples = [] if samples is None else samples
         self._last_end: float | None = None
@@ -49,11 +63,12 @@ class TimedExecutor:
         return self.inner.initialize_cache(config)
 
     def execute(self, plan: SchedulerOutput) -> StepResult:
-        start = time.perf_counter()
+        start = self.clock()
         tokens = self.inner.execute(plan)
-        end = time.perf_counter()
-        idle = start - self._last_end if self._last_end is not None else 0.0
-        self.samples.append((step_features(plan, idle), end - start))
+        end = self.clock()
+        gap = start - self._last_end if self._last_end is not None else 0.0
+        waited = gap > IDLE_WAIT_S
+        self.samples.append((step_features(plan, gap if waited else 0.0), end - start + (0.0 if waited else gap)))
         self._last_end = end
         return tokens
 
@@ -158,6 +173,8 @@ def fit_profile(model: PagedLM, name: str, features: np.ndarray, seconds: np.nda
         run_noise=result.run_noise,
         noise_slow_share=result.slow_share,
         noise_corr_s=result.corr_s,
+        light_load_slowdown=result.light_load_slowdown,
+        light_load_window_s=LIGHT_LOAD_WINDOW_S,
     )
 
 

@@ -8,13 +8,14 @@ running a model it advances a virtual clock by the cost model's estimate of the 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler.config import EngineConfig
 from pagedkv.scheduler.executor import CacheLayout, StepResult
 from pagedkv.scheduler.plan import SchedulerOutput
-from pagedkv.sim.cost_model import CostModel
+from pagedkv.sim.cost_model import IDLE_WAIT_S, CostModel
 from pagedkv.sim.noise import StepNoise
 
 DUMMY_TOKEN = 0
@@ -81,6 +82,7 @@ class SimulatedExecutor:
         self.busy_seconds = 0.0
         self._block_bytes = 0
         self._last_end: float | None = None  # when the previous step ended: what came after it was idle
+        self._light_until = -math.inf  # steps that start before this run under a light load
 
     def initialize_cache(self, config: EngineConfig) -> CacheLayout:
         """As many blocks as the engine would get for this config on the profiled model."""
@@ -107,7 +109,11 @@ class SimulatedExecutor:
         swapped = len(plan.swap_out) + len(plan.swap_in)
         if plan.is_empty and not swapped:
             return StepResult([])
-        seconds = self.cost.step_time(plan, self._idle()) if not plan.is_empty else 0.0
+        seconds = 0.0
+        if not plan.is_empty:
+            seconds = self.cost.step_time(plan, self._woke())
+            if self.clock.now < self._light_until:
+                seconds *= 1.0 + self.cost.light_load_slowdown
         if swapped:
             seconds += swapped * self._block_bytes / self.cost.swap_bytes_per_s
         self._spend(seconds)
@@ -125,11 +131,14 @@ class SimulatedExecutor:
         ends: list[float] = []
         noise, now, busy = self._noise, self.clock.now, self.busy_seconds
         times = self.cost.decode_times(num_seqs, context, max_steps)
-        if wake := self.cost.wake_time(self._idle()):  # a run follows a step, so 0.0 from the driver
+        if wake := self.cost.wake_time(self._woke()):  # a run follows a step, so 0.0 from the driver
             times = itertools.chain([next(times) + wake], times)  # the first step's, as execute prices it
-        for seconds in times:  # _spend's sums, inline
+        light_until, light = self._light_until, 1.0 + self.cost.light_load_slowdown
+        for seconds in times:  # execute's and _spend's sums, inline
             if now >= until:
                 break
+            if now < light_until:
+                seconds *= light
             if noise is not None:
                 seconds *= noise(now)
             busy += seconds
@@ -141,10 +150,14 @@ class SimulatedExecutor:
             self._last_end = now
         return ends
 
-    def _idle(self) -> float:
+    def _woke(self) -> float:
         """How long the clock moved since the previous step ended: the engine waited for a
-        request (the driver jumps the clock only then). 0.0 before the first step."""
-        return self.clock.now - self._last_end if self._last_end is not None else 0.0
+        request (the driver jumps the clock only then). 0.0 before the first step. A wait
+        starts the cost model's light-load window."""
+        idle = self.clock.now - self._last_end if self._last_end is not None else 0.0
+        if idle > IDLE_WAIT_S and self.cost.light_load_slowdown:
+            self._light_until = self.clock.now + self.cost.light_load_window_s
+        return idle
 
     def _spend(self, seconds: float) -> None:
         if self._noise is not None:

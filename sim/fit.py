@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pagedkv.sim.cost_model import WAKE_KNOTS_S, Features, hat_basis, wake_basis
+from pagedkv.sim.cost_model import IDLE_WAIT_S, LIGHT_LOAD_WINDOW_S, WAKE_KNOTS_S, Features, hat_basis, wake_basis
 from pagedkv.sim.noise import slow_noise
 
 
@@ -57,12 +57,17 @@ class Fit(NamedTuple):
     """How much of the residuals' normal-score variance wanders slowly (:func:`pagedkv.sim.noise.slow_noise`)."""
     corr_s: float
     """The correlation time of that slow part, seconds."""
+    light_load_slowdown: float
+    """How much longer steps under a light load take (see :class:`pagedkv.sim.cost_model.CostModel`)."""
 
 
 def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.ndarray | None = None,
-        workloads: np.ndarray | None = None, wake_knots: Sequence[float] = WAKE_KNOTS_S) -> Fit:
+        workloads: np.ndarray | None = None, wake_knots: Sequence[float] = WAKE_KNOTS_S,
+        light_window_s: float = LIGHT_LOAD_WINDOW_S) -> Fit:
     """Non-negative fit of the curve's values at ``knots``, the three other prices and the
-    wake-up costs at ``wake_knots``.
+    wake-up costs at ``wake_knots``, and the light-load slowdown: the ratio of what the steps
+    taken within ``light_window_s`` after an idle wait measured to what the prices (fitted to
+    every step, those steps divided by the slowdown) make of them, in rounds until it settles.
 
     ``features`` is [n, 5] rows of :class:`Features`. Residuals are weighted by
     1/sqrt(predicted seconds), between an absolute fit (which serves the long steps that decide
@@ -95,42 +100,65 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     design = np.column_stack([hat_basis(features[:, 0], knots), features[:, 1:4],
                               wake_basis(features[:, 4], wake_knots)])
 
-    def solve(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def solve(target: np.ndarray) -> np.ndarray:
         weight, floor = 1 / np.sqrt(target), 0.01 * np.median(target)
         for _ in range(3):
             coef = nnls(design * weight[:, None], target * weight)
             weight = 1 / np.sqrt(np.maximum(design @ coef, floor))
-        return coef, np.log(seconds / np.maximum(design @ coef, 1e-12))
+        return coef
 
-    coef, residuals = solve(seconds)
-    levels = np.linspace(0, 1, 101)
-    run_noise: list[float] = []
-    run_of_step = (np.unique(workloads, return_inverse=True)[1].ravel() if workloads is not None
-                   else np.zeros(len(seconds), dtype=int))
-    if parts is not None and len(np.unique(parts)) >= 2:
-        kinds = workloads if workloads is not None else np.zeros(len(parts))
-        runs, index = np.unique(np.column_stack([parts.astype(str), kinds.astype(str)]), axis=0, return_inverse=True)
-        index = index.ravel()
-        # Fitted to every run as timed, the prices describe a machine of the runs' mean speed;
-        # refitted with each run's steps scaled by its offset, they describe the median run's,
-        # which is what a simulation's central value should predict: the median real run.
-        coef, residuals = solve(seconds * np.exp(-_run_offsets(seconds, residuals, runs[:, 1], index)[index]))
-        offsets = _run_offsets(seconds, residuals, runs[:, 1], index)
-        residuals = residuals - offsets[index]
-        run_of_step = index
-        run_noise = [float(q) for q in np.quantile(offsets, levels)]
+    zeros = np.zeros(len(seconds))
+    labels = np.column_stack([(zeros if parts is None else parts).astype(str),
+                              (zeros if workloads is None else workloads).astype(str)])
+    runs, run_of_step = np.unique(labels, axis=0, return_inverse=True)
+    run_of_step = run_of_step.ravel()
+    with_parts = parts is not None and len(np.unique(parts)) >= 2
+    starts = _step_starts(seconds, features[:, 4], run_of_step)
+    light = _light_load(starts, features[:, 4] > IDLE_WAIT_S, run_of_step, light_window_s)
+    slowdown, offsets = 0.0, np.zeros(len(runs))
+    for round_ in range(_LIGHT_ROUNDS):
+        base = seconds / (1 + slowdown * light)  # the steps as they would have run under a heavy load
+        coef = solve(base)
+        if with_parts:
+            # Fitted to every run as timed, the prices describe a machine of the runs' mean speed;
+            # refitted with each run's steps scaled by its offset, they describe the median run's,
+            # which is what a simulation's central value should predict: the median real run.
+            coef = solve(base * np.exp(-_run_offsets(base, design @ coef, runs[:, 1], run_of_step)[run_of_step]))
+            offsets = _run_offsets(base, design @ coef, runs[:, 1], run_of_step)
+        if round_ == _LIGHT_ROUNDS - 1 or not light.any():
+            break
+        at_speed = design @ coef * np.exp(offsets[run_of_step])
+        slowdown = max(seconds[light].sum() / at_speed[light].sum() - 1.0, 0.0)
     predicted = design @ coef
-    error = float(np.median(np.abs(predicted - seconds) / seconds))
-    slow_share, corr_s = slow_noise(residuals, _step_starts(seconds, features[:, 4], run_of_step), run_of_step)
+    residuals = np.log(base / np.maximum(predicted, 1e-12)) - offsets[run_of_step]
+    error = float(np.median(np.abs(predicted * (1 + slowdown * light) - seconds) / seconds))
+    slow_share, corr_s = slow_noise(residuals, starts, run_of_step)
+    levels = np.linspace(0, 1, 101)
+    run_noise = [float(q) for q in np.quantile(offsets, levels)] if with_parts else []
     k = len(knots)
     return Fit([float(c) for c in coef[:k]], float(coef[k]), float(coef[k + 1]), float(coef[k + 2]), error,
                [float(q) for q in np.quantile(residuals, levels)], run_noise, [0.0, *map(float, coef[k + 3:])],
-               slow_share, corr_s)
+               slow_share, corr_s, slowdown)
+
+
+_LIGHT_ROUNDS = 4
+"""Rounds of the fit that alternate the prices and the light-load slowdown (it settles in three)."""
+
+
+def _light_load(starts: np.ndarray, woke: np.ndarray, runs: np.ndarray, window_s: float) -> np.ndarray:
+    """Which steps start within ``window_s`` after their run's latest idle wait (``woke``: the step
+    came after one; ``starts`` as :func:`_step_starts` gives them)."""
+    light = np.zeros(len(starts), dtype=bool)
+    for run in np.unique(runs):
+        mine = np.flatnonzero(runs == run)
+        woke_at = np.maximum.accumulate(np.where(woke[mine], starts[mine], -np.inf))
+        light[mine] = starts[mine] - woke_at < window_s
+    return light
 
 
 def _step_starts(seconds: np.ndarray, idle: np.ndarray, runs: np.ndarray) -> np.ndarray:
     """When each step started, in seconds since its run's first step (steps in time order within
-    each run): the steps and idle waits before it, the engine's bookkeeping between steps aside."""
+    each run): the steps (each with the engine's bookkeeping before it) and idle waits before it."""
     starts = np.zeros(len(seconds))
     for run in np.unique(runs):
         mine = np.flatnonzero(runs == run)
@@ -139,10 +167,9 @@ def _step_starts(seconds: np.ndarray, idle: np.ndarray, runs: np.ndarray) -> np.
     return starts
 
 
-def _run_offsets(seconds: np.ndarray, residuals: np.ndarray, kind_of_run: np.ndarray, index: np.ndarray) -> np.ndarray:
+def _run_offsets(seconds: np.ndarray, priced: np.ndarray, kind_of_run: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Each run's log(measured total / priced total) less the median of its workload's runs'; 0
     for a workload timed in one run (see :func:`fit`). ``index`` maps each step to its run."""
-    priced = seconds * np.exp(-residuals)
     speeds = np.array([np.log(seconds[index == run].sum() / priced[index == run].sum())
                        for run in range(len(kind_of_run))])
     offsets = np.zeros(len(kind_of_run))
