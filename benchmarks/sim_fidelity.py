@@ -10,12 +10,12 @@ the simulator's error.
 
     python benchmarks/sim_fidelity.py [--profile sim/profiles/...json]     # about 5 minutes
     python benchmarks/sim_fidelity.py --calibrate [--save-profile P]      # about 8 minutes
-    python benchmarks/sim_fidelity.py --calibrate --repeats 5             # about 12 minutes
+    python benchmarks/sim_fidelity.py --calibrate --repeats 5             # about 13 minutes
 
-Each real workload runs ``--repeats`` times (3) and the simulator is compared with the
-median run (with five, the real median and the calibration both span more of the machine's
-minutes); the spread between the real runs is printed beside it, as the yardstick of what
-"within 10%" can mean on this machine.
+Each real workload runs ``--repeats`` times (3; the burst three times as often, see
+RUNS_PER_TURN) and the simulator is compared with the median run (with five, the real median
+and the calibration both span more of the machine's minutes); the spread between the real runs
+is printed beside it, as the yardstick of what "within 5%" can mean on this machine.
 
 The "noisy median" column is the intervals' own central value, the median of the simulations with
 noise: the central value a prediction interval reports, scored against the real median. Beside it,
@@ -54,6 +54,11 @@ WORKLOADS = {
     "offline burst": WorkloadConfig(num_requests=48, arrival="offline", preset="alpaca", seed=21),
     "poisson 1 req/s": WorkloadConfig(num_requests=64, arrival="poisson", rate=1.0, preset="alpaca", seed=22),
 }
+RUNS_PER_TURN = {"offline burst": 3, "poisson 1 req/s": 1}
+"""The burst's TTFT is the time of its first step, one step per run, and that step's time moved by
+0.87-1.72x from run to run in one sitting (2026-12-02 12:27): so the burst, 5 s a run, runs three
+times a turn, and its median is one of 15 runs with ``--repeats 5``. The Poisson run takes a minute."""
+
 def save_steps(path: str, parts: list[Timed], timings: dict[str, list], steps_per_run: dict[str, list[int]],
                reals: dict[str, list[Summary]]) -> None:
     """The sitting's timed steps as arrays: ``part{i}_features/seconds/workloads`` for each
@@ -96,9 +101,10 @@ def main() -> None:
             parts.append(
                 collect_samples(model, engine.block_size, engine.max_num_batched_tokens, turn, turn, args.repeats))
         for name, workload in WORKLOADS.items():
-            before = len(timings[name])
-            reals[name].append(run_real(workload, engine, model, progress=True, timings=timings[name])[1])
-            steps_per_run[name].append(len(timings[name]) - before)
+            for _ in range(RUNS_PER_TURN[name]):
+                before = len(timings[name])
+                reals[name].append(run_real(workload, engine, model, progress=True, timings=timings[name])[1])
+                steps_per_run[name].append(len(timings[name]) - before)
     if args.calibrate:
         profile = fit_parts(model, profile_name("smollm2-135m", torch.float32), parts, engine.max_num_batched_tokens)
     else:
@@ -114,13 +120,14 @@ def main() -> None:
           f"{profile.noise_slow_share:.0%} slow (correlation time {profile.noise_corr_s:.2f} s)\n")
     for name, workload in WORKLOADS.items():
         _, simulated = simulate(workload, engine, "paged", profile)
-        run_of_step = np.repeat(np.arange(args.repeats), steps_per_run[name])
+        runs = len(reals[name])
+        run_of_step = np.repeat(np.arange(runs), steps_per_run[name])
         own = fit_profile(model, f"{name}, in sample", *as_arrays(timings[name]), engine.max_num_batched_tokens,
-                          parts=run_of_step if args.repeats > 1 else None)
+                          parts=run_of_step if runs > 1 else None)
         _, in_sample = simulate(workload, engine, "paged", own)
         intervals = (simulate_intervals(workload, engine, args.intervals, profile=profile, vary_workload=False)
                      if args.intervals else None)
-        print(f"{name}: {workload.num_requests} requests; real: median of {args.repeats} runs (min to max);")
+        print(f"{name}: {workload.num_requests} requests; real: median of {runs} runs (min to max);")
         print(f"  in sample: priced by a profile fitted on the real runs' own steps ({own.fit_note})")
         if intervals:
             print(f"  noisy median, interval: the median and central 90% of {args.intervals} simulations of the same "
