@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true",
                         help="fit a fresh profile in turns with the real runs (and use it)")
     parser.add_argument("--save-profile", help="where to write the fresh profile")
-    parser.add_argument("--repeats", type=int, default=3, help="real runs per workload; the median is compared")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="turns of calibration and real runs (the burst: 3 runs a turn); the real median is scored")
     parser.add_argument("--save-steps", help="write every timed step (calibration parts and real runs) to this .npz, "
                                              "to refit offline")
     parser.add_argument("--intervals", type=int, default=20,

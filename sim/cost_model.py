@@ -1,7 +1,7 @@
 """How long one engine step takes, as a function of what the step computes.
 
     seconds = tokens_curve(batched_tokens) + c * decode_context_tokens + d * prefill_attended_pairs
-              + e * sampled_tokens + wake(idle_seconds),  times (1 + light) in light load
+              + e * sampled_tokens + wake(idle_seconds),  times (1 + light_load_slowdown) in light load
 
 - ``tokens_curve``: the time to push a batch of that many tokens (prefill chunk tokens plus
   one per decoding sequence) through every weight matrix, the vocabulary projection and
@@ -27,7 +27,7 @@
   gone cold. Under light load that step is the prefill of the request that just arrived,
   so it is TTFT. Linear in log(idle) between knots (:data:`WAKE_KNOTS_S`), zero below the
   first, flat beyond the last.
-- ``light``: every step costs ``light_load_slowdown`` more (0 to 11% in four sittings here) while
+- ``light``: every step costs ``light_load_slowdown`` more (3-14% in seven sittings here) while
   the engine serves a light load, that is within ``light_load_window_s`` (8 s) after it idled.
   The same shapes of step, timed in runs that never idled (bursts, a closed loop) and in runs
   that did (Poisson streams), differed by that much, in every sitting: per-step prices fitted

@@ -180,7 +180,7 @@ PROFILE = CostModel(
     name="test", token_knots=[1, 2, 1026], token_costs_s=[0.024, 0.03, 1.054],
     per_decode_context_token_s=1e-6, per_prefill_attended_pair_s=1e-6, kv_bytes_per_token=1024, max_model_len=4096,
     wake_knots_s=[0.003, 0.03, 0.3], wake_costs_s=[0.0, 0.001, 0.003],  # gamma arrivals leave it idle at times
-    light_load_slowdown=0.07, light_load_window_s=2.0,  # a window that ends inside runs of decode steps
+    light_load_slowdown=0.07, light_load_window_s=2.0,  # tests/sim/test_light_load.py: windows ending in a run
 )
 
 

@@ -322,7 +322,7 @@ def test_a_real_run_on_a_loaded_model_times_every_step_it_takes(tiny_model):
     # Each step counts the engine's bookkeeping since the previous one (no idle wait in a burst):
     # together they span the run, from the first step's start to the last one's end.
     steps = result.steps
-    assert (seconds > 0).all() and (features[:, 4] == 0).all()
+    assert (seconds > 0).all()
     assert seconds.sum() <= steps.end[-1] - (steps.end[0] - steps.duration[0]) + 1e-4
     assert seconds.sum() >= sum(steps.duration) * 0.5
 
