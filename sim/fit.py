@@ -117,6 +117,7 @@ def fit(features: np.ndarray, seconds: np.ndarray, knots: list[int], parts: np.n
     with_parts = parts is not None and len(np.unique(parts)) >= 2
     starts = _step_starts(seconds, features[:, 4], run_of_step)
     light = _light_load(starts, features[:, 4] > IDLE_WAIT_S, run_of_step, light_window_s)
+
     def prices(base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The prices and each run's offset, fitted to steps that took ``base`` seconds."""
         coef = solve(base)
