@@ -184,10 +184,19 @@ PROFILE = CostModel(
 )
 
 
-def _run(specs, engine, policy, closed, fast_forward):
+def _run(specs, engine, policy, closed, fast_forward, profile=PROFILE, noise_seed=None):
     clock = VirtualClock()
-    return run_workload(specs, engine, SimulatedExecutor(PROFILE, clock), clock, policy,
+    return run_workload(specs, engine, SimulatedExecutor(profile, clock, noise_seed), clock, policy,
                         concurrency=5 if closed else None, fast_forward=fast_forward)
+
+
+def _workload(engine, closed):
+    return WorkloadConfig(
+        num_requests=120, arrival="closed" if closed else "gamma", rate=2.0, cv=3.0, concurrency=5,
+        preset=None, prompt=LengthDist(kind="lognormal", mean=60, sigma=0.8),
+        output=LengthDist(kind="lognormal", mean=80, sigma=0.9),
+        prefix_groups=3, prefix_len=20, max_model_len=engine.max_model_len, vocab_size=3, seed=11,
+    )
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -204,13 +213,7 @@ def _run(specs, engine, policy, closed, fast_forward):
 )
 @pytest.mark.parametrize("closed", [False, True], ids=["poisson", "closed"])
 def test_simulated_runs_are_identical_with_and_without_bulk_steps(policy, engine, closed, monkeypatch):
-    workload = WorkloadConfig(
-        num_requests=120, arrival="closed" if closed else "gamma", rate=2.0, cv=3.0, concurrency=5,
-        preset=None, prompt=LengthDist(kind="lognormal", mean=60, sigma=0.8),
-        output=LengthDist(kind="lognormal", mean=80, sigma=0.9),
-        prefix_groups=3, prefix_len=20, max_model_len=engine.max_model_len, vocab_size=3, seed=11,
-    )
-    specs = [s._replace(priority=i % 3) for i, s in enumerate(generate(workload))]
+    specs = [s._replace(priority=i % 3) for i, s in enumerate(generate(_workload(engine, closed)))]
     plain = _run(specs, engine, policy, closed, fast_forward=False)
     schedules = []
     original = Scheduler.schedule
@@ -224,3 +227,17 @@ def test_simulated_runs_are_identical_with_and_without_bulk_steps(policy, engine
     assert bulk == plain and len(plain.records) + plain.rejected == len(specs)
     if policy != "static":  # the one policy that never takes bulk steps (it pads finished rows)
         assert len(schedules) < len(plain.steps)  # these workloads keep requests waiting: few runs
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["poisson", "closed"])
+def test_noisy_runs_are_identical_with_and_without_bulk_steps(closed):
+    """With step noise, bulk runs go step by step (a multiplier depends on when its step
+    starts): the same draws at the same times as the step loop's."""
+    engine = EngineConfig(block_size=16, kv_cache_memory_bytes=2 * 2**20, max_model_len=1024,
+                          max_num_batched_tokens=256)
+    noisy = PROFILE.model_copy(update={"step_noise": [-0.2, -0.05, 0.0, 0.1, 0.6], "run_noise": [-0.1, 0.1],
+                                       "noise_slow_share": 0.6, "noise_corr_s": 0.5})
+    specs = generate(_workload(engine, closed))
+    plain, bulk = (_run(specs, engine, "paged", closed, ff, noisy, noise_seed=3) for ff in (False, True))
+    assert bulk == plain and len(plain.records) == len(specs)
+    assert bulk != _run(specs, engine, "paged", closed, True)  # the noise moved the steps
