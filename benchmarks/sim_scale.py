@@ -1,5 +1,5 @@
 """How fast the simulator runs: N ShareGPT-like (or Alpaca-like) requests at a Poisson rate on
-the shipped SmolLM2 CPU profile, timed on the wall clock.
+the shipped SmolLM2 CPU profile, timed on the wall clock, and the process's peak memory.
 
     python benchmarks/sim_scale.py [--requests 100000] [--preset sharegpt] [--rate 0.15]
 """
@@ -7,6 +7,7 @@ the shipped SmolLM2 CPU profile, timed on the wall clock.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 from pagedkv.scheduler import EngineConfig
@@ -25,8 +26,9 @@ def main() -> None:
     result, summary = simulate(workload, EngineConfig(kv_cache_memory_bytes=args.kv_memory_mib * 2**20), "paged")
     seconds = time.perf_counter() - start
     steps = len(result.steps)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     print(f"{args.requests} {args.preset} requests at {args.rate} req/s: {seconds:.1f} s wall, {steps} steps "
-          f"({seconds / steps * 1e6:.1f} us/step), {summary.preemptions} preemptions")
+          f"({seconds / steps * 1e6:.1f} us/step), {summary.preemptions} preemptions, peak memory {peak_gib:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ filled; the simulator takes most of its steps so (``pagedkv.scheduler.decode_run
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
@@ -271,24 +270,19 @@ class KVCacheManager:
                 events[takes].append((table, tokens, True, False))
                 if caching:
                     events[fills].append((table, tokens, False, True))
-        # The blocks in use during each step: an allocate(1) takes one free block, registering none.
-        new_blocks = [sum(takes for _, _, takes, _ in events[o]) for o in range(bs)]
-        by_step = itertools.islice(itertools.cycle(new_blocks), steps)
-        used = list(itertools.accumulate(by_step, initial=pool.num_used))[1:]
-        offsets = [o for o in range(bs) if events[o]]  # the steps (modulo bs) with work: most have none
-        for cycle in range(0, steps, bs):
-            for offset in offsets:
-                step = cycle + offset
-                if step >= steps:
-                    break
-                for table, tokens, takes, fills in events[offset]:
-                    if takes:
-                        granted = pool.allocate(1)
-                        if granted is None:
-                            raise BlockPoolError("decode_steps ran out of blocks: more steps than were affordable")
-                        table.blocks = (*table.blocks, *granted)
-                    if fills:
-                        self._register_full_blocks(table, tokens, table.num_tokens + step + 1)
+        used, in_use = [], pool.num_used  # an allocate(1) takes one free block; registering takes none
+        for step in range(steps):
+            for table, tokens, takes, fills in events[step % bs]:
+                n = table.num_tokens + step + 1
+                if takes:
+                    granted = pool.allocate(1)
+                    if granted is None:
+                        raise BlockPoolError("decode_steps ran out of blocks: more steps than were affordable")
+                    table.blocks = (*table.blocks, *granted)
+                    in_use += 1
+                if fills:
+                    self._register_full_blocks(table, tokens, n)
+            used.append(in_use)
         for table in tables:
             table.num_tokens += steps
         self._stored += steps * len(tables)

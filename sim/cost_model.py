@@ -46,7 +46,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import NamedTuple
@@ -202,17 +202,16 @@ class CostModel(BaseModel):
         """A step's seconds from its :func:`step_features`."""
         return self._priced(self.tokens_time(tokens), context, pairs, samples) + self.wake_time(idle_s)
 
-    def decode_times(self, num_seqs: int, context: int, steps: int) -> np.ndarray:
+    def decode_times(self, num_seqs: int, context: int, steps: int) -> Iterator[float]:
         """The seconds of consecutive steps that each decode one token of ``num_seqs``
-        sequences, the first attending ``context`` keys: each exactly :meth:`time_of` its
-        features (numpy rounds each float64 operation as Python does, in the same order),
-        with the curve looked up once."""
+        sequences, the first attending ``context`` keys: each exactly :meth:`time_of`
+        its features, with the curve looked up once."""
         curve, per_key = self.tokens_time(num_seqs), self.per_decode_context_token_s
         sampled = self.per_sampled_token_s * num_seqs
-        keys = context + num_seqs * np.arange(steps)  # int64: exact, as Python's ints
         # _priced(curve, keys, 0, num_seqs) with its zero pairs term dropped: adding 0.0 to a
         # non-negative sum changes no bit, so each step's price is the same float.
-        return curve + per_key * keys + sampled
+        for keys in range(context, context + steps * num_seqs, num_seqs):
+            yield curve + per_key * keys + sampled
 
     def _priced(self, curve: float, context: int, pairs: int, samples: int) -> float:
         return (curve + self.per_decode_context_token_s * context + self.per_prefill_attended_pair_s * pairs

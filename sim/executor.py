@@ -7,10 +7,9 @@ running a model it advances a virtual clock by the cost model's estimate of the 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-
-import numpy as np
 
 from pagedkv.errors import InvalidRequestError
 from pagedkv.scheduler.config import EngineConfig
@@ -128,54 +127,27 @@ class SimulatedExecutor:
         ``num_seqs`` sequences (a ``scheduler.DecodeRun``; the first attends ``context``
         keys), stopping before the first that would start at or after ``until``; advance
         the clock by each, as :meth:`execute` of their plans would. Returns the clock at
-        the end of each step taken.
-
-        Every float is the one :meth:`execute` and :meth:`_spend` would compute, step by
-        step: the prices, times the light-load factor for the steps that start inside the
-        window, summed in order (``np.cumsum`` adds one element at a time). Without noise
-        that is done in arrays; a noisy step's multiplier depends on when it starts, so noisy
-        runs go step by step."""
-        now = self.clock.now
-        first = self.cost.time_of(num_seqs, context, 0, num_seqs)  # every step costs at least this
-        if until < math.inf and first > 0:  # price only the steps that can start before it (+2 for
-            # rounding; a run cut short is exact too: the driver takes the rest as the next run)
-            max_steps = max(1, min(max_steps, int((until - now) / first) + 2))
-        times = self.cost.decode_times(num_seqs, context, max_steps)
-        times[0] += self.cost.wake_time(self._woke())  # a run follows a step, so 0.0 from the driver
-        light_until, light = self._light_until, 1.0 + self.cost.light_load_slowdown
-        if self._noise is not None:
-            ends = self._noisy_decodes(self._noise, times.tolist(), until, light_until, light)
-        else:
-            seconds = times
-            if now < light_until:  # the steps that start inside the window run slower
-                lit = times * light
-                k = np.searchsorted(np.cumsum(np.concatenate(([now], lit)))[:-1], light_until)
-                seconds = np.concatenate((lit[:k], times[k:]))
-            clock = np.cumsum(np.concatenate(([now], seconds)))
-            taken = int(np.searchsorted(clock[:-1], until))  # the steps that start before ``until``
-            ends = clock[1:taken + 1].tolist()
-            self.busy_seconds = float(np.cumsum(np.concatenate(([self.busy_seconds], seconds[:taken])))[-1])
-        if ends:
-            self.clock.wait_until(ends[-1])
-            self._last_end = ends[-1]
-        return ends
-
-    def _noisy_decodes(
-        self, noise: StepNoise, times: list[float], until: float, light_until: float, light: float
-    ) -> list[float]:
-        """:meth:`execute_decodes` with step noise: ``_spend``'s sums, inline."""
+        the end of each step taken."""
         ends: list[float] = []
-        now, busy = self.clock.now, self.busy_seconds
-        for seconds in times:
+        noise, now, busy = self._noise, self.clock.now, self.busy_seconds
+        times = self.cost.decode_times(num_seqs, context, max_steps)
+        if wake := self.cost.wake_time(self._woke()):  # a run follows a step, so 0.0 from the driver
+            times = itertools.chain([next(times) + wake], times)  # the first step's, as execute prices it
+        light_until, light = self._light_until, 1.0 + self.cost.light_load_slowdown
+        for seconds in times:  # execute's and _spend's sums, inline
             if now >= until:
                 break
             if now < light_until:
                 seconds *= light
-            seconds *= noise(now)
+            if noise is not None:
+                seconds *= noise(now)
             busy += seconds
             now += seconds
             ends.append(now)
         self.busy_seconds = busy
+        self.clock.wait_until(now)
+        if ends:
+            self._last_end = now
         return ends
 
     def _woke(self) -> float:
