@@ -71,7 +71,7 @@ class StepRecord(NamedTuple):
 class StepRecords:
     """One :class:`StepRecord` per step, kept as named columns of machine numbers: a
     simulated run has tens of millions of steps (8 bytes a value here, 32 as Python
-    objects in a list), and the summaries read whole columns (``np.asarray`` without a copy)."""
+    objects in a list), and the summaries read whole columns (numpy reads each as one buffer)."""
 
     end: array[float] = field(default_factory=lambda: array("d"))
     duration: array[float] = field(default_factory=lambda: array("d"))

@@ -231,8 +231,8 @@ def test_simulated_runs_are_identical_with_and_without_bulk_steps(policy, engine
 
 @pytest.mark.parametrize("closed", [False, True], ids=["poisson", "closed"])
 def test_noisy_runs_are_identical_with_and_without_bulk_steps(closed):
-    """With step noise, bulk runs go step by step (a multiplier depends on when its step
-    starts): the same draws at the same times as the step loop's."""
+    """With step noise, a bulk run draws each step's multiplier at the time the step starts,
+    as the step loop does: the same draws at the same times, so the same run to the bit."""
     engine = EngineConfig(block_size=16, kv_cache_memory_bytes=2 * 2**20, max_model_len=1024,
                           max_num_batched_tokens=256)
     noisy = PROFILE.model_copy(update={"step_noise": [-0.2, -0.05, 0.0, 0.1, 0.6], "run_noise": [-0.1, 0.1],
