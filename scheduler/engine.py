@@ -13,8 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 from pagedkv.errors import EngineBusyError, InvalidRequestError
 from pagedkv.paged.block_pool import BlockPoolError
@@ -27,10 +26,11 @@ from pagedkv.scheduler.executor import BulkDecodeExecutor, Executor
 from pagedkv.scheduler.invariants import SCHEDULER_CHECKS
 from pagedkv.scheduler.outputs import EngineStats, RequestOutput
 from pagedkv.scheduler.plan import SchedulerOutput
+from pagedkv.scheduler.prompts import Tokenizer, prompt_token_ids
 from pagedkv.scheduler.request import FinishReason, Request
 from pagedkv.scheduler.sampling_params import SamplingParams
 from pagedkv.scheduler.scheduler import Scheduler
-from pagedkv.scheduler.text_stream import Detokenizer, TextStream
+from pagedkv.scheduler.text_stream import RequestTexts
 
 
 class EngineStep(NamedTuple):
@@ -57,19 +57,6 @@ class ConcurrentStepError(EngineBusyError, RuntimeError):
     """``step()`` was entered while another call was still running (from another thread).
     An engine is driven by one thread at a time; the second call is refused, not run, so
     that two steps cannot schedule and update the same queues and blocks at once."""
-
-
-class Tokenizer(Protocol):
-    """What the engine needs to take text prompts and stream text back, and what its users
-    (``LLM.chat``, the server, the CLI) need to turn a conversation into a prompt."""
-
-    chat_template: str | None
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def detokenizer(self) -> Detokenizer: ...
-
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
 
 
 class LLMEngine:
@@ -101,7 +88,7 @@ class LLMEngine:
             admission=admission,
         )
         self.tokenizer = tokenizer
-        self._texts: dict[str, list[TextStream]] = {}  # per request, per sequence
+        self._texts = RequestTexts()  # of the requests added while a tokenizer is set
         self._aborted: list[RequestOutput] = []  # final outputs of aborts, for the next step()
         self._generate_ids = itertools.count()
         self._stepping = threading.Lock()  # held while step() runs; never waited for
@@ -141,7 +128,7 @@ class LLMEngine:
             arrival_time = self.scheduler.clock()
         self.scheduler.add_request(Request(request_id, prompt_token_ids, params, arrival_time, priority=priority))
         if self.tokenizer is not None:
-            self._texts[request_id] = []
+            self._texts.open(request_id)
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step. Returns the outputs of requests that got a new token, and
@@ -208,10 +195,10 @@ class LLMEngine:
             step = EngineStep(plan, [], self.scheduler.fail_step(plan, error))
         else:
             advanced = self.scheduler.update(plan, result)
-            if self.tokenizer is not None:
+            if (tokenizer := self.tokenizer) is not None:
                 for seq in advanced:
                     if seq.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR):
-                        if self._text_state(seq).add(seq.token_ids[-1]):  # a stop string: this sequence is done
+                        if self._texts.stream(seq, tokenizer.detokenizer).add(seq.token_ids[-1]):  # a stop string
                             self.scheduler.finish_sequence(seq, FinishReason.STOP)
             step = EngineStep(plan, advanced, [plan.scheduled[row].request for row in result.failed_rows])
         self._check_invariants(1)
@@ -338,32 +325,9 @@ class LLMEngine:
             )
         return type(sampling_params)(**sampling_params.model_dump())
 
-    def _text_state(self, seq: Request) -> TextStream:
-        """The detokenization state of ``seq`` (made at its first token: forks appear late)."""
-        tokenizer = self.tokenizer
-        if tokenizer is None:
-            raise RuntimeError("text state asked of an engine without a tokenizer")
-        states = self._texts[seq.request_id]
-        while len(states) <= seq.index:
-            states.append(TextStream(tokenizer.detokenizer(), seq.params.stop))
-        return states[seq.index]
-
     def _with_text(self, out: RequestOutput) -> RequestOutput:
-        """``out`` with its sequences' text filled in (as is, without a tokenizer): what
-        each one may stream now (``new_text``) and all it has streamed (``text``), so that
-        the ``new_text`` of a sequence's outputs add up to its final ``text``."""
-        if self.tokenizer is None:
-            return out
-        states = self._texts[out.request_id] if not out.finished else self._texts.pop(out.request_id)
-        sequences = []
-        for seq in out.outputs:
-            if seq.index < len(states):
-                state = states[seq.index]
-                new_text = state.release(seq.finished)
-                sequences.append(replace(seq, new_text=new_text, text=state.text[: state.sent]))
-            else:  # no token yet, so no text
-                sequences.append(seq)
-        return replace(out, outputs=tuple(sequences))
+        """``out`` with its sequences' text (as is, without a tokenizer)."""
+        return self._texts.fill(out) if self.tokenizer is not None else out
 
     @property
     def max_model_len(self) -> int:
@@ -377,41 +341,7 @@ class LLMEngine:
         return min(self.max_model_len, self.kv_manager.num_blocks * self.config.block_size + 1)
 
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
-        """The prompt's token ids, checked as :meth:`add_request` checks them: from text (with
-        the tokenizer) or from a list/tuple (or array) of ints; bools and bytes are refused.
-        It touches no engine state, so a server may run it in a worker thread."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError("this engine has no tokenizer; give the prompt as token ids", "prompt")
-            _check_utf8(prompt)
-            prompt = self.tokenizer.encode(prompt)
-        elif hasattr(prompt, "tolist"):  # numpy arrays and tensors
-            prompt = prompt.tolist()
-        if not isinstance(prompt, (list, tuple, range)) or not all(type(t) is int for t in prompt):
-            raise InvalidRequestError(
-                f"prompt_token_ids must be a list of integer token ids (or a text prompt), got {type(prompt).__name__}"
-                + (" containing non-integers" if isinstance(prompt, (list, tuple)) else ""),
-                "prompt",
-            )
-        prompt = list(prompt)
-        if not prompt:
-            raise InvalidRequestError("prompt_token_ids is empty; a request needs at least one token", "prompt")
-        lo, hi = min(prompt), max(prompt)
-        if lo < 0 or hi >= self.executor.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise InvalidRequestError(
-                f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.executor.vocab_size})", "prompt"
-            )
-        return prompt
-
-
-def _check_utf8(text: str) -> None:
-    """Refuse text that has no UTF-8 form: a lone surrogate (``"\\ud800"``, which JSON's
-    ``\\ud800`` escape and Python strings can carry) makes the tokenizer raise a TypeError
-    that says nothing about the prompt."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidRequestError(
-            f"prompt is not valid Unicode: {text[e.start:e.end]!r} at index {e.start} is a lone surrogate", "prompt"
-        ) from None
+        """The prompt's token ids, checked as :meth:`add_request` checks them
+        (:func:`~pagedkv.scheduler.prompts.prompt_token_ids`). It touches no engine state, so a
+        server may run it in a worker thread."""
+        return prompt_token_ids(prompt, self.tokenizer, self.executor.vocab_size)

@@ -7,9 +7,12 @@ held back from the stream until it cannot match any more.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+from pagedkv.scheduler.outputs import RequestOutput
+from pagedkv.scheduler.request import Request
 
 
 class Detokenizer(Protocol):
@@ -68,3 +71,35 @@ class TextStream:
                     break
                 i = tail.find(stop[0], i + 1)
         return held
+
+
+class RequestTexts:
+    """The text streams of the requests in flight, one per sequence (made at its first
+    token: forks appear late): what an engine with a tokenizer keeps beside the scheduler."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, list[TextStream]] = {}  # per request, per sequence
+
+    def open(self, request_id: str) -> None:
+        self._streams[request_id] = []
+
+    def stream(self, seq: Request, new_detokenizer: Callable[[], Detokenizer]) -> TextStream:
+        streams = self._streams[seq.request_id]
+        while len(streams) <= seq.index:
+            streams.append(TextStream(new_detokenizer(), seq.params.stop))
+        return streams[seq.index]
+
+    def fill(self, out: RequestOutput) -> RequestOutput:
+        """``out`` with its sequences' text filled in: what each one may stream now
+        (``new_text``) and all it has streamed (``text``), so that the ``new_text`` of a
+        sequence's outputs add up to its final ``text``. A final output closes the request."""
+        streams = self._streams[out.request_id] if not out.finished else self._streams.pop(out.request_id)
+        sequences = []
+        for seq in out.outputs:
+            if seq.index < len(streams):
+                stream = streams[seq.index]
+                new_text = stream.release(seq.finished)
+                sequences.append(replace(seq, new_text=new_text, text=stream.text[: stream.sent]))
+            else:  # no token yet, so no text
+                sequences.append(seq)
+        return replace(out, outputs=tuple(sequences))

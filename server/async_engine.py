@@ -28,7 +28,7 @@ from dataclasses import replace
 
 from pagedkv.errors import EngineBusyError, EngineDeadError, InvalidRequestError, RequestFailedError
 from pagedkv.scheduler import EngineStats, LLMEngine, RequestOutput, SamplingParams, TokenLogprobs
-from pagedkv.scheduler.engine import Tokenizer
+from pagedkv.scheduler.prompts import Tokenizer
 from pagedkv.server.metrics import latency_histograms
 
 

@@ -14,7 +14,7 @@ from fastapi import Request
 
 from pagedkv.errors import EngineDeadError, RequestFailedError
 from pagedkv.scheduler import RequestOutput, SequenceOutput, TokenLogprobs
-from pagedkv.scheduler.engine import Tokenizer
+from pagedkv.scheduler.prompts import Tokenizer
 
 _T = TypeVar("_T")
 
